@@ -1,0 +1,50 @@
+"""Typed dependencies: what the routes get from app.state."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.engine.scheduler import Engine, NotRunning
+from app.errors import Unauthorized
+from app.metrics import Metrics
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise NotRunning("model not loaded yet")
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With EXITSERVE_API_KEYS set, inference routes need `Authorization: Bearer <key>`."""
+    keys = settings.keys()
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    # Compare against every key, always, so timing reveals neither key nor position.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key.encode())
+    if scheme.lower() != "bearer" or not ok:
+        raise Unauthorized("missing or invalid API key")

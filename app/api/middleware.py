@@ -1,0 +1,121 @@
+"""ASGI middleware: request body limit and per-request metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so streaming and cancellation behave and the cost
+per request stays a few microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_body
+from app.metrics import Metrics
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def endpoint_of(path: str) -> str:
+    if path == "/predict":
+        return "predict"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2_infer"
+    return "other"
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, state: Any) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.state = state  # app.state: metrics appear there once the lifespan has run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = endpoint_of(scope["path"])
+        started = time.perf_counter()
+        status = {"code": 500}
+        metrics: Metrics | None = getattr(self.state, "metrics", None)
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            declared = self._declared_length(scope)
+            if declared is not None and declared > self.max_body_bytes:
+                status["code"] = 413
+                await self._too_large(send, metrics)
+                return
+            if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # No Content-Length (chunked): read up to the limit here, where an excess
+                # can still be answered 413, then hand the app the buffered body.
+                try:
+                    receive = await self._buffered(receive)
+                except _BodyTooLarge:
+                    status["code"] = 413
+                    await self._too_large(send, metrics)
+                    return
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if metrics is not None:
+                metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+                metrics.request_duration.labels(endpoint=endpoint).observe(
+                    time.perf_counter() - started
+                )
+
+    @staticmethod
+    def _declared_length(scope: Scope) -> int | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    async def _buffered(self, receive: Receive) -> Receive:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _too_large(self, send: Send, metrics: Metrics | None) -> None:
+        if metrics is not None:
+            metrics.rejected.labels(reason="too_large").inc()
+        body = json.dumps(
+            error_body(f"request body exceeds {self.max_body_bytes} bytes", "too_large")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,266 @@
+"""Open Inference Protocol (KServe v2 / Triton HTTP), so their clients work unchanged.
+
+Input `text` (BYTES, shape [N]); outputs `label` (BYTES), `score` (FP32) and
+`exit_layer` (INT32). Request `parameters` may carry `threshold` and `max_layers`.
+Inputs may use the binary tensor data extension (as `tritonclient` sends by default);
+outputs are always JSON, which every client reads.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app import __version__
+from app.api.deps import EngineDep, SettingsDep, require_api_key
+from app.api.predict import exit_rule, set_timing_headers
+from app.engine.scheduler import Engine
+from app.errors import InvalidInput, ModelNotFound, TooLarge
+from app.schemas import Parameters, check_text
+
+router = APIRouter(prefix="/v2")
+infer_router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)])
+
+OUTPUTS = {"label": "BYTES", "score": "FP32", "exit_layer": "INT32"}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class TensorIn(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[TensorIn]
+    outputs: list[RequestedOutput] | None = None
+
+
+class TensorOut(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[TensorOut]
+
+
+def _model(engine: Engine, name: str, version: str | None = None) -> None:
+    if name != engine.runtime.name:
+        raise ModelNotFound(f"unknown model {name!r}")
+    if version is not None and version != engine.runtime.version:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}")
+
+
+def _not_ready() -> JSONResponse:
+    return JSONResponse({"error": "not ready", "error_type": "unavailable"}, 503)
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "exitserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", response_model=None)
+async def ready(engine: EngineDep) -> dict[str, bool] | JSONResponse:
+    return {"ready": True} if engine.ready else _not_ready()
+
+
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def model_metadata(
+    engine: EngineDep, name: str, version: str | None = None
+) -> dict[str, Any]:
+    _model(engine, name, version)
+    rt = engine.runtime
+    return {
+        "name": rt.name,
+        "versions": [rt.version],
+        "platform": "exitserve_multi_exit",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in OUTPUTS.items()],
+        "parameters": {"labels": rt.labels, "num_layers": rt.num_layers},
+    }
+
+
+@router.get("/models/{name}/ready", response_model=None)
+@router.get("/models/{name}/versions/{version}/ready", response_model=None)
+async def model_ready(
+    engine: EngineDep, name: str, version: str | None = None
+) -> dict[str, Any] | JSONResponse:
+    _model(engine, name, version)
+    return {"name": name, "ready": True} if engine.ready else _not_ready()
+
+
+def _decode_bytes_tensor(blob: bytes) -> list[str]:
+    """The binary BYTES layout: each element is a little-endian uint32 length, then bytes."""
+    out, i = [], 0
+    while i < len(blob):
+        if i + 4 > len(blob):
+            raise InvalidInput("binary BYTES tensor is truncated")
+        (n,) = struct.unpack_from("<I", blob, i)
+        i += 4
+        if i + n > len(blob):
+            raise InvalidInput("binary BYTES tensor is truncated")
+        out.append(_utf8(blob[i : i + n]))
+        i += n
+    return out
+
+
+def _utf8(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput("input 'text' is not valid UTF-8") from e
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for x in data:
+        out.extend(_flatten(x) if isinstance(x, list) else [x])
+    return out
+
+
+async def _parse(request: Request) -> tuple[InferRequest, bytes]:
+    body = await request.body()
+    header_len = request.headers.get(HEADER_LENGTH)
+    binary = b""
+    if header_len is not None:
+        try:
+            n = int(header_len)
+        except ValueError as e:
+            raise InvalidInput(f"{HEADER_LENGTH} is not an integer") from e
+        if not 0 <= n <= len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} is out of range")
+        body, binary = body[:n], body[n:]
+    try:
+        raw = json.loads(body)
+        req = InferRequest.model_validate(raw)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InvalidInput("request body is not valid JSON") from e
+    except UnicodeDecodeError as e:
+        raise InvalidInput("request body is not valid UTF-8") from e
+    except ValidationError as e:
+        loc = ".".join(str(x) for x in e.errors()[0].get("loc", ()))
+        raise InvalidInput(f"{loc}: {e.errors()[0].get('msg', 'invalid')}") from e
+    return req, binary
+
+
+def _texts(req: InferRequest, binary: bytes) -> list[str]:
+    if len(req.inputs) != 1 or req.inputs[0].name != "text":
+        raise InvalidInput("expected exactly one input, named 'text'")
+    t = req.inputs[0]
+    if t.datatype != "BYTES":
+        raise InvalidInput(f"input 'text' must have datatype BYTES, got {t.datatype!r}")
+    size = t.parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise InvalidInput("binary_data_size does not match the binary data sent")
+        texts = _decode_bytes_tensor(binary[:size])
+    elif t.data is not None:
+        texts = []
+        for x in _flatten(t.data):
+            if not isinstance(x, str):
+                raise InvalidInput("input 'text' must hold strings")
+            texts.append(x)
+    else:
+        raise InvalidInput("input 'text' has no data")
+    n = 1
+    for d in t.shape:
+        n *= d
+    if n != len(texts) or any(d < 0 for d in t.shape):
+        raise InvalidInput(f"input 'text' has shape {t.shape} but {len(texts)} elements")
+    if not texts:
+        raise InvalidInput("input 'text' is empty")
+    for x in texts:
+        try:
+            check_text(x)
+        except ValueError as e:
+            raise InvalidInput(f"input 'text': {e}") from e
+    return texts
+
+
+@infer_router.post(
+    "/models/{name}/infer",
+    response_model=InferResponse,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
+            "required": True,
+        }
+    },
+)
+@infer_router.post(
+    "/models/{name}/versions/{version}/infer", response_model=InferResponse, include_in_schema=False
+)
+async def infer(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    response: Response,
+    name: str,
+    version: str | None = None,
+) -> InferResponse:
+    started = time.perf_counter()
+    _model(engine, name, version)
+    req, binary = await _parse(request)
+    texts = _texts(req, binary)
+    if len(texts) > settings.max_inputs_per_request:
+        raise TooLarge(
+            f"{len(texts)} inputs in one request; the limit is {settings.max_inputs_per_request}"
+        )
+    try:
+        params = Parameters.model_validate(
+            {k: v for k, v in req.parameters.items() if k in ("threshold", "max_layers")}
+        )
+    except ValidationError as e:
+        loc = ".".join(str(x) for x in e.errors()[0].get("loc", ()))
+        raise InvalidInput(f"parameters.{loc}: {e.errors()[0].get('msg', 'invalid')}") from e
+    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    unknown = [w for w in wanted if w not in OUTPUTS]
+    if unknown:
+        raise InvalidInput(f"unknown output {unknown[0]!r}; available: {list(OUTPUTS)}")
+    answers = await engine.submit(texts, exit_rule(engine, params.threshold, params.max_layers))
+    set_timing_headers(response, answers, time.perf_counter() - started)
+    columns = {
+        "label": [a.label for a in answers],
+        "score": [a.score for a in answers],
+        "exit_layer": [a.exit_layer for a in answers],
+    }
+    rt = engine.runtime
+    return InferResponse(
+        model_name=rt.name,
+        model_version=rt.version,
+        id=req.id,
+        outputs=[
+            TensorOut(name=w, shape=[len(answers)], datatype=OUTPUTS[w], data=columns[w])
+            for w in wanted
+        ],
+    )

@@ -1,0 +1,169 @@
+"""The `exitserve` command: train, calibrate, evaluate, bench and serve models.
+
+Usage:
+  exitserve train --data rotten-tomatoes --out models/rt-sentiment-minilm
+  exitserve calibrate models/rt-sentiment-minilm --max-drop 0.01
+  exitserve evaluate models/rt-sentiment-minilm --split test --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(a: argparse.Namespace) -> int:
+    from app.training.train import TrainConfig, train
+
+    out = Path(a.out)
+    record = train(
+        TrainConfig(
+            data=a.data,
+            out=out,
+            name=a.name or out.name,
+            seed=a.seed,
+            epochs=a.epochs,
+            qat_epochs=a.qat_epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            max_seq_len=a.max_seq_len,
+            distill=a.distill,
+            limit=a.limit,
+        )
+    )
+    print(json.dumps({"out": str(out), "seconds": record["seconds"], "history": record["history"]}))
+    return 0
+
+
+def _calibrate(a: argparse.Namespace) -> int:
+    from app.training.calibrate import calibrate
+
+    record = calibrate(Path(a.model_dir), a.max_drop, a.device, a.quantization)
+    keys = ("final_accuracy", "adaptive_accuracy", "mean_layers", "global_threshold_alternative")
+    print(json.dumps({k: record[k] for k in keys}))
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from app.network import artifact
+    from app.training.evaluate import evaluate
+    from app.training.report import write_report
+
+    model_dir = Path(a.model_dir)
+    result = evaluate(model_dir, a.split, a.device, a.quantization, a.batch_size)
+    if a.write:
+        spec = artifact.read_spec(model_dir)
+        spec.evaluation = {k: v for k, v in result.items() if k != "global_threshold_curve"}
+        artifact.write_spec(model_dir, spec)
+        write_report(model_dir, result, spec.calibration)
+    if a.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "global_threshold_curve"}))
+    else:
+        for k in ("final_accuracy", "adaptive_accuracy", "mean_layers", "fp32_agreement"):
+            print(f"{k:>22}: {result[k]}")
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from app.benchmark import run
+
+    result = run(Path(a.model_dir), Path(a.out), a.reps, a.n1, a.n32)
+    print(
+        json.dumps(
+            {
+                "ratios": result["ratios"],
+                "sentences_per_second": result["sentences_per_second_median"],
+            }
+        )
+    )
+    return 0
+
+
+def _serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.config import Settings
+    from app.main import create_app
+
+    overrides = {
+        k: v for k, v in (("model_dir", a.model_dir), ("host", a.host), ("port", a.port)) if v
+    }
+    settings = Settings(**overrides)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+    )
+    return 0
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="exitserve", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a multi-exit model and write an artifact")
+    t.add_argument(
+        "--data", required=True, help="rotten-tomatoes | bbc-news | PATH.csv | PATH.jsonl"
+    )
+    t.add_argument("--out", required=True, help="model directory to write, e.g. models/NAME")
+    t.add_argument("--name", help="model name (default: the directory name)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--qat-epochs", type=int, default=1, help="last epochs trained int8-aware")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--max-seq-len", type=int, default=128)
+    t.add_argument("--distill", type=float, default=0.0, help="weight of self-distillation")
+    t.add_argument("--limit", type=int, help="train on at most this many examples")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("calibrate", help="choose per-exit thresholds on the calibration split")
+    c.add_argument("model_dir")
+    c.add_argument(
+        "--max-drop", type=float, default=0.01, help="allowed accuracy drop (0.01 = 1 point)"
+    )
+    _add_runtime_args(c)
+    c.set_defaults(func=_calibrate)
+
+    e = sub.add_parser("evaluate", help="evaluate the model as served on a split")
+    e.add_argument("model_dir")
+    e.add_argument("--split", default="test", choices=("train", "calibration", "test"))
+    e.add_argument("--json", action="store_true", help="print one JSON line")
+    e.add_argument("--write", action="store_true", help="store figures and write report.json/png")
+    e.add_argument("--batch-size", type=int, default=32)
+    _add_runtime_args(e)
+    e.set_defaults(func=_evaluate)
+
+    b = sub.add_parser(
+        "bench", help="in-process engine speed: fp32 vs int8, full depth vs adaptive"
+    )
+    b.add_argument("model_dir")
+    b.add_argument("--out", default="bench/results")
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--n1", type=int, default=256, help="sentences timed at batch 1")
+    b.add_argument("--n32", type=int, default=512, help="sentences timed at batch 32")
+    b.set_defaults(func=_bench)
+
+    v = sub.add_parser("serve", help="start the HTTP service (settings from EXITSERVE_* env)")
+    v.add_argument("--model-dir", help="overrides EXITSERVE_MODEL_DIR")
+    v.add_argument("--host", help="overrides EXITSERVE_HOST")
+    v.add_argument("--port", type=int, help="overrides EXITSERVE_PORT")
+    v.set_defaults(func=_serve)
+
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(a.func(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

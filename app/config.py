@@ -1,0 +1,55 @@
+"""Service settings, read from `EXITSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXITSERVE_", extra="ignore", frozen=True)
+
+    model_dir: Path = Path("models/rt-sentiment-minilm")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["auto", "int8", "fp16", "bf16", "none"] = "auto"
+    threads: int = Field(default_factory=usable_cpus, ge=1, le=256)
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    max_queue_size: int = Field(256, ge=1, le=1_000_000)
+    max_inputs_per_request: int = Field(64, ge=1, le=10_000)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
+    overload_status: Literal[429, 503] = 429
+    drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
+    api_keys: SecretStr = SecretStr("")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _request_fits_queue(self) -> Settings:
+        if self.max_inputs_per_request > self.max_queue_size:
+            raise ValueError(
+                f"max_inputs_per_request ({self.max_inputs_per_request}) exceeds max_queue_size"
+                f" ({self.max_queue_size}): such a request could never be admitted"
+            )
+        return self
+
+    def keys(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]

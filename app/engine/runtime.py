@@ -1,0 +1,84 @@
+"""Load a model for serving: resolve device and precision, quantize, size threads, warm up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.engine.executor import Row, run_batch
+from app.network import artifact
+from app.network.multi_exit import MultiExitNetwork
+from app.network.quantize import prepare, resolve
+from app.network.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRuntime:
+    """A network ready to serve, with everything the engine and /info need to know."""
+
+    name: str
+    version: str
+    labels: list[str]
+    thresholds: list[float]  # calibrated, per exit
+    max_seq_len: int
+    device: str
+    dtype: str
+    threads: int
+    network: MultiExitNetwork
+    tokenizer: TextTokenizer
+    calibration: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.network.num_layers
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        # A token spans at most ~100 characters (WordPiece's longest word), so cutting the
+        # text here loses nothing the tokenizer would keep and bounds its work.
+        # Re-encoding replaces lone surrogates, which the tokenizer would refuse for the
+        # whole batch; the API rejects them, this keeps other callers' batches safe.
+        limit = self.max_seq_len * 101
+        clean = [t[:limit].encode("utf-8", "replace").decode("utf-8") for t in texts]
+        return self.tokenizer.encode(clean)
+
+
+def load_runtime(
+    model_dir: Path, device: str = "auto", quantization: str = "auto", threads: int = 1
+) -> ModelRuntime:
+    torch.set_num_threads(threads)
+    device, quantization = resolve(device, quantization)
+    loaded = artifact.load(model_dir)
+    net = prepare(loaded.network, device, quantization)
+    spec = loaded.spec
+    rt = ModelRuntime(
+        name=spec.name,
+        version=spec.version,
+        labels=spec.labels,
+        thresholds=list(spec.thresholds),
+        max_seq_len=spec.config.max_seq_len,
+        device=device,
+        dtype=quantization if quantization != "none" else "fp32",
+        threads=threads,
+        network=net,
+        tokenizer=loaded.tokenizer,
+        calibration=spec.calibration,
+        evaluation=spec.evaluation,
+    )
+    warm_up(rt)
+    log.info("loaded %s v%s on %s (%s, %d threads)", rt.name, rt.version, device, rt.dtype, threads)
+    return rt
+
+
+def warm_up(rt: ModelRuntime) -> None:
+    """Run every layer at a few batch shapes so the first request pays no one-off costs."""
+    L = rt.num_layers
+    for batch, length in ((1, 8), (4, 32), (8, rt.max_seq_len)):
+        ids = [[1] * min(length, rt.max_seq_len)] * batch
+        run_batch(rt.network, [Row(r, [1.0] * L, L) for r in ids])

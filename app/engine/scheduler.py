@@ -1,0 +1,267 @@
+"""The engine: admission, dynamic batching and the worker that runs the layer loop.
+
+Requests are split into inputs that queue individually (bounded: a full queue refuses
+at once). One worker thread gathers up to `max_batch_size` inputs, waiting at most
+`max_queue_delay` after the oldest arrived, tokenizes them, and runs the executor.
+Each input's future resolves the moment its row leaves the network, so easy inputs
+are answered while the rest of their batch is still running. The event loop never
+runs the forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.engine.executor import Prediction, Row, run_batch
+from app.engine.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """Base of the engine's domain errors."""
+
+
+class Overloaded(EngineError):
+    """The admission queue cannot take the request's inputs now."""
+
+
+class Draining(EngineError):
+    """The engine is shutting down and takes no new work."""
+
+
+class NotRunning(EngineError):
+    """The engine has not started, or its worker has stopped."""
+
+
+class InferenceFailed(EngineError):
+    """The batch holding this input failed; the engine itself keeps running."""
+
+
+class EngineObserver(Protocol):
+    """Receives what the engine did; the metrics module implements it."""
+
+    def answered(
+        self, exit_layer: int, num_layers: int, queue_s: float, inference_s: float
+    ) -> None: ...
+
+    def layer_steps(self, rows_per_layer: Sequence[int]) -> None: ...
+
+    def load(self, queued: int, inflight: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    label: str
+    score: float
+    exit_layer: int
+    scores: dict[str, float]
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """A request's exit settings; None means the model's calibrated default."""
+
+    threshold: float | None = None
+    max_layers: int | None = None
+
+
+class _Pending:
+    __slots__ = ("admitted", "future", "loop", "rule", "started", "text")
+
+    def __init__(self, text: str, rule: ExitRule, loop: asyncio.AbstractEventLoop) -> None:
+        self.text = text
+        self.rule = rule
+        self.loop = loop
+        self.future: asyncio.Future[Answer] = loop.create_future()
+        self.admitted = time.perf_counter()
+        self.started = 0.0
+
+
+def _settle(fut: asyncio.Future[Answer], answer: Answer | None, error: Exception | None) -> None:
+    if fut.done():  # the client went away and the request was cancelled
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(answer)  # type: ignore[arg-type]
+
+
+class Engine:
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        max_batch_size: int = 32,
+        max_queue_delay_s: float = 0.002,
+        max_queue_size: int = 256,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._inflight = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="exitserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def ready(self) -> bool:
+        return self.running and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on; what was admitted still runs."""
+        self._draining = True
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """Drain admitted inputs (up to `timeout` seconds), then stop. True if all finished."""
+        self._draining = True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._queue or self._inflight) and time.monotonic() < deadline:
+                self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            drained = not self._queue and not self._inflight
+            self._stopping = True
+            leftover = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for p in leftover:
+            p.loop.call_soon_threadsafe(_settle, p.future, None, Draining("server shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        return drained
+
+    # -- admission ---------------------------------------------------------------------
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, texts: Sequence[str], rule: ExitRule = ExitRule()) -> list[Answer]:
+        """Answer every text, in order. Raises Overloaded, Draining or NotRunning at once."""
+        L = self.runtime.num_layers
+        if rule.max_layers is not None and not 1 <= rule.max_layers <= L:
+            raise ValueError(f"max_layers must be in 1..{L}, got {rule.max_layers}")
+        if rule.threshold is not None and not 0.0 <= rule.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {rule.threshold}")
+        if self._draining:
+            raise Draining("server is draining")
+        if not self.running:
+            raise NotRunning("engine is not running")
+        loop = asyncio.get_running_loop()
+        items = [_Pending(t, rule, loop) for t in texts]
+        with self._cond:
+            if len(self._queue) + self._inflight + len(items) > self.max_queue_size:
+                raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
+            self._queue.extend(items)
+            self._cond.notify()
+        self._report_load()
+        try:
+            return list(await asyncio.gather(*(p.future for p in items)))
+        except asyncio.CancelledError:
+            with self._cond:  # the client left: drop what has not started yet
+                for p in items:
+                    if not p.started:
+                        with contextlib.suppress(ValueError):
+                            self._queue.remove(p)
+            raise
+
+    # -- worker ------------------------------------------------------------------------
+    def _report_load(self) -> None:
+        if self.observer is not None:
+            self.observer.load(len(self._queue), self._inflight)
+
+    def _take_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            deadline = self._queue[0].admitted + self.max_queue_delay_s
+            while len(self._queue) < self.max_batch_size and not self._stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            n = min(self.max_batch_size, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._inflight += len(batch)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self._report_load()
+            try:
+                self._run_batch(batch)
+            except Exception:
+                log.exception("batch of %d inputs failed", len(batch))
+                for p in batch:
+                    p.loop.call_soon_threadsafe(
+                        _settle, p.future, None, InferenceFailed("inference failed")
+                    )
+            finally:
+                with self._cond:
+                    self._inflight -= len(batch)
+                    self._cond.notify_all()
+                self._report_load()
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        rt = self.runtime
+        L = rt.num_layers
+        started = time.perf_counter()
+        for p in batch:
+            p.started = started
+        ids = rt.tokenize([p.text for p in batch])
+        rows = []
+        for p, tokens in zip(batch, ids, strict=True):
+            th = rt.thresholds if p.rule.threshold is None else [p.rule.threshold] * L
+            rows.append(Row(tokens, th, p.rule.max_layers or L))
+        labels = rt.labels
+
+        def on_answer(i: int, pred: Prediction) -> None:
+            p = batch[i]
+            now = time.perf_counter()
+            answer = Answer(
+                label=labels[pred.label_index],
+                score=pred.score,
+                exit_layer=pred.exit_layer,
+                scores=dict(zip(labels, pred.probs, strict=True)),
+                queue_s=p.started - p.admitted,
+                inference_s=now - p.started,
+            )
+            p.loop.call_soon_threadsafe(_settle, p.future, answer, None)
+            if self.observer is not None:
+                self.observer.answered(pred.exit_layer, L, answer.queue_s, answer.inference_s)
+
+        result = run_batch(rt.network, rows, on_answer)
+        if self.observer is not None:
+            self.observer.layer_steps(result.rows_per_layer)

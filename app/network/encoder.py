@@ -1,0 +1,191 @@
+"""A BERT encoder in plain PyTorch, driven one stage at a time.
+
+The parameter names match the Hugging Face `BertModel` checkpoint layout, so the
+pretrained MiniLM weights load with a plain `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> EncoderConfig:
+        """Build from a Hugging Face `config.json` dict."""
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"unsupported activation {cfg['hidden_act']!r}, expected 'gelu'")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            type_vocab_size=cfg["type_vocab_size"],
+            layer_norm_eps=cfg["layer_norm_eps"],
+            pad_token_id=cfg.get("pad_token_id", 0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)
+        x = (
+            self.word_embeddings(input_ids)  # (B, T, H)
+            + self.position_embeddings(positions)[None]  # (1, T, H)
+            + self.token_type_embeddings.weight[0]  # single-segment inputs: type 0
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = 0.1
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        d = H // self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.num_heads, d).transpose(1, 2)  # (B, nh, T, d)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
+        )  # (B, nh, T, d)
+        return y.transpose(1, 2).reshape(B, T, H)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(0.1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        # Attribute names follow the checkpoint: attention.self.*, attention.output.*
+        self.self = SelfAttention(cfg)
+        self.output = AttentionOutput(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y = self.output.dropout(self.output.dense(self.self(x, bias)))
+        return self.output.LayerNorm(x + y)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+
+class Output(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(0.1)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = Output(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, bias)  # (B, T, H)
+        h = F.gelu(self.intermediate.dense(x))  # (B, T, 4H)
+        y = self.output.dropout(self.output.dense(h))  # (B, T, H)
+        return self.output.LayerNorm(x + y)
+
+
+class LayerStack(nn.Module):
+    """Holds the layers under the checkpoint's `encoder.layer.N` names."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+
+class Encoder(nn.Module):
+    """BERT encoder with a stage interface: `embed`, then `layer(i)` for i in 0..N-1."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = LayerStack(cfg)
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)  # (B, T, H)
+
+    def layer(self, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.encoder.layer[i](x, bias)  # (B, T, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states after the embeddings and after every layer: N + 1 tensors (B, T, H)."""
+        bias = attention_bias(attention_mask, self.embeddings.LayerNorm.weight.dtype)
+        states = [self.embed(input_ids)]
+        for i in range(self.num_layers):
+            states.append(self.layer(i, states[-1], bias))
+        return states
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (B, 1, 1, T): 0 for real tokens, a large negative for padding."""
+    # finfo.min rather than -inf: stays finite in fp16/bf16 and never yields NaN rows.
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    bias = bias.masked_fill(attention_mask == 0, neg)
+    return bias[:, None, None, :]

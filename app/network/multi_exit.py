@@ -1,0 +1,131 @@
+"""The multi-exit network: an encoder with an exit head after every layer.
+
+The engine drives it one stage at a time (`embed`, `layer`, `exit_logits`) on
+whichever rows are still running; training calls `forward` for all exits at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.network.encoder import Encoder, EncoderConfig, attention_bias
+from app.network.heads import ExitHead
+
+
+@dataclass(frozen=True)
+class MultiExitConfig:
+    encoder: EncoderConfig
+    labels: tuple[str, ...]
+    max_seq_len: int = 128
+    head_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2:
+            raise ValueError(f"need at least 2 labels, got {len(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be unique, got {list(self.labels)}")
+        if not 2 <= self.max_seq_len <= self.encoder.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len must be in 2..{self.encoder.max_position_embeddings},"
+                f" got {self.max_seq_len}"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "labels": list(self.labels),
+            "max_seq_len": self.max_seq_len,
+            "head_dropout": self.head_dropout,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MultiExitConfig:
+        return cls(
+            encoder=EncoderConfig(**d["encoder"]),
+            labels=tuple(d["labels"]),
+            max_seq_len=int(d["max_seq_len"]),
+            head_dropout=float(d.get("head_dropout", 0.1)),
+        )
+
+
+@dataclass
+class MultiExitOutput:
+    """Logits of every exit for every row."""
+
+    logits: torch.Tensor  # (L, B, C)
+    hidden: list[torch.Tensor] = field(default_factory=list)  # L x (B, T, H) when asked for
+
+
+class MultiExitNetwork(nn.Module):
+    def __init__(self, cfg: MultiExitConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.encoder)
+        self.heads = nn.ModuleList(
+            ExitHead(cfg.encoder.hidden_size, len(cfg.labels), cfg.head_dropout)
+            for _ in range(cfg.num_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.embeddings.LayerNorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.embeddings.LayerNorm.weight.device
+
+    # -- stage interface ---------------------------------------------------------------
+    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        return attention_bias(mask, self.dtype)  # (B, 1, 1, T)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embed(input_ids)  # (B, T, H)
+
+    def layer(self, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.encoder.layer(i, x, bias)  # (B, T, H)
+
+    def exit_logits(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.heads[i](x, mask)  # (B, C)
+
+    # -- all exits at once (training, evaluation) --------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, keep_hidden: bool = False
+    ) -> MultiExitOutput:
+        bias = self.attention_bias(mask)
+        x = self.embed(input_ids)
+        logits, hidden = [], []
+        for i in range(self.num_layers):
+            x = self.layer(i, x, bias)
+            logits.append(self.exit_logits(i, x, mask))
+            if keep_hidden:
+                hidden.append(x)
+        return MultiExitOutput(torch.stack(logits), hidden)
+
+
+def pad_batch(
+    rows: list[list[int]], pad_id: int = 0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest: ids (B, T) int64, mask (B, T) int64."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every row needs at least one token")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask

@@ -1,0 +1,97 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Minimum confidence to leave at an intermediate exit; overrides the"
+        " calibrated thresholds. 1.0 = always full depth, 0.0 = always the first exit.",
+    )
+    max_layers: int | None = Field(None, ge=1, description="Answer at this exit at the latest.")
+    all_scores: bool = Field(False, description="Include every label's probability.")
+
+
+def check_text(t: str) -> str:
+    """The texts every route accepts: non-blank, and encodable as UTF-8."""
+    if not t.strip():
+        raise ValueError("text is empty or whitespace only")
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError("text is not valid Unicode (it holds a lone surrogate)") from e
+    return t
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": ["a gripping, beautifully acted film"], "parameters": {"threshold": 0.9}}
+            ]
+        },
+    )
+
+    inputs: str | list[str] = Field(..., description="One text or a list of texts.")
+    parameters: Parameters = Field(default_factory=Parameters)
+
+    @field_validator("inputs")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("inputs is an empty list")
+            for t in v:
+                check_text(t)
+            return v
+        return check_text(v)
+
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class PredictionOut(BaseModel):
+    label: str
+    score: float
+    exit_layer: int = Field(..., description="1 = the exit after the first encoder layer")
+    num_layers: int
+    scores: dict[str, float] | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    model_version: str
+    predictions: list[PredictionOut]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+class InfoResponse(BaseModel):
+    model: str
+    model_version: str
+    labels: list[str]
+    num_layers: int
+    exit_thresholds: list[float]
+    max_seq_len: int
+    calibration: dict[str, object]
+    evaluation: dict[str, object]
+    device: str
+    dtype: str
+    threads: int
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    max_inputs_per_request: int
+    version: str

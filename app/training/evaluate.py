@@ -1,0 +1,148 @@
+"""Evaluate a model as served: same quantization, same thresholds, same batched executor.
+
+Prints one JSON line; `--write` also stores the figures in model.json and writes
+report.json and report.png beside the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.engine.executor import Row, run_batch
+from app.network import artifact
+from app.network.multi_exit import MultiExitNetwork, pad_batch
+from app.network.quantize import prepare, resolve
+from app.training.data import load_splits
+from app.training.stats import adaptive_outcome, binomial_upper_bound
+
+
+@dataclass
+class ServedModel:
+    loaded: artifact.LoadedModel
+    device: str
+    quantization: str
+
+    @property
+    def network(self) -> MultiExitNetwork:
+        return self.loaded.network
+
+
+def load_served(model_dir: Path, device: str = "cpu", quantization: str = "auto") -> ServedModel:
+    device, quantization = resolve(device, quantization)
+    loaded = artifact.load(model_dir)
+    loaded.network = prepare(loaded.network, device, quantization)
+    return ServedModel(loaded, device, quantization)
+
+
+def all_exit_probs(
+    network: MultiExitNetwork, token_ids: list[list[int]], batch_size: int = 32
+) -> np.ndarray:
+    """Softmax of every exit for every row, full depth: (L, N, C)."""
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # less padding
+    out = np.zeros((network.num_layers, len(token_ids), len(network.cfg.labels)), np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            ids, mask = pad_batch([token_ids[i] for i in idx], device=network.device)
+            logits = network(ids, mask).logits.float()  # (L, B, C)
+            out[:, idx] = torch.softmax(logits, -1).cpu().numpy()
+    return out
+
+
+def split_data(spec: artifact.ModelSpec, split: str) -> tuple[list[str], np.ndarray]:
+    data = spec.training.get("data", {})
+    source, seed = data.get("source"), spec.training.get("config", {}).get("seed", 0)
+    if not source:
+        raise ValueError("model.json records no training data source; cannot rebuild splits")
+    examples = load_splits(source, seed=seed).get(split)
+    label_index = {name: i for i, name in enumerate(spec.labels)}
+    return [e.text for e in examples], np.array([label_index[e.label] for e in examples])
+
+
+def evaluate(
+    model_dir: Path,
+    split: str = "test",
+    device: str = "cpu",
+    quantization: str = "auto",
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    served = load_served(model_dir, device, quantization)
+    spec, tok, net = served.loaded.spec, served.loaded.tokenizer, served.network
+    texts, y = split_data(spec, split)
+    ids = tok.encode(texts)
+    L, N = net.num_layers, len(texts)
+
+    probs = all_exit_probs(net, ids, batch_size)  # (L, N, C)
+    pred = probs.argmax(-1)  # (L, N)
+    correct = pred == y[None]  # (L, N)
+
+    # The adaptive answers come from the serving executor, batched, with compaction.
+    thresholds = list(spec.thresholds)
+    order = sorted(range(N), key=lambda i: len(ids[i]))
+    adaptive_pred = np.zeros(N, int)
+    adaptive_exit = np.zeros(N, int)
+    started = time.perf_counter()
+    for s in range(0, N, batch_size):
+        idx = order[s : s + batch_size]
+        res = run_batch(net, [Row(ids[i], thresholds, L) for i in idx])
+        for i, p in zip(idx, res.predictions, strict=True):
+            adaptive_pred[i], adaptive_exit[i] = p.label_index, p.exit_layer
+    adaptive_seconds = time.perf_counter() - started
+
+    final_pred = pred[-1]
+    breaks = int(((adaptive_pred != y) & (final_pred == y)).sum())
+    report: dict[str, Any] = {
+        "model": spec.name,
+        "split": split,
+        "n": N,
+        "num_layers": L,
+        "quantization": served.quantization,
+        "device": served.device,
+        "per_exit_accuracy": [round(float(a), 4) for a in correct.mean(1)],
+        "final_accuracy": round(float(correct[-1].mean()), 4),
+        "adaptive_accuracy": round(float((adaptive_pred == y).mean()), 4),
+        "mean_layers": round(float(adaptive_exit.mean()), 3),
+        "agreement_with_final": round(float((adaptive_pred == final_pred).mean()), 4),
+        "exit_histogram": [int((adaptive_exit == k).sum()) for k in range(1, L + 1)],
+        "thresholds": thresholds,
+        # Distribution-free: the test split took no part in choosing the thresholds, so
+        # this one-sided 95% Clopper-Pearson bound on "adaptive wrong where the last exit
+        # was right" bounds the accuracy lost to early exit on new data like it.
+        "accuracy_drop_upper_95": round(binomial_upper_bound(breaks, N, 0.05), 4),
+        "adaptive_seconds": round(adaptive_seconds, 2),
+    }
+    # Consistency: the executor's answers must match the full-depth exits they chose.
+    chosen = pred[adaptive_exit - 1, np.arange(N)]
+    report["executor_consistency"] = round(float((chosen == adaptive_pred).mean()), 4)
+
+    if served.quantization != "none":
+        ref = artifact.load(model_dir).network  # fp32, same weights
+        fp32 = all_exit_probs(ref, ids, batch_size)
+        report["fp32_final_accuracy"] = round(float((fp32[-1].argmax(-1) == y).mean()), 4)
+        report["fp32_agreement"] = round(float((fp32[-1].argmax(-1) == final_pred).mean()), 4)
+    else:
+        report["fp32_final_accuracy"] = report["final_accuracy"]
+        report["fp32_agreement"] = 1.0
+
+    # Accuracy against mean depth for one global threshold, for the report's curve.
+    conf = probs.max(-1)  # (L, N)
+    curve = []
+    for t in np.linspace(0.5, 1.0, 26):
+        th = np.full(L, t)
+        th[-1] = 0.0
+        acc, depth = adaptive_outcome(conf, correct, th)
+        curve.append(
+            {
+                "threshold": round(float(t), 3),
+                "accuracy": round(acc, 4),
+                "mean_layers": round(depth, 3),
+            }
+        )
+    report["global_threshold_curve"] = curve
+    return report

@@ -1,0 +1,57 @@
+"""Small statistics shared by calibration and evaluation (numpy only)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def exit_layers(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """0-based exit index per row: the first exit whose confidence passes its threshold.
+
+    conf (L, N) max-softmax per exit; thresholds (L,), where 1.0 means never leave there.
+    The last exit always answers.
+    """
+    L = conf.shape[0]
+    passes = (conf >= thresholds[:, None]) & (thresholds[:, None] < 1.0)  # (L, N)
+    passes[L - 1] = True
+    return passes.argmax(axis=0)
+
+
+def adaptive_outcome(
+    conf: np.ndarray, correct: np.ndarray, thresholds: np.ndarray
+) -> tuple[float, float]:
+    """(accuracy, mean depth in layers) when every row leaves at its first confident exit."""
+    e = exit_layers(conf, thresholds)
+    acc = float(correct[e, np.arange(conf.shape[1])].mean())
+    return acc, float(e.mean() + 1)
+
+
+def binomial_upper_bound(k: int, n: int, alpha: float = 0.05) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate, from k events in n trials."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if k >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
+        logs = [
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + (i * math.log(p) if i else 0.0)
+            + ((n - i) * math.log1p(-p))
+            for i in range(k + 1)
+        ]
+        m = max(logs)
+        return math.exp(m) * sum(math.exp(v - m) for v in logs)
+
+    lo, hi = k / n, 1.0 - 1e-12
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cdf(mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi

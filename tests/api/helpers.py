@@ -1,0 +1,96 @@
+"""Small assertions and readers shared by the API tests."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+
+class Reply(Protocol):
+    """An HTTP response: httpx's, or httpx2's (Starlette's TestClient)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+
+class Poster(Protocol):
+    def post(self, url: str, *, json: Any = None) -> Any: ...
+
+
+# Two or more path segments, or a Windows drive: what a leaked file path looks like.
+_PATH = re.compile(r"(?:/[\w.-]+){2,}|[A-Za-z]:\\")
+
+
+def assert_error(r: Reply, status: int, error_type: str | None = None) -> dict[str, str]:
+    """The one error shape: JSON with exactly `error` and `error_type`, and no internals."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error", "error_type"}, body
+    assert isinstance(body["error"], str) and body["error"], body
+    assert isinstance(body["error_type"], str) and body["error_type"], body
+    if error_type is not None:
+        assert body["error_type"] == error_type, body
+    for leak in ("Traceback", "/work", "site-packages", 'File "', ".py"):
+        assert leak not in r.text, r.text
+    assert not _PATH.search(r.text), r.text
+    return body
+
+
+def predictions(r: Reply) -> list[dict[str, Any]]:
+    assert r.status_code == 200, r.text
+    preds: list[dict[str, Any]] = r.json()["predictions"]
+    return preds
+
+
+def predict(client: Poster, inputs: str | list[str], **parameters: Any) -> list[dict[str, Any]]:
+    return predictions(client.post("/predict", json={"inputs": inputs, "parameters": parameters}))
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text page, keyed by sample name and labels."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class HeldEngine:
+    """Holds the engine's worker inside its next batch until `release()`.
+
+    The worker tokenizes each batch first, so wrapping the runtime's `tokenize` stops it
+    with that batch admitted and in flight: the queue's load is then exactly known.
+    """
+
+    def __init__(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        runtime = client.app.state.engine.runtime  # type: ignore[attr-defined]
+        self.entered, self.gate = threading.Event(), threading.Event()
+        tokenize = runtime.tokenize
+
+        def held(texts: list[str]) -> list[list[int]]:
+            self.entered.set()
+            self.gate.wait(10)
+            return tokenize(texts)
+
+        monkeypatch.setattr(runtime, "tokenize", held)
+
+    def release(self) -> None:
+        self.gate.set()

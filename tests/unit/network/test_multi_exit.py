@@ -1,0 +1,122 @@
+"""The multi-exit network: stage interface, padding invariance, config checks, pad_batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.network import artifact
+from app.network.encoder import EncoderConfig
+from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
+from tests.tiny import random_texts
+
+SMALL = EncoderConfig(
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+def test_stage_interface_equals_forward(tiny_loaded: artifact.LoadedModel) -> None:
+    net = tiny_loaded.network
+    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(8, seed=1)))
+    with torch.inference_mode():
+        expected = net(ids, mask).logits  # (L, B, C)
+        bias = net.attention_bias(mask)
+        x = net.embed(ids)
+        staged = []
+        for i in range(net.num_layers):
+            x = net.layer(i, x, bias)
+            staged.append(net.exit_logits(i, x, mask))
+    assert expected.shape == (4, 8, 2)
+    torch.testing.assert_close(torch.stack(staged), expected, rtol=0, atol=0)
+
+
+def test_forward_keep_hidden_returns_every_layer(tiny_loaded: artifact.LoadedModel) -> None:
+    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(["good movie", "bad"]))
+    with torch.inference_mode():
+        out = tiny_loaded.network(ids, mask, keep_hidden=True)
+    assert len(out.hidden) == 4
+    assert all(h.shape == (2, ids.shape[1], 32) for h in out.hidden)
+
+
+def test_right_padding_does_not_change_a_rows_logits(tiny_loaded: artifact.LoadedModel) -> None:
+    net = tiny_loaded.network
+    rows = tiny_loaded.tokenizer.encode(["a good film", "this was a long and very boring movie"])
+    short = rows[0]
+    with torch.inference_mode():
+        alone = net(*pad_batch([short])).logits[:, 0]  # (L, C)
+        padded = net(*pad_batch(rows)).logits[:, 0]
+        extra_pad = torch.tensor([short + [0] * 20])
+        extra_mask = torch.tensor([[1] * len(short) + [0] * 20])
+        far = net(extra_pad, extra_mask).logits[:, 0]
+    assert len(rows[1]) > len(short)
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(far, alone, rtol=0, atol=1e-5)
+
+
+def test_different_inputs_get_different_confidences(tiny_loaded: artifact.LoadedModel) -> None:
+    # Guards the tiny model itself: the executor tests need spread-out confidences.
+    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=2)))
+    with torch.inference_mode():
+        conf, pred = torch.softmax(tiny_loaded.network(ids, mask).logits, -1).max(-1)  # (L, B)
+    assert float(conf.min()) < 0.7 and float(conf.max()) > 0.9
+    assert 0.2 < float(pred[-1].float().mean()) < 0.8
+
+
+def test_encoder_config_rejects_heads_not_dividing_hidden() -> None:
+    with pytest.raises(ValueError, match=r"hidden_size 30 is not divisible by num_heads 4"):
+        EncoderConfig(hidden_size=30, num_heads=4)
+
+
+def test_encoder_config_rejects_zero_layers() -> None:
+    with pytest.raises(ValueError, match=r"num_layers must be >= 1, got 0"):
+        EncoderConfig(num_layers=0)
+
+
+def test_config_rejects_fewer_than_two_labels() -> None:
+    with pytest.raises(ValueError, match=r"need at least 2 labels, got 1"):
+        MultiExitConfig(encoder=SMALL, labels=("only",))
+
+
+def test_config_rejects_duplicate_labels() -> None:
+    with pytest.raises(ValueError, match=r"labels must be unique, got \['a', 'b', 'a'\]"):
+        MultiExitConfig(encoder=SMALL, labels=("a", "b", "a"))
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 65])
+def test_config_rejects_max_seq_len_out_of_range(max_seq_len: int) -> None:
+    with pytest.raises(ValueError, match=rf"max_seq_len must be in 2\.\.64, got {max_seq_len}"):
+        MultiExitConfig(encoder=SMALL, labels=("a", "b"), max_seq_len=max_seq_len)
+
+
+def test_config_dict_round_trip() -> None:
+    cfg = MultiExitConfig(encoder=SMALL, labels=("x", "y", "z"), max_seq_len=64, head_dropout=0.2)
+    assert MultiExitConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_network_has_one_head_per_layer() -> None:
+    net = MultiExitNetwork(MultiExitConfig(encoder=SMALL, labels=("a", "b", "c"), max_seq_len=64))
+    assert net.num_layers == len(net.heads) == 2
+    assert all(h.classifier.out_features == 3 for h in net.heads)
+
+
+def test_pad_batch_right_pads_to_longest() -> None:
+    ids, mask = pad_batch([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_pad_batch_uses_the_given_pad_id() -> None:
+    ids, _ = pad_batch([[1], [2, 3]], pad_id=99)
+    assert ids.tolist() == [[1, 99], [2, 3]]
+
+
+@pytest.mark.parametrize("rows", [[], [[1, 2], []]])
+def test_pad_batch_rejects_empty_rows(rows: list[list[int]]) -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_batch(rows)
