@@ -56,16 +56,18 @@ def run(
 ) -> dict[str, Any]:
     threads = usable_cpus()
     torch.set_num_threads(threads)
-    fp32 = artifact.load(model_dir)
+    loaded = artifact.load(model_dir)
+    spec, tok = loaded.spec, loaded.tokenizer
+    # Both get the same serving preparation (fused QKV, eval mode); only precision differs.
+    fp32 = prepare(loaded.network, "cpu", "none")
     int8 = prepare(artifact.load(model_dir).network, "cpu", "int8")
-    spec, tok = fp32.spec, fp32.tokenizer
     texts, y = split_data(spec, "test")
     ids = tok.encode(texts)
     L = spec.config.num_layers
     full = [1.0] * L
     calibrated = list(spec.thresholds)
     configs = {
-        "fp32_full": (fp32.network, full),
+        "fp32_full": (fp32, full),
         "int8_full": (int8, full),
         "int8_adaptive": (int8, calibrated),
     }

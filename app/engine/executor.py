@@ -75,6 +75,8 @@ def run_batch(
             result.rows_per_layer.append(int(x.shape[0]))
             result.tokens_per_layer.append(int(x.shape[0] * x.shape[1]))
             x = network.layer(i, x, bias)
+            if i < L - 1 and not bool(((thr[:, i] < 1.0) | (cap <= i + 1)).any()):
+                continue  # no row may leave here: skip the exit head
             probs = torch.softmax(network.exit_logits(i, x, mask).float(), dim=-1)  # (B, C)
             conf, pred = probs.max(dim=-1)  # (B,), (B,)
             t = thr[:, i]

@@ -82,16 +82,31 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv: nn.Linear | None = None  # set by `fuse` for serving
         self.dropout_p = 0.1
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Replace query/key/value by one linear: one matmul (and, in int8, one activation
+        quantization) instead of three. For serving; training keeps them separate."""
+        H = self.query.in_features
+        qkv = nn.Linear(H, 3 * H).to(self.query.weight.device, self.query.weight.dtype)
+        qkv.weight.copy_(torch.cat([self.query.weight, self.key.weight, self.value.weight]))
+        qkv.bias.copy_(torch.cat([self.query.bias, self.key.bias, self.value.bias]))
+        self.qkv = qkv
+        del self.query, self.key, self.value
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
         d = H // self.num_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.num_heads, d).transpose(1, 2)  # (B, nh, T, d)
+            return t.reshape(B, T, self.num_heads, d).transpose(1, 2)  # (B, nh, T, d)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if self.qkv is not None:
+            q, k, v = (heads(t) for t in self.qkv(x).split(H, dim=-1))
+        else:
+            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
         )  # (B, nh, T, d)

@@ -46,15 +46,15 @@ def test_int8_replaces_encoder_linears_with_dynamic_quantized(tiny_model_dir: Pa
     net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
     layer = net.encoder.encoder.layer[0]
     linears = {
-        "query": layer.attention.self.query,
-        "key": layer.attention.self.key,
-        "value": layer.attention.self.value,
+        "qkv": layer.attention.self.qkv,
         "attention.output": layer.attention.output.dense,
         "intermediate": layer.intermediate.dense,
         "output": layer.output.dense,
     }
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
     for name, module in linears.items():
-        assert "quantized" in type(module).__module__, name
+        assert isinstance(module, DynamicLinear), name
         assert module.weight().dtype == torch.qint8, name
     plain = [n for n, m in net.encoder.encoder.named_modules() if type(m) is nn.Linear]
     assert plain == []
@@ -139,3 +139,18 @@ def test_fake_int8_restores_the_module_tree_after_an_error(tiny_model_dir: Path)
     with pytest.raises(RuntimeError, match="boom"), fake_int8(net):
         raise RuntimeError("boom")
     assert net.encoder.encoder.layer[0].attention.self.query is query
+
+
+def test_serving_preparation_keeps_fp32_answers(tiny_model_dir: Path) -> None:
+    # prepare() fuses query/key/value into one linear; in fp32 that must not change logits.
+    from app.network.multi_exit import pad_batch
+    from tests.tiny import random_texts
+
+    ref = artifact.load(tiny_model_dir)
+    fused = prepare(artifact.load(tiny_model_dir).network, "cpu", "none")
+    assert fused.encoder.encoder.layer[0].attention.self.qkv is not None
+    ids, mask = pad_batch(ref.tokenizer.encode(random_texts(16, seed=3)))
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fused(ids, mask).logits, ref.network(ids, mask).logits, atol=1e-5, rtol=1e-5
+        )
