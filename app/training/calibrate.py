@@ -5,7 +5,9 @@ every exit. Starting from "never exit early", a greedy search repeatedly lowers 
 exit threshold that saves the most depth per point of accuracy lost, while two
 constraints hold on the calibration split:
   1. adaptive accuracy >= last-exit accuracy - `max_drop`, and
-  2. adaptive answers agree with the last exit's answers on >= 1 - `max_disagreement`.
+  2. the one-sided 95% Clopper-Pearson upper bound on the share of answers that differ
+     from the last exit's stays <= `max_disagreement` (so small calibration sets, where
+     one input moves the rate by half a point, are held to a stricter observed rate).
 
 Why the second: accuracy alone is a noisy target at this size (~1 point standard error
 on ~1,300 inputs, and neighbouring exits differ by less than that), so the search
@@ -31,7 +33,7 @@ import numpy as np
 
 from app.network import artifact
 from app.training.evaluate import all_exit_probs, load_served, split_data
-from app.training.stats import adaptive_outcome
+from app.training.stats import adaptive_outcome, binomial_upper_bound
 
 
 def greedy_thresholds(
@@ -81,6 +83,17 @@ def greedy_thresholds(
     return th, path
 
 
+def allowed_disagreements(n: int, max_disagreement: float, alpha: float = 0.05) -> int:
+    """Most disagreements among n whose (1 - alpha) upper bound stays <= max_disagreement.
+
+    -1 when even zero would not do (n too small for the bound asked).
+    """
+    k = -1
+    while k + 1 < n and binomial_upper_bound(k + 1, n, alpha) <= max_disagreement:
+        k += 1
+    return k
+
+
 def calibrate(
     model_dir: Path,
     max_drop: float = 0.01,
@@ -99,7 +112,11 @@ def calibrate(
     probs = all_exit_probs(served.network, served.loaded.tokenizer.encode(texts))  # (L, N, C)
     pred = probs.argmax(-1)  # (L, N)
     conf, correct, agree = probs.max(-1), pred == y[None], pred == pred[-1][None]
-    th, path = greedy_thresholds(conf, correct, max_drop, agree, max_disagreement)
+    n = conf.shape[1]
+    k = allowed_disagreements(n, max_disagreement)
+    # greedy_thresholds takes a rate: halfway between k and k + 1 disagreements
+    # (negative when k = -1: no move is allowed and every input runs to the end).
+    th, path = greedy_thresholds(conf, correct, max_drop, agree, (k + 0.5) / n)
     acc, depth = adaptive_outcome(conf, correct, th)
     L = conf.shape[0]
     # The single global threshold meeting the same bound, for comparison.
@@ -123,6 +140,7 @@ def calibrate(
         "quantization": served.quantization,
         "max_drop": max_drop,
         "max_disagreement": max_disagreement,
+        "max_disagreements_observed": max(k, 0),
         "agreement_with_final": round(adaptive_outcome(conf, agree, th)[0], 4),
         "final_accuracy": round(float(correct[-1].mean()), 4),
         "adaptive_accuracy": round(acc, 4),

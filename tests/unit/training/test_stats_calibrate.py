@@ -147,7 +147,7 @@ def labelled_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def calibrated_dir(labelled_tiny: Path, tmp_path: Path) -> tuple[Path, dict]:
     model_dir = Path(shutil.copytree(labelled_tiny, tmp_path / "tiny"))
-    return model_dir, calibrate(model_dir, max_drop=0.05, quantization="none")
+    return model_dir, calibrate(model_dir, max_drop=0.05, max_disagreement=1.0, quantization="none")
 
 
 def test_calibrate_writes_thresholds_into_model_json(calibrated_dir: tuple[Path, dict]) -> None:
@@ -196,3 +196,22 @@ def test_calibrate_rejects_max_drop_out_of_range(labelled_tiny: Path) -> None:
 def test_evaluate_without_a_data_record_is_rejected(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"records no training data source"):
         evaluate(tiny_model_dir, split="test", quantization="none")
+
+
+def test_allowed_disagreements_follows_the_clopper_pearson_bound() -> None:
+    from app.training.calibrate import allowed_disagreements
+
+    k = allowed_disagreements(212, 0.03)
+    assert binomial_upper_bound(k, 212, 0.05) <= 0.03 < binomial_upper_bound(k + 1, 212, 0.05)
+    # Larger samples may show a rate closer to the bound.
+    assert allowed_disagreements(1275, 0.03) / 1275 > k / 212
+    # Too few inputs to certify even zero disagreements: nothing may leave early.
+    assert allowed_disagreements(20, 0.03) == -1
+
+
+def test_calibrate_on_too_few_inputs_keeps_full_depth(labelled_tiny: Path, tmp_path: Path) -> None:
+    model_dir = Path(shutil.copytree(labelled_tiny, tmp_path / "tiny"))
+    record = calibrate(model_dir, max_drop=0.05, max_disagreement=0.001, quantization="none")
+    th = json.loads((model_dir / "model.json").read_text())["exits"]["thresholds"]
+    assert th[:-1] == [1.0] * (len(th) - 1)
+    assert record["mean_layers"] == len(th)
