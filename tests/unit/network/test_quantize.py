@@ -154,3 +154,22 @@ def test_serving_preparation_keeps_fp32_answers(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(
             fused(ids, mask).logits, ref.network(ids, mask).logits, atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_half_precision_path_runs_the_executor(tiny_model_dir: Path, mode: str) -> None:
+    # The CUDA path uses the same code in fp16/bf16; on the CPU it must run and agree.
+    from app.engine.executor import Row, run_batch
+    from tests.tiny import random_texts
+
+    ref = artifact.load(tiny_model_dir)
+    half = prepare(artifact.load(tiny_model_dir).network, "cpu", mode)
+    assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    ids = ref.tokenizer.encode(random_texts(32, seed=5))
+    L = ref.network.num_layers
+    rows = [Row(r, [1.0] * L, L) for r in ids]
+    got = run_batch(half, rows).predictions
+    want = run_batch(ref.network, rows).predictions
+    same = sum(g.label_index == w.label_index for g, w in zip(got, want, strict=True))
+    assert same >= 28
+    assert all(g.exit_layer == L for g in got)
