@@ -41,9 +41,7 @@ def _train(a: argparse.Namespace) -> int:
 def _calibrate(a: argparse.Namespace) -> int:
     from app.training.calibrate import calibrate
 
-    record = calibrate(
-        Path(a.model_dir), a.max_drop, a.max_disagreement, a.device, a.quantization
-    )
+    record = calibrate(Path(a.model_dir), a.max_drop, a.max_disagreement, a.device, a.quantization)
     keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
     print(json.dumps({k: record[k] for k in keys}))
     return 0
@@ -135,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-drop", type=float, default=0.01, help="allowed accuracy drop (0.01 = 1 point)"
     )
     c.add_argument(
-        "--max-disagreement", type=float, default=0.03,
+        "--max-disagreement",
+        type=float,
+        default=0.04,
         help="allowed share of answers that differ from the last exit's",
     )
     _add_runtime_args(c)

@@ -3,6 +3,9 @@
 Requests are split into inputs that queue individually (bounded: a full queue refuses
 at once). One worker thread gathers up to `max_batch_size` inputs, waiting at most
 `max_queue_delay` after the oldest arrived, tokenizes them, and runs the executor.
+It waits only while another arrival is expected within that window (from a moving
+average of the gaps between arrivals): a lone client is served at once instead of
+paying the full delay on every request, while bursts still fill batches.
 Each input's future resolves the moment its row leaves the network, so easy inputs
 are answered while the rest of their batch is still running. The event loop never
 runs the forward pass.
@@ -117,6 +120,8 @@ class Engine:
         self._stopping = False
         self._draining = False
         self._thread: threading.Thread | None = None
+        self._last_arrival = 0.0
+        self._arrival_gap = float("inf")  # moving average of seconds between requests
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +184,15 @@ class Engine:
         with self._cond:
             if len(self._queue) + self._inflight + len(items) > self.max_queue_size:
                 raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
+            now = items[0].admitted
+            if self._last_arrival:
+                gap = now - self._last_arrival
+                self._arrival_gap = (
+                    gap
+                    if self._arrival_gap == float("inf")
+                    else (0.8 * self._arrival_gap + 0.2 * gap)
+                )
+            self._last_arrival = now
             self._queue.extend(items)
             self._cond.notify()
         self._report_load()
@@ -206,8 +220,8 @@ class Engine:
             deadline = self._queue[0].admitted + self.max_queue_delay_s
             while len(self._queue) < self.max_batch_size and not self._stopping:
                 left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
+                if left <= 0 or self._last_arrival + self._arrival_gap > deadline:
+                    break  # the window closes before the next arrival is due
                 self._cond.wait(left)
             n = min(self.max_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(n)]

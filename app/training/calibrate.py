@@ -97,7 +97,7 @@ def allowed_disagreements(n: int, max_disagreement: float, alpha: float = 0.05) 
 def calibrate(
     model_dir: Path,
     max_drop: float = 0.01,
-    max_disagreement: float = 0.03,
+    max_disagreement: float = 0.04,
     device: str = "cpu",
     quantization: str = "auto",
 ) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Benchmarks; a package so tests can import `bench.http_bench`."""

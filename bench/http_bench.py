@@ -1,0 +1,874 @@
+"""HTTP load benchmark: the real server, calibrated early exit against full depth.
+
+Starts the real server (`python -m app.cli serve`) on a free loopback port and drives
+it with a minimal asyncio HTTP/1.1 keep-alive client (it shares the CPUs with the
+server, so it is written on `asyncio.open_connection` to cost little). Closed loop: each
+of C workers owns one connection and sends its next request the moment the last one is
+answered, one test-split text per request, cycling, each worker at its own offset.
+
+Two configurations, on the same server, interleaved in alternating order over
+`--rounds` windows at each concurrency level:
+  calibrated   no `threshold` parameter: the model's calibrated per-exit thresholds
+  full_depth   `"threshold": 1.0`: every input runs every layer
+Then, with the server stopped, the engine alone (no HTTP) is timed in this process at
+concurrency 1 on the same texts for the same duration, to show what HTTP adds.
+
+Reported per (configuration, concurrency): requests, failures (any non-200 answer or
+broken connection; counted, never raised), throughput (successful requests/s),
+p50/p95/p99 latency, mean exit layer, accuracy, and server CPU ms per request (from
+/proc/<pid>/stat); and the ratios calibrated / full_depth. Raw JSON and a markdown
+table are written to OUT/http-<model>-<date>-<host>.{json,md}; the table is printed.
+
+Usage:
+  .venv/bin/python bench/http_bench.py MODEL_DIR [--duration 20] [--concurrency 1 8]
+      [--rounds 3] [--warmup 2] [--threads N] [--max-batch-size 32]
+      [--max-queue-delay-ms 2] [--device cpu] [--quantization auto] [--out bench/results]
+
+`--duration` is the measured seconds per (configuration, concurrency) row, split evenly
+over the `--rounds` windows; every window first runs `--warmup` seconds of load that is
+not recorded. Example, the default model, about 3 minutes with the defaults:
+  .venv/bin/python bench/http_bench.py models/rt-sentiment-minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS: dict[str, dict[str, Any]] = {"calibrated": {}, "full_depth": {"threshold": 1.0}}
+T = TypeVar("T")
+
+
+# -- pure pieces: HTTP parsing, statistics, aggregation, ratios, report -----------------
+class ProtocolError(Exception):
+    """The bytes the server sent are not an HTTP/1.1 response this client understands."""
+
+
+class Response(NamedTuple):
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+def build_request(host: str, path: str, body: bytes) -> bytes:
+    """A keep-alive HTTP/1.1 POST of a JSON body."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _dechunk(buf: bytes | bytearray, start: int) -> tuple[bytes, int] | None:
+    """Decode a chunked body starting at `start`: (body, end offset) or None if incomplete."""
+    out = bytearray()
+    pos = start
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size_field = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_field, 16)
+        except ValueError as e:
+            raise ProtocolError(f"bad chunk size {size_field!r}") from e
+        pos = eol + 2
+        if size == 0:
+            # Trailers (usually none), then an empty line.
+            while True:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                if eol == pos:
+                    return bytes(out), eol + 2
+                pos = eol + 2
+        if len(buf) < pos + size + 2:
+            return None
+        out += buf[pos : pos + size]
+        if buf[pos + size : pos + size + 2] != b"\r\n":
+            raise ProtocolError("chunk not followed by CRLF")
+        pos += size + 2
+
+
+def parse_response(buf: bytes | bytearray) -> tuple[Response, int] | None:
+    """Parse one response from the front of `buf`.
+
+    Returns (response, bytes consumed), or None while the response is incomplete; bytes
+    after it (a pipelined next response) are left for the next call. Bodies are delimited
+    by Content-Length or chunked encoding; 1xx/204/304 responses have none.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"bad status line {lines[0]!r}")
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ProtocolError(f"bad header line {line!r}")
+        headers[name.strip().lower()] = value.strip()
+    start = end + 4
+    if status < 200 or status in (204, 304):
+        return Response(status, headers, b""), start
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        decoded = _dechunk(buf, start)
+        if decoded is None:
+            return None
+        return Response(status, headers, decoded[0]), decoded[1]
+    if "content-length" not in headers:
+        raise ProtocolError("response has neither Content-Length nor chunked encoding")
+    try:
+        length = int(headers["content-length"])
+    except ValueError as e:
+        raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from e
+    if len(buf) < start + length:
+        return None
+    return Response(status, headers, bytes(buf[start : start + length])), start + length
+
+
+def cpu_seconds_from_stat(stat: str, clock_ticks: int) -> float:
+    """utime + stime (all threads) from a /proc/<pid>/stat line, in seconds."""
+    # Field 2, the command name, is in parentheses and may hold spaces and ')'.
+    fields = stat.rpartition(")")[2].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / clock_ticks
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks
+    (numpy's default method)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class Sample(NamedTuple):
+    """One request answered inside a measured window."""
+
+    latency_s: float
+    status: int  # 0: the connection broke or the answer could not be parsed
+    exit_layer: int | None
+    correct: bool | None
+    text_index: int  # which test text
+
+
+@dataclass
+class Window:
+    """One measured window of one configuration at one concurrency."""
+
+    config: str
+    concurrency: int
+    round: int
+    seconds: float
+    server_cpu_s: float  # the server process, or this process for the in-process engine
+    client_cpu_s: float  # this process (the load generator)
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ok = sum(1 for s in self.samples if s.status == 200)
+        return {
+            "config": self.config,
+            "concurrency": self.concurrency,
+            "round": self.round,
+            "seconds": round(self.seconds, 4),
+            "requests": len(self.samples),
+            "failures": len(self.samples) - ok,
+            "throughput_rps": round(ok / self.seconds, 2) if self.seconds > 0 else 0.0,
+            "server_cpu_s": round(self.server_cpu_s, 3),
+            "client_cpu_s": round(self.client_cpu_s, 3),
+        }
+
+
+def aggregate(windows: Sequence[Window]) -> dict[str, Any]:
+    """Pool the windows of one (configuration, concurrency): totals over total time,
+    percentiles over every successful request's latency."""
+    samples = [s for w in windows for s in w.samples]
+    ok = [s for s in samples if s.status == 200]
+    seconds = sum(w.seconds for w in windows)
+    n = len(samples)
+    lat_ms = [1000 * s.latency_s for s in ok]
+    exits = [s.exit_layer for s in ok if s.exit_layer is not None]
+    judged = [s.correct for s in ok if s.correct is not None]
+    statuses: dict[str, int] = {}
+    for s in samples:
+        statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
+
+    def per_request(total: float) -> float | None:
+        return round(1000 * total / n, 3) if n else None
+
+    return {
+        "requests": n,
+        "failures": n - len(ok),
+        "statuses": statuses,
+        "seconds": round(seconds, 3),
+        "throughput_rps": round(len(ok) / seconds, 2) if seconds > 0 else 0.0,
+        "throughput_rps_per_window": [
+            round(sum(1 for s in w.samples if s.status == 200) / w.seconds, 2)
+            for w in windows
+            if w.seconds > 0
+        ],
+        "p50_ms": round(percentile(lat_ms, 50), 3) if lat_ms else None,
+        "p95_ms": round(percentile(lat_ms, 95), 3) if lat_ms else None,
+        "p99_ms": round(percentile(lat_ms, 99), 3) if lat_ms else None,
+        "mean_ms": round(sum(lat_ms) / len(lat_ms), 3) if lat_ms else None,
+        "mean_exit_layer": round(sum(exits) / len(exits), 4) if exits else None,
+        "accuracy": round(sum(judged) / len(judged), 4) if judged else None,
+        "server_cpu_ms_per_request": per_request(sum(w.server_cpu_s for w in windows)),
+        "client_cpu_ms_per_request": per_request(sum(w.client_cpu_s for w in windows)),
+    }
+
+
+def correctness_by_text(windows: Sequence[Window]) -> dict[int, bool]:
+    return {
+        s.text_index: s.correct
+        for w in windows
+        for s in w.samples
+        if s.status == 200 and s.correct is not None
+    }
+
+
+def paired_accuracy_difference(a: dict[int, bool], b: dict[int, bool]) -> tuple[float | None, int]:
+    """Accuracy of `a` minus `b` over the texts both answered, and how many those are."""
+    common = a.keys() & b.keys()
+    if not common:
+        return None, 0
+    return sum(int(a[i]) - int(b[i]) for i in common) / len(common), len(common)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return round(num / den, 3)
+
+
+def compute_ratios(
+    rows: dict[tuple[str, int], dict[str, Any]],
+    in_process: dict[str, Any] | None,
+    paired: tuple[float | None, int] = (None, 0),
+) -> dict[str, Any]:
+    """calibrated / full_depth throughput at each concurrency, the p50 ratio at the
+    lowest concurrency, the accuracy difference, and HTTP c1 / in-process."""
+    levels = sorted({c for _, c in rows})
+    out: dict[str, Any] = {}
+    for c in levels:
+        cal, full = rows.get(("calibrated", c)), rows.get(("full_depth", c))
+        if cal and full:
+            out[f"throughput_calibrated_over_full_depth@c{c}"] = _ratio(
+                cal["throughput_rps"], full["throughput_rps"]
+            )
+    if levels:
+        c = levels[0]
+        cal, full = rows.get(("calibrated", c)), rows.get(("full_depth", c))
+        if cal and full:
+            out[f"p50_calibrated_over_full_depth@c{c}"] = _ratio(cal["p50_ms"], full["p50_ms"])
+
+    def pooled_accuracy(config: str) -> float | None:
+        judged = [
+            (r["accuracy"], r["requests"] - r["failures"])
+            for (k, _), r in rows.items()
+            if k == config and r["accuracy"] is not None
+        ]
+        n = sum(w for _, w in judged)
+        return sum(a * w for a, w in judged) / n if n else None
+
+    acc_cal, acc_full = pooled_accuracy("calibrated"), pooled_accuracy("full_depth")
+    out["accuracy_calibrated_minus_full_depth"] = (
+        round(acc_cal - acc_full, 4) if acc_cal is not None and acc_full is not None else None
+    )
+    diff, n = paired
+    out["accuracy_calibrated_minus_full_depth_paired"] = (
+        round(diff, 4) if diff is not None else None
+    )
+    out["accuracy_paired_texts"] = n
+    http1 = rows.get(("calibrated", 1))
+    if http1 and in_process:
+        out["throughput_http_c1_calibrated_over_in_process"] = _ratio(
+            http1["throughput_rps"], in_process["throughput_rps"]
+        )
+        if http1["p50_ms"] is not None and in_process["p50_ms"] is not None:
+            out["p50_http_c1_calibrated_minus_in_process_ms"] = round(
+                http1["p50_ms"] - in_process["p50_ms"], 3
+            )
+    return out
+
+
+def _fmt(v: Any, spec: str = ".1f", suffix: str = "") -> str:
+    return "—" if v is None else f"{v:{spec}}{suffix}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s, o = r["server"], r["options"]
+    lines = [
+        f"# HTTP benchmark: {r['model']} ({r['date']}, {r['host']})",
+        "",
+        f"Real server (`exitserve serve`, {s['device']}/{s['dtype']}, {s['threads']} threads,"
+        f" max batch {s['max_batch_size']}, max queue delay {s['max_queue_delay_ms']:g} ms)"
+        f" on {r['usable_cpus']} usable CPUs shared with the load generator. Closed-loop"
+        f" keep-alive clients, one text per request, {r['texts']} test-split texts cycled."
+        f" {o['duration']:g} s measured per row in {o['rounds']} interleaved windows, each"
+        f" after {o['warmup']:g} s of unrecorded warm-up. Latency percentiles over every"
+        " successful request; CPU is the server process's (in-process: this process's).",
+        "",
+        "| configuration | concurrency | requests | failures | req/s | p50 ms | p95 ms |"
+        " p99 ms | mean exit | accuracy | server CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = list(r["results"])
+    if r.get("in_process"):
+        table.append({**r["in_process"], "config": "in-process engine (no HTTP)"})
+    for row in table:
+        acc = None if row["accuracy"] is None else 100 * row["accuracy"]
+        lines.append(
+            f"| {row['config']} | {row['concurrency']} | {row['requests']} |"
+            f" {row['failures']} | {_fmt(row['throughput_rps'])} | {_fmt(row['p50_ms'], '.2f')}"
+            f" | {_fmt(row['p95_ms'], '.2f')} | {_fmt(row['p99_ms'], '.2f')} |"
+            f" {_fmt(row['mean_exit_layer'], '.2f')} / {r['num_layers']} |"
+            f" {_fmt(acc, '.1f', '%')} | {_fmt(row['server_cpu_ms_per_request'], '.2f')} |"
+        )
+    labels = {
+        "throughput_calibrated_over_full_depth": "throughput, calibrated / full_depth",
+        "p50_calibrated_over_full_depth": "p50 latency, calibrated / full_depth",
+        "throughput_http_c1_calibrated_over_in_process": (
+            "throughput, HTTP concurrency 1 calibrated / in-process engine"
+        ),
+    }
+    lines += ["", "| ratio | value |", "|---|---|"]
+    ratios = r["ratios"]
+    for key, value in ratios.items():
+        name, _, at = key.partition("@c")
+        if name in labels:
+            where = f", concurrency {at}" if at else ""
+            lines.append(f"| {labels[name]}{where} | {_fmt(value, '.2f', 'x')} |")
+    diff = ratios.get("accuracy_calibrated_minus_full_depth")
+    paired = ratios.get("accuracy_calibrated_minus_full_depth_paired")
+    diff_pts = None if diff is None else 100 * diff
+    paired_pts = None if paired is None else 100 * paired
+    n_paired = ratios.get("accuracy_paired_texts", 0)
+    lines.append(
+        f"| accuracy, calibrated − full_depth | {_fmt(diff_pts, '+.2f', ' points')}"
+        f" (same texts, n={n_paired}: {_fmt(paired_pts, '+.2f', ' points')}) |"
+    )
+    gap = ratios.get("p50_http_c1_calibrated_minus_in_process_ms")
+    if gap is not None:
+        lines.append(f"| p50 latency, HTTP concurrency 1 − in-process | {gap:+.2f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the load generator ----------------------------------------------------------------
+class Connection:
+    """One keep-alive HTTP/1.1 connection; reopened after an error or `Connection: close`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._buf = bytearray()
+
+    async def roundtrip(self, request: bytes) -> Response:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            self._buf.clear()
+        assert self._reader is not None
+        self._writer.write(request)
+        await self._writer.drain()
+        while (parsed := parse_response(self._buf)) is None:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self._buf += data
+        response, used = parsed
+        del self._buf[:used]
+        if response.headers.get("connection", "").lower() == "close":
+            self.close()
+        return response
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+        self._buf.clear()
+
+
+class _State:
+    __slots__ = ("samples", "stopped", "t0")
+
+    def __init__(self) -> None:
+        self.t0: float | None = None  # None during warm-up: nothing is recorded
+        self.stopped = False
+        self.samples: list[Sample] = []
+
+
+def _judge(body: bytes, label: str) -> tuple[int | None, bool | None]:
+    pred = json.loads(body)["predictions"][0]
+    return int(pred["exit_layer"]), pred["label"] == label
+
+
+async def _http_worker(
+    conn: Connection,
+    requests: Sequence[bytes],
+    labels: Sequence[str],
+    cursors: list[int],
+    i: int,
+    state: _State,
+) -> None:
+    n = len(requests)
+    while not state.stopped:
+        k = cursors[i] % n
+        cursors[i] = k + 1
+        started = time.perf_counter()
+        try:
+            resp = await conn.roundtrip(requests[k])
+            status = resp.status
+        except (OSError, ProtocolError, asyncio.IncompleteReadError):
+            conn.close()
+            status, resp = 0, None
+        except asyncio.CancelledError:
+            conn.close()  # an answer may still be on its way: never reuse this connection
+            raise
+        latency = time.perf_counter() - started
+        if state.t0 is None or state.stopped:
+            continue
+        exit_layer = correct = None
+        if status == 200 and resp is not None:
+            try:
+                exit_layer, correct = _judge(resp.body, labels[k])
+            except (ValueError, KeyError, IndexError, TypeError):
+                status = 0
+        state.samples.append(Sample(latency, status, exit_layer, correct, k))
+        if status == 0:
+            await asyncio.sleep(0.01)  # do not spin on a dead server
+
+
+async def _in_process_worker(
+    engine: Any, texts: Sequence[str], labels: Sequence[str], cursors: list[int], state: _State
+) -> None:
+    n = len(texts)
+    while not state.stopped:
+        k = cursors[0] % n
+        cursors[0] = k + 1
+        started = time.perf_counter()
+        try:
+            answer = (await engine.submit([texts[k]]))[0]
+            status = 200
+        except Exception:
+            answer, status = None, 0
+        latency = time.perf_counter() - started
+        if state.t0 is None or state.stopped:
+            continue
+        if answer is None:
+            state.samples.append(Sample(latency, status, None, None, k))
+        else:
+            state.samples.append(
+                Sample(latency, status, answer.exit_layer, answer.label == labels[k], k)
+            )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        return cpu_seconds_from_stat(f.read(), os.sysconf("SC_CLK_TCK"))
+
+
+async def run_window(
+    workers: Sequence[Coroutine[Any, Any, None]],
+    state: _State,
+    warmup: float,
+    seconds: float,
+    cpu_pid: int,
+    drain_timeout: float = 60.0,
+) -> tuple[float, float, float]:
+    """Run the workers (which share `state`): `warmup` s unrecorded, then `seconds` s
+    recorded. Returns (measured seconds, CPU s of `cpu_pid`, CPU s of this process)."""
+    tasks = [asyncio.ensure_future(w) for w in workers]
+    try:
+        await asyncio.sleep(warmup)
+        cpu0, own0 = process_cpu_seconds(cpu_pid), time.process_time()
+        state.t0 = t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state.stopped = True
+        t1 = time.perf_counter()
+        cpu1, own1 = process_cpu_seconds(cpu_pid), time.process_time()
+        _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
+        for t in pending:
+            t.cancel()
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return t1 - t0, cpu1 - cpu0, own1 - own0
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _event_loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+async def http_load(
+    port: int,
+    server_pid: int,
+    request_sets: dict[str, list[bytes]],
+    labels: Sequence[str],
+    concurrency: Sequence[int],
+    rounds: int,
+    warmup: float,
+    window_seconds: float,
+    log: Any = None,
+) -> list[Window]:
+    """Every configuration at every concurrency, interleaved: at each level, `rounds`
+    rounds, alternating which configuration goes first (ABBA) so drift hits both alike."""
+    windows: list[Window] = []
+    n = len(labels)
+    names = list(request_sets)
+    for c in concurrency:
+        conns = [Connection("127.0.0.1", port) for _ in range(c)]
+        # Each configuration walks the texts from the same offsets, one per worker.
+        cursors = {name: [i * n // c for i in range(c)] for name in names}
+        try:
+            for r in range(rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    state = _State()
+                    workers = [
+                        _http_worker(conns[i], request_sets[name], labels, cursors[name], i, state)
+                        for i in range(c)
+                    ]
+                    secs, server_cpu, own_cpu = await run_window(
+                        workers, state, warmup, window_seconds, server_pid
+                    )
+                    w = Window(name, c, r, secs, server_cpu, own_cpu, state.samples)
+                    windows.append(w)
+                    if log:
+                        log(json.dumps(w.summary()))
+        finally:
+            for conn in conns:
+                conn.close()
+    return windows
+
+
+# -- the server ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@dataclass
+class Options:
+    model_dir: Path
+    out: Path = Path("bench/results")
+    duration: float = 20.0
+    concurrency: list[int] = field(default_factory=lambda: [1, 8])
+    rounds: int = 3
+    warmup: float = 2.0
+    threads: int | None = None  # None: the CPUs this process may use
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    device: str = "cpu"
+    quantization: str = "auto"
+    startup_timeout: float = 300.0
+    in_process: bool = True
+    quiet: bool = False
+
+
+def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
+    env.update(
+        EXITSERVE_MODEL_DIR=str(o.model_dir),
+        EXITSERVE_HOST="127.0.0.1",
+        EXITSERVE_PORT=str(port),
+        EXITSERVE_THREADS=str(threads),
+        EXITSERVE_DEVICE=o.device,
+        EXITSERVE_QUANTIZATION=o.quantization,
+        EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
+        EXITSERVE_MAX_QUEUE_DELAY_MS=str(o.max_queue_delay_ms),
+        EXITSERVE_MAX_QUEUE_SIZE=str(max(256, *o.concurrency)),
+        EXITSERVE_DRAIN_TIMEOUT_S="5",
+        # Access logs would cost the server CPU on every request.
+        EXITSERVE_LOG_LEVEL="warning",
+    )
+    return env
+
+
+@contextmanager
+def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The real server on a free loopback port, ready; always terminated on exit."""
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            cwd=ROOT,
+            env=server_env(o, port, threads),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def log_tail() -> str:
+            log.seek(0)
+            return log.read().decode("utf-8", "replace")[-3000:]
+
+        try:
+            deadline = time.monotonic() + o.startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited early ({proc.returncode}):\n{log_tail()}")
+                try:
+                    if http_get(port, "/readyz", 2.0)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"server not ready in {o.startup_timeout:g} s:\n{log_tail()}"
+                    )
+                time.sleep(0.2)
+            yield proc, port
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+
+# -- the whole run ---------------------------------------------------------------------
+def in_process_run(o: Options, threads: int, texts: Sequence[str], labels: Sequence[str]) -> Window:
+    """The engine in this process, one text at a time, calibrated thresholds, no HTTP."""
+    from app.engine.runtime import load_runtime
+    from app.engine.scheduler import Engine
+
+    rt = load_runtime(o.model_dir, o.device, o.quantization, threads)
+    engine = Engine(
+        rt,
+        max_batch_size=o.max_batch_size,
+        max_queue_delay_s=o.max_queue_delay_ms / 1000,
+        max_queue_size=max(256, *o.concurrency),
+    )
+    engine.start()
+    try:
+        state = _State()
+        secs, cpu, own = _run_async(
+            run_window(
+                [_in_process_worker(engine, texts, labels, [0], state)],
+                state,
+                o.warmup,
+                o.duration,
+                os.getpid(),
+            )
+        )
+    finally:
+        engine.stop(5.0)
+    return Window("in_process", 1, 0, secs, cpu, own, state.samples)
+
+
+def run(o: Options) -> tuple[dict[str, Any], Path]:
+    from app.config import usable_cpus
+    from app.network.artifact import read_spec
+    from app.training.evaluate import split_data
+
+    log = (lambda m: None) if o.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if o.rounds < 1 or o.duration <= 0 or not o.concurrency or min(o.concurrency) < 1:
+        raise ValueError("need rounds >= 1, duration > 0 and concurrency levels >= 1")
+    model_dir = o.model_dir.resolve()
+    o = replace(o, model_dir=model_dir)
+    threads = o.threads or usable_cpus()
+    spec = read_spec(model_dir)
+    texts, y = split_data(spec, "test")
+    labels = [spec.labels[int(i)] for i in y]
+    if not texts:
+        raise ValueError("the test split is empty")
+    host_header = "127.0.0.1"
+    request_sets = {
+        name: [
+            build_request(
+                host_header,
+                "/predict",
+                json.dumps({"inputs": t, "parameters": params}, ensure_ascii=False).encode(),
+            )
+            for t in texts
+        ]
+        for name, params in CONFIGS.items()
+    }
+    window_seconds = o.duration / o.rounds
+    log(f"starting server: {model_dir} ({threads} threads)")
+    with running_server(o, threads) as (proc, port):
+        server_info = json.loads(http_get(port, "/info")[1])
+        log(f"server ready on port {port}, pid {proc.pid}")
+        windows = _run_async(
+            http_load(
+                port,
+                proc.pid,
+                request_sets,
+                labels,
+                o.concurrency,
+                o.rounds,
+                o.warmup,
+                window_seconds,
+                log,
+            )
+        )
+    log("server stopped")
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for c in o.concurrency:
+        for name in CONFIGS:
+            ws = [w for w in windows if w.config == name and w.concurrency == c]
+            rows[(name, c)] = {"config": name, "concurrency": c, **aggregate(ws)}
+    in_process = None
+    if o.in_process:
+        log("in-process engine, concurrency 1")
+        w = in_process_run(o, threads, texts, labels)
+        in_process = {"config": "in_process", "concurrency": 1, **aggregate([w])}
+        windows.append(w)
+    paired = paired_accuracy_difference(
+        correctness_by_text([w for w in windows if w.config == "calibrated"]),
+        correctness_by_text([w for w in windows if w.config == "full_depth"]),
+    )
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    host = socket.gethostname()
+    result: dict[str, Any] = {
+        "kind": "http",
+        "model": server_info.get("model", spec.name),
+        "model_dir": str(model_dir),
+        "num_layers": server_info.get("num_layers", spec.config.num_layers),
+        "exit_thresholds": server_info.get("exit_thresholds"),
+        "date": date,
+        "host": host,
+        "cpu": platform.processor() or platform.machine(),
+        "usable_cpus": usable_cpus(),
+        "python": platform.python_version(),
+        "event_loop": _event_loop_name(),
+        "server": {
+            k: server_info.get(k)
+            for k in (
+                "device",
+                "dtype",
+                "threads",
+                "max_batch_size",
+                "max_queue_delay_ms",
+                "max_queue_size",
+            )
+        },
+        "options": {
+            "duration": o.duration,
+            "rounds": o.rounds,
+            "warmup": o.warmup,
+            "window_seconds": window_seconds,
+            "concurrency": list(o.concurrency),
+            "configs": CONFIGS,
+        },
+        "texts": len(texts),
+        "mean_text_chars": round(sum(map(len, texts)) / len(texts), 1),
+        "results": list(rows.values()),
+        "in_process": in_process,
+        "ratios": compute_ratios(rows, in_process, paired),
+        "windows": [w.summary() for w in windows],
+    }
+    o.out.mkdir(parents=True, exist_ok=True)
+    stem = f"http-{result['model']}-{date[:10]}-{host}"
+    path = o.out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    return result, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="http_bench.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--duration", type=float, default=20.0, help="measured s per row")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="levels")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved windows per row")
+    p.add_argument("--warmup", type=float, default=2.0, help="unrecorded s before each window")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads, server and in-process; 0: usable CPUs",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="server setting")
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="server setting")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")
+    p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    a = p.parse_args(argv)
+    result, path = run(
+        Options(
+            model_dir=a.model_dir,
+            out=a.out,
+            duration=a.duration,
+            concurrency=a.concurrency,
+            rounds=a.rounds,
+            warmup=a.warmup,
+            threads=a.threads or None,
+            max_batch_size=a.max_batch_size,
+            max_queue_delay_ms=a.max_queue_delay_ms,
+            device=a.device,
+            quantization=a.quantization,
+            startup_timeout=a.startup_timeout,
+            in_process=not a.no_in_process,
+            quiet=a.quiet,
+        )
+    )
+    print(markdown(result))
+    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
