@@ -34,7 +34,7 @@ lint: install
 # every committed weight file stays in the history.
 models: install
 	$(BIN)/exitserve train --data rotten-tomatoes --out models/rt-sentiment-minilm
-	$(BIN)/exitserve calibrate models/rt-sentiment-minilm --max-drop 0.01
+	$(BIN)/exitserve calibrate models/rt-sentiment-minilm --max-drop 0.01 --max-disagreement 0.03
 	$(BIN)/exitserve evaluate models/rt-sentiment-minilm --split test --json --write
 	$(BIN)/exitserve train --data bbc-news --out models/bbc-topic-minilm
 	$(BIN)/exitserve calibrate models/bbc-topic-minilm --max-drop 0.01 --max-disagreement 0.02

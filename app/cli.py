@@ -41,7 +41,14 @@ def _train(a: argparse.Namespace) -> int:
 def _calibrate(a: argparse.Namespace) -> int:
     from app.training.calibrate import calibrate
 
-    record = calibrate(Path(a.model_dir), a.max_drop, a.max_disagreement, a.device, a.quantization)
+    record = calibrate(
+        Path(a.model_dir),
+        max_drop=a.max_drop,
+        max_disagreement=a.max_disagreement,
+        method=a.method,
+        device=a.device,
+        quantization=a.quantization,
+    )
     keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
     print(json.dumps({k: record[k] for k in keys}))
     return 0
@@ -135,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--max-disagreement",
         type=float,
-        default=0.04,
-        help="allowed share of answers that differ from the last exit's",
+        default=0.03,
+        help="bound on the share of answers that differ from the last exit's",
     )
+    c.add_argument("--method", default="global", choices=("global", "per-exit"))
     _add_runtime_args(c)
     c.set_defaults(func=_calibrate)
 

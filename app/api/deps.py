@@ -1,4 +1,8 @@
-"""Typed dependencies: what the routes get from app.state."""
+"""Typed dependencies: what the routes get from app.state.
+
+All `async def`: FastAPI runs plain `def` dependencies in a worker thread, a thread
+hop per dependency per request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +17,19 @@ from app.errors import Unauthorized
 from app.metrics import Metrics
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None:
         raise NotRunning("model not loaded yet")
     return engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -35,7 +39,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With EXITSERVE_API_KEYS set, inference routes need `Authorization: Bearer <key>`."""
     keys = settings.keys()
     if not keys:

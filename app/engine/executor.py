@@ -64,47 +64,44 @@ def run_batch(
     if not rows:
         return result
     device = network.device
+    # Exit decisions are made on Python lists: for the few rows of a batch that is
+    # cheaper than a dozen tiny tensor ops per layer, which dominate at batch 1.
     with torch.inference_mode():
         ids, mask = pad_batch([list(r.token_ids) for r in rows], device=device)  # (B, T)
-        thr = torch.tensor([list(r.thresholds) for r in rows], dtype=torch.float32, device=device)
-        cap = torch.tensor([r.max_layers for r in rows], device=device)  # (B,)
-        alive = torch.arange(len(rows), device=device)  # original index of each running row
+        alive = list(range(len(rows)))  # original index of each running row
         x = network.embed(ids)  # (B, T, H)
         bias = network.attention_bias(mask)
         for i in range(L):
             result.rows_per_layer.append(int(x.shape[0]))
             result.tokens_per_layer.append(int(x.shape[0] * x.shape[1]))
             x = network.layer(i, x, bias)
-            if i < L - 1 and not bool(((thr[:, i] < 1.0) | (cap <= i + 1)).any()):
+            last = i == L - 1
+            if not last and not any(
+                rows[a].thresholds[i] < 1.0 or rows[a].max_layers <= i + 1 for a in alive
+            ):
                 continue  # no row may leave here: skip the exit head
-            probs = torch.softmax(network.exit_logits(i, x, mask).float(), dim=-1)  # (B, C)
-            conf, pred = probs.max(dim=-1)  # (B,), (B,)
-            t = thr[:, i]
-            done = ((conf >= t) & (t < 1.0)) | (cap <= i + 1)
-            if i == L - 1:
-                done[:] = True
-            done_idx = done.nonzero().flatten().tolist()
-            if done_idx:
-                probs_cpu, pred_cpu = probs.cpu(), pred.cpu()
-                alive_cpu = alive.cpu()
-                for j in done_idx:
-                    p = Prediction(
-                        label_index=int(pred_cpu[j]),
-                        score=float(probs_cpu[j, pred_cpu[j]]),
-                        exit_layer=i + 1,
-                        probs=tuple(probs_cpu[j].tolist()),
-                    )
-                    index = int(alive_cpu[j])
-                    out[index] = p
+            logits = network.exit_logits(i, x, mask)  # (B, C)
+            probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+            keep: list[int] = []
+            for j, a in enumerate(alive):
+                row_probs = probs[j]
+                label = max(range(len(row_probs)), key=row_probs.__getitem__)
+                conf, t = row_probs[label], rows[a].thresholds[i]
+                if last or (t < 1.0 and conf >= t) or rows[a].max_layers <= i + 1:
+                    p = Prediction(label, conf, i + 1, tuple(row_probs))
+                    out[a] = p
                     if on_answer is not None:
-                        on_answer(index, p)
-            if bool(done.all()):
+                        on_answer(a, p)
+                else:
+                    keep.append(j)
+            if not keep:
                 break
-            keep = ~done
-            x, mask, thr, cap, alive = x[keep], mask[keep], thr[keep], cap[keep], alive[keep]
-            T = int(mask.sum(dim=1).max())  # right padding: columns past T are padding for all
-            x, mask = x[:, :T], mask[:, :T]
-            bias = network.attention_bias(mask)
+            if len(keep) < len(alive):
+                alive = [alive[j] for j in keep]
+                idx = torch.tensor(keep, device=device)
+                T = max(len(rows[a].token_ids) for a in alive)  # right padding: trim to longest
+                x, mask = x.index_select(0, idx)[:, :T], mask.index_select(0, idx)[:, :T]
+                bias = network.attention_bias(mask)
     result.predictions = [p for p in out if p is not None]
     if len(result.predictions) != len(rows):
         raise RuntimeError("executor left rows unanswered")

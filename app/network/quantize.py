@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.network.encoder import SelfAttention
 from app.network.multi_exit import MultiExitNetwork
 
 MODES = ("int8", "fp16", "bf16", "none")
@@ -73,8 +74,9 @@ def _dynamic_linear_class(reduce_range: bool) -> type[nn.Module]:
 def prepare(network: MultiExitNetwork, device: str, quantization: str) -> MultiExitNetwork:
     """Move and quantize an fp32 network for serving; returns it in eval mode."""
     network = network.eval()
-    for layer in network.encoder.encoder.layer:
-        layer.attention.self.fuse()
+    for module in list(network.modules()):
+        if isinstance(module, SelfAttention) and module.qkv is None:
+            module.fuse()
     if quantization == "int8":
         with warnings.catch_warnings():
             # torch.ao marks dynamic quantization deprecated in favour of torchao, whose
