@@ -35,6 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_queue_delay_s=s.max_queue_delay_ms / 1000,
         max_queue_size=s.max_queue_size,
         observer=metrics,
+        continuous=s.batching == "continuous",
     )
     engine.start()
     app.state.metrics, app.state.engine = metrics, engine

@@ -22,7 +22,8 @@ table are written to OUT/http-<model>-<date>-<host>.{json,md}; the table is prin
 Usage:
   .venv/bin/python bench/http_bench.py MODEL_DIR [--duration 20] [--concurrency 1 8]
       [--rounds 3] [--warmup 2] [--threads N] [--max-batch-size 32]
-      [--max-queue-delay-ms 2] [--device cpu] [--quantization auto] [--out bench/results]
+      [--max-queue-delay-ms 2] [--batching static|continuous] [--device cpu]
+      [--quantization auto] [--out bench/results]
 
 `--duration` is the measured seconds per (configuration, concurrency) row, split evenly
 over the `--rounds` windows; every window first runs `--warmup` seconds of load that is
@@ -329,7 +330,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"# HTTP benchmark: {r['model']} ({r['date']}, {r['host']})",
         "",
         f"Real server (`exitserve serve`, {s['device']}/{s['dtype']}, {s['threads']} threads,"
-        f" max batch {s['max_batch_size']}, max queue delay {s['max_queue_delay_ms']:g} ms)"
+        f" max batch {s['max_batch_size']}, max queue delay {s['max_queue_delay_ms']:g} ms,"
+        f" {o.get('batching', 'static')} batching)"
         f" on {r['usable_cpus']} usable CPUs shared with the load generator. Closed-loop"
         f" keep-alive clients, one text per request, {r['texts']} test-split texts cycled."
         f" {o['duration']:g} s measured per row in {o['rounds']} interleaved windows, each"
@@ -612,6 +614,7 @@ class Options:
     threads: int | None = None  # None: the CPUs this process may use
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
+    batching: str = "static"
     device: str = "cpu"
     quantization: str = "auto"
     startup_timeout: float = 300.0
@@ -630,6 +633,7 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
         EXITSERVE_QUANTIZATION=o.quantization,
         EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
         EXITSERVE_MAX_QUEUE_DELAY_MS=str(o.max_queue_delay_ms),
+        EXITSERVE_BATCHING=o.batching,
         EXITSERVE_MAX_QUEUE_SIZE=str(max(256, *o.concurrency)),
         EXITSERVE_DRAIN_TIMEOUT_S="5",
         # Access logs would cost the server CPU on every request.
@@ -693,6 +697,7 @@ def in_process_run(o: Options, threads: int, texts: Sequence[str], labels: Seque
         max_batch_size=o.max_batch_size,
         max_queue_delay_s=o.max_queue_delay_ms / 1000,
         max_queue_size=max(256, *o.concurrency),
+        continuous=o.batching == "continuous",
     )
     engine.start()
     try:
@@ -799,6 +804,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
             )
         },
         "options": {
+            "batching": o.batching,
             "duration": o.duration,
             "rounds": o.rounds,
             "warmup": o.warmup,
@@ -840,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="server setting")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="server setting")
+    p.add_argument("--batching", default="static", choices=("static", "continuous"))
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")
@@ -858,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=a.threads or None,
             max_batch_size=a.max_batch_size,
             max_queue_delay_ms=a.max_queue_delay_ms,
+            batching=a.batching,
             device=a.device,
             quantization=a.quantization,
             startup_timeout=a.startup_timeout,

@@ -64,8 +64,6 @@ def run_batch(
     if not rows:
         return result
     device = network.device
-    # Exit decisions are made on Python lists: for the few rows of a batch that is
-    # cheaper than a dozen tiny tensor ops per layer, which dominate at batch 1.
     with torch.inference_mode():
         ids, mask = pad_batch([list(r.token_ids) for r in rows], device=device)  # (B, T)
         alive = list(range(len(rows)))  # original index of each running row
@@ -75,25 +73,14 @@ def run_batch(
             result.rows_per_layer.append(int(x.shape[0]))
             result.tokens_per_layer.append(int(x.shape[0] * x.shape[1]))
             x = network.layer(i, x, bias)
-            last = i == L - 1
-            if not last and not any(
-                rows[a].thresholds[i] < 1.0 or rows[a].max_layers <= i + 1 for a in alive
-            ):
-                continue  # no row may leave here: skip the exit head
-            logits = network.exit_logits(i, x, mask)  # (B, C)
-            probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
-            keep: list[int] = []
-            for j, a in enumerate(alive):
-                row_probs = probs[j]
-                label = max(range(len(row_probs)), key=row_probs.__getitem__)
-                conf, t = row_probs[label], rows[a].thresholds[i]
-                if last or (t < 1.0 and conf >= t) or rows[a].max_layers <= i + 1:
-                    p = Prediction(label, conf, i + 1, tuple(row_probs))
-                    out[a] = p
-                    if on_answer is not None:
-                        on_answer(a, p)
-                else:
-                    keep.append(j)
+            running = [rows[a] for a in alive]
+
+            def answered(j: int, p: Prediction, alive: list[int] = alive) -> None:
+                out[alive[j]] = p
+                if on_answer is not None:
+                    on_answer(alive[j], p)
+
+            keep = decide(network, i, x, mask, running, answered)
             if not keep:
                 break
             if len(keep) < len(alive):
@@ -106,6 +93,36 @@ def run_batch(
     if len(result.predictions) != len(rows):
         raise RuntimeError("executor left rows unanswered")
     return result
+
+
+def decide(
+    network: MultiExitNetwork,
+    i: int,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    rows: Sequence[Row],
+    on_exit: Callable[[int, Prediction], None],
+) -> list[int]:
+    """After layer i (0-based): answer the rows that leave, return the positions that go on.
+
+    x (B, T, H) and mask (B, T) hold `rows` in order. The decisions run on Python lists:
+    for the few rows of a batch that is cheaper than a dozen tiny tensor ops per layer,
+    which dominate at batch 1.
+    """
+    last = i == network.num_layers - 1
+    if not last and not any(r.thresholds[i] < 1.0 or r.max_layers <= i + 1 for r in rows):
+        return list(range(len(rows)))  # no row may leave here: skip the exit head
+    logits = network.exit_logits(i, x, mask)  # (B, C)
+    probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+    keep: list[int] = []
+    for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):
+        label = max(range(len(row_probs)), key=row_probs.__getitem__)
+        conf, t = row_probs[label], r.thresholds[i]
+        if last or (t < 1.0 and conf >= t) or r.max_layers <= i + 1:
+            on_exit(j, Prediction(label, conf, i + 1, tuple(row_probs)))
+        else:
+            keep.append(j)
+    return keep
 
 
 def uniform_thresholds(threshold: float, num_layers: int) -> list[float]:

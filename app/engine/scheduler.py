@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from app.engine.continuous import ContinuousBatcher
 from app.engine.executor import Prediction, Row, run_batch
 from app.engine.runtime import ModelRuntime
 
@@ -108,8 +109,10 @@ class Engine:
         max_queue_delay_s: float = 0.002,
         max_queue_size: int = 256,
         observer: EngineObserver | None = None,
+        continuous: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.continuous = continuous
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -127,7 +130,8 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        self._thread = threading.Thread(target=self._run, name="exitserve-engine", daemon=True)
+        target = self._run_continuous if self.continuous else self._run
+        self._thread = threading.Thread(target=target, name="exitserve-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -228,6 +232,80 @@ class Engine:
             self._inflight += len(batch)
         return batch
 
+    def _take_ready(self, limit: int) -> list[_Pending]:
+        """What is queued now, without waiting (the batcher has work in hand)."""
+        with self._cond:
+            n = min(limit, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._inflight += n
+        return batch
+
+    def _rows(self, batch: list[_Pending]) -> list[Row]:
+        rt = self.runtime
+        L = rt.num_layers
+        now = time.perf_counter()
+        rows = []
+        for p, tokens in zip(batch, rt.tokenize([p.text for p in batch]), strict=True):
+            p.started = now
+            th = rt.thresholds if p.rule.threshold is None else [p.rule.threshold] * L
+            rows.append(Row(tokens, th, p.rule.max_layers or L))
+        return rows
+
+    def _answer(self, p: _Pending, pred: Prediction) -> None:
+        labels, L = self.runtime.labels, self.runtime.num_layers
+        now = time.perf_counter()
+        answer = Answer(
+            label=labels[pred.label_index],
+            score=pred.score,
+            exit_layer=pred.exit_layer,
+            scores=dict(zip(labels, pred.probs, strict=True)),
+            queue_s=p.started - p.admitted,
+            inference_s=now - p.started,
+        )
+        p.loop.call_soon_threadsafe(_settle, p.future, answer, None)
+        if self.observer is not None:
+            self.observer.answered(pred.exit_layer, L, answer.queue_s, answer.inference_s)
+
+    def _finish(self, n: int) -> None:
+        with self._cond:
+            self._inflight -= n
+            self._cond.notify_all()
+
+    def _fail(self, p: _Pending, error: Exception) -> None:
+        p.loop.call_soon_threadsafe(_settle, p.future, None, InferenceFailed("inference failed"))
+        self._finish(1)
+
+    def _run_continuous(self) -> None:
+        batcher: ContinuousBatcher[_Pending] = ContinuousBatcher(
+            self.runtime.network, self.max_batch_size
+        )
+
+        def answered(p: _Pending, pred: Prediction) -> None:
+            self._answer(p, pred)
+            self._finish(1)
+
+        while True:
+            if len(batcher):
+                batch = self._take_ready(self.max_batch_size)
+            else:
+                taken = self._take_batch()
+                if taken is None:
+                    return
+                batch = taken
+            if batch:
+                try:
+                    batcher.add(self._rows(batch), batch)
+                except Exception as e:
+                    log.exception("admitting %d inputs failed", len(batch))
+                    for p in batch:
+                        self._fail(p, e)
+                self._report_load()
+            rows = batcher.step(answered, self._fail)
+            if rows and self.observer is not None:
+                self.observer.layer_steps([rows])
+            if rows:
+                self._report_load()
+
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
@@ -249,33 +327,7 @@ class Engine:
                 self._report_load()
 
     def _run_batch(self, batch: list[_Pending]) -> None:
-        rt = self.runtime
-        L = rt.num_layers
-        started = time.perf_counter()
-        for p in batch:
-            p.started = started
-        ids = rt.tokenize([p.text for p in batch])
-        rows = []
-        for p, tokens in zip(batch, ids, strict=True):
-            th = rt.thresholds if p.rule.threshold is None else [p.rule.threshold] * L
-            rows.append(Row(tokens, th, p.rule.max_layers or L))
-        labels = rt.labels
-
-        def on_answer(i: int, pred: Prediction) -> None:
-            p = batch[i]
-            now = time.perf_counter()
-            answer = Answer(
-                label=labels[pred.label_index],
-                score=pred.score,
-                exit_layer=pred.exit_layer,
-                scores=dict(zip(labels, pred.probs, strict=True)),
-                queue_s=p.started - p.admitted,
-                inference_s=now - p.started,
-            )
-            p.loop.call_soon_threadsafe(_settle, p.future, answer, None)
-            if self.observer is not None:
-                self.observer.answered(pred.exit_layer, L, answer.queue_s, answer.inference_s)
-
-        result = run_batch(rt.network, rows, on_answer)
+        rows = self._rows(batch)
+        result = run_batch(self.runtime.network, rows, lambda i, p: self._answer(batch[i], p))
         if self.observer is not None:
             self.observer.layer_steps(result.rows_per_layer)

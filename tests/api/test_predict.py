@@ -133,8 +133,9 @@ SETTINGS: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.parametrize("batching", ["static", "continuous"])
 def test_concurrent_requests_each_get_their_own_answer(
-    make_app: Callable[..., FastAPI], model_info: dict[str, Any]
+    make_app: Callable[..., FastAPI], model_info: dict[str, Any], batching: str
 ) -> None:
     """200 requests at once, batched together, with mixed exit rules per request."""
     texts = random_texts(40, seed=11)
@@ -144,7 +145,7 @@ def test_concurrent_requests_each_get_their_own_answer(
         return {"inputs": text, "parameters": {k: v for k, v in params.items() if v is not None}}
 
     async def main() -> None:
-        async with async_client(make_app(max_queue_delay_ms=5)) as c:
+        async with async_client(make_app(max_queue_delay_ms=5, batching=batching)) as c:
             alone = [predictions(await c.post("/predict", json=body(t, p)))[0] for t, p in jobs]
             replies = await asyncio.gather(*(c.post("/predict", json=body(t, p)) for t, p in jobs))
             for (_, params), r, expected in zip(jobs, replies, alone, strict=True):
