@@ -40,8 +40,11 @@ models: install
 	$(BIN)/exitserve calibrate models/bbc-topic-minilm --max-drop 0.01 --max-disagreement 0.02
 	$(BIN)/exitserve evaluate models/bbc-topic-minilm --split test --json --write
 
+# Speed, measured in one run per script, raw numbers and tables under bench/results/.
 bench: install
 	$(BIN)/exitserve bench models/rt-sentiment-minilm --out bench/results
+	$(BIN)/python bench/quantization.py models/rt-sentiment-minilm --out bench/results
+	$(BIN)/python bench/http_bench.py models/rt-sentiment-minilm --concurrency 1 8 --out bench/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

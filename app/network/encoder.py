@@ -96,17 +96,25 @@ class SelfAttention(nn.Module):
         self.qkv = qkv
         del self.query, self.key, self.value
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values side by side: (..., H) -> (..., 3H)."""
+        if self.qkv is not None:
+            return self.qkv(x)
+        return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        B, T, H = x.shape
+        return self.attend(self.project(x), bias)
+
+    def attend(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over (B, T, 3H) projections -> (B, T, H)."""
+        B, T, H3 = qkv.shape
+        H = H3 // 3
         d = H // self.num_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(B, T, self.num_heads, d).transpose(1, 2)  # (B, nh, T, d)
 
-        if self.qkv is not None:
-            q, k, v = (heads(t) for t in self.qkv(x).split(H, dim=-1))
-        else:
-            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q, k, v = (heads(t) for t in qkv.split(H, dim=-1))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
         )  # (B, nh, T, d)
@@ -155,10 +163,35 @@ class Layer(nn.Module):
         self.output = Output(cfg)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            B, T = x.shape[:2]
+            real = (bias.reshape(B, T) == 0).reshape(-1)  # (B*T,) True for real tokens
+            if not bool(real.all()):
+                return self._unpadded(x, bias, real.nonzero().squeeze(1))
         x = self.attention(x, bias)  # (B, T, H)
-        h = F.gelu(self.intermediate.dense(x))  # (B, T, 4H)
-        y = self.output.dropout(self.output.dense(h))  # (B, T, H)
+        return self._feed_forward(x)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.intermediate.dense(x))  # (..., 4H)
+        y = self.output.dropout(self.output.dense(h))  # (..., H)
         return self.output.LayerNorm(x + y)
+
+    def _unpadded(self, x: torch.Tensor, bias: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Inference on a padded batch: every per-token op (the linears, GELU, residuals,
+        LayerNorms) runs on the N real tokens only; just attention sees the (B, T) layout.
+        Padding in a mixed-length batch is often as large as the real tokens themselves.
+        Padded positions come out as zeros, which attention masks and pooling ignore.
+        """
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)
+        xp = flat.index_select(0, idx)  # (N, H)
+        attn, out = self.attention.self, self.attention.output
+        qkv_p = attn.project(xp)  # (N, 3H)
+        qkv = qkv_p.new_zeros(B * T, qkv_p.shape[1]).index_copy_(0, idx, qkv_p)
+        y = attn.attend(qkv.view(B, T, -1), bias).reshape(B * T, H).index_select(0, idx)
+        h = out.LayerNorm(xp + out.dropout(out.dense(y)))  # (N, H)
+        h = self._feed_forward(h)  # (N, H)
+        return flat.new_zeros(B * T, H).index_copy_(0, idx, h).view(B, T, H)
 
 
 class LayerStack(nn.Module):
