@@ -3,11 +3,6 @@ against a real uvicorn process."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.helpers import Poster, Reply, assert_error, predict
+from tests.server import server_process
 from tests.tiny import random_texts
 
 MODEL = "tiny"  # the model directory's name is the model's name
@@ -321,62 +317,19 @@ def test_infer_too_many_inputs_is_413(serve: Callable[..., TestClient]) -> None:
 # -- the real client against a real server ----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`uvicorn app.main:app` in its own process on a free loopback port; yields host:port."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
-    env.update(
-        EXITSERVE_MODEL_DIR=str(tiny_model_dir),
-        EXITSERVE_DEVICE="cpu",
-        EXITSERVE_QUANTIZATION="none",
-        EXITSERVE_THREADS="1",
-        EXITSERVE_MAX_QUEUE_DELAY_MS="1",
-        PYTHONUNBUFFERED="1",
-    )
+    settings = {
+        "model_dir": str(tiny_model_dir),
+        "device": "cpu",
+        "quantization": "none",
+        "threads": "1",
+        "max_queue_delay_ms": "1",
+    }
     log_path = tmp_path_factory.mktemp("server") / "uvicorn.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 60 s:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with server_process(settings, log_path, entry="uvicorn", timeout=60) as (url, _):
+        yield url.removeprefix("http://")
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.server import server_process
+
 ROOT = Path(__file__).parents[2]
 MODEL = ROOT / "models" / "rt-sentiment-minilm"
+
+Server = tuple[str, subprocess.Popen[bytes], Path]  # URL, process, its log
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,56 +23,20 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
-    env.update(
-        EXITSERVE_MODEL_DIR=str(MODEL),
-        EXITSERVE_HOST="127.0.0.1",
-        EXITSERVE_PORT=str(port),
-        EXITSERVE_THREADS="1",
-        EXITSERVE_DRAIN_TIMEOUT_S="5",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"server exited early:\n{out[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("server did not become ready")
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+def server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    settings = {"model_dir": str(MODEL), "threads": "1", "drain_timeout_s": "5"}
+    log_path = tmp_path_factory.mktemp("e2e") / "server.log"
+    with server_process(settings, log_path) as (url, proc):
+        yield url, proc, log_path
 
 
 def test_obvious_sentences_get_the_obvious_sentiment(
-    server: tuple[str, subprocess.Popen[bytes]],
+    server: Server,
 ) -> None:
-    url, _ = server
+    url, _, _ = server
     texts = [
         "a gripping, beautifully acted and deeply moving film.",
         "dull, lifeless and far too long; a complete waste of time.",
@@ -93,8 +57,8 @@ def test_obvious_sentences_get_the_obvious_sentiment(
     assert float(r.headers["x-total-time"]) > 0
 
 
-def test_full_depth_on_request_and_metrics(server: tuple[str, subprocess.Popen[bytes]]) -> None:
-    url, _ = server
+def test_full_depth_on_request_and_metrics(server: Server) -> None:
+    url, _, _ = server
     r = httpx.post(
         f"{url}/predict", json={"inputs": ["fine."], "parameters": {"threshold": 1.0}}, timeout=30
     )
@@ -109,10 +73,10 @@ def test_full_depth_on_request_and_metrics(server: tuple[str, subprocess.Popen[b
     assert f"{info_line} 1.0" in metrics
 
 
-def test_sigterm_exits_cleanly(server: tuple[str, subprocess.Popen[bytes]]) -> None:
-    _, proc = server
+def test_sigterm_exits_cleanly(server: Server) -> None:
+    _, proc, log_path = server
     proc.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status says why.
     assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
-    log = proc.stdout.read().decode() if proc.stdout else ""
+    log = log_path.read_text()
     assert "engine stopped (drained)" in log, log[-2000:]

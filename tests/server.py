@@ -1,0 +1,72 @@
+"""Start the real server in its own process on a free loopback port, for tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).parents[1]
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def server_process(
+    settings: dict[str, str], log_path: Path, entry: str = "cli", timeout: float = 120.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Yields (base URL, process) once /readyz answers 200; stops the process after.
+
+    entry "cli" runs `exitserve serve`; "uvicorn" runs `uvicorn app.main:app`.
+    `settings` are EXITSERVE_* values without the prefix; the caller's own are dropped.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
+    env.update({f"EXITSERVE_{k.upper()}": v for k, v in settings.items()})
+    env.update(EXITSERVE_HOST="127.0.0.1", EXITSERVE_PORT=str(port), PYTHONUNBUFFERED="1")
+    if entry == "uvicorn":
+        cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "app.cli", "serve"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise ServerFailed(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"server not ready in {timeout:.0f} s:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
