@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     # static: each batch runs to its last row before the next one starts (measured
     # faster here); continuous: rows from different requests merge at each depth.
     batching: Literal["continuous", "static"] = "static"
+    # Engine workers, each running its own batches with threads // workers torch threads.
+    workers: int = Field(1, ge=1, le=64)
     max_inputs_per_request: int = Field(64, ge=1, le=10_000)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
     overload_status: Literal[429, 503] = 429
@@ -44,6 +46,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _workers_fit(self) -> Settings:
+        if self.workers > self.threads:
+            raise ValueError(f"workers ({self.workers}) exceeds threads ({self.threads})")
+        if self.workers > 1 and self.batching == "continuous":
+            raise ValueError("continuous batching runs one worker; set workers=1")
+        return self
 
     @model_validator(mode="after")
     def _request_fits_queue(self) -> Settings:

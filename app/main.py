@@ -24,8 +24,9 @@ log = logging.getLogger("exitserve")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s: Settings = app.state.settings
+    threads = max(1, s.threads // s.workers)  # each worker runs its own batches
     runtime = await asyncio.to_thread(
-        load_runtime, s.model_dir, s.device, s.quantization, s.threads
+        load_runtime, s.model_dir, s.device, s.quantization, threads
     )
     metrics = Metrics(runtime.num_layers)
     metrics.model_info.labels(runtime.name, runtime.version, runtime.device, runtime.dtype).set(1)
@@ -36,6 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_queue_size=s.max_queue_size,
         observer=metrics,
         continuous=s.batching == "continuous",
+        workers=s.workers,
     )
     engine.start()
     app.state.metrics, app.state.engine = metrics, engine

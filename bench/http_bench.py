@@ -615,6 +615,7 @@ class Options:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     batching: str = "static"
+    workers: int = 1
     device: str = "cpu"
     quantization: str = "auto"
     startup_timeout: float = 300.0
@@ -634,6 +635,7 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
         EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
         EXITSERVE_MAX_QUEUE_DELAY_MS=str(o.max_queue_delay_ms),
         EXITSERVE_BATCHING=o.batching,
+        EXITSERVE_WORKERS=str(o.workers),
         EXITSERVE_MAX_QUEUE_SIZE=str(max(256, *o.concurrency)),
         EXITSERVE_DRAIN_TIMEOUT_S="5",
         # Access logs would cost the server CPU on every request.
@@ -847,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32, help="server setting")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="server setting")
     p.add_argument("--batching", default="static", choices=("static", "continuous"))
+    p.add_argument("--workers", type=int, default=1, help="server setting (engine workers)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")
@@ -866,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=a.max_batch_size,
             max_queue_delay_ms=a.max_queue_delay_ms,
             batching=a.batching,
+            workers=a.workers,
             device=a.device,
             quantization=a.quantization,
             startup_timeout=a.startup_timeout,

@@ -4,8 +4,9 @@ Requests are split into inputs that queue individually (bounded: a full queue re
 at once). One worker thread gathers up to `max_batch_size` inputs, waiting at most
 `max_queue_delay` after the oldest arrived, tokenizes them, and runs the executor.
 It waits only while another arrival is expected within that window (from a moving
-average of the gaps between arrivals): a lone client is served at once instead of
-paying the full delay on every request, while bursts still fill batches.
+average of the gaps between arrivals) and stops once two typical gaps pass without
+one: a lone client is served at once instead of paying the full delay on every
+request, and a burst is batched without waiting out the window after it ended.
 Each input's future resolves the moment its row leaves the network, so easy inputs
 are answered while the rest of their batch is still running. The event loop never
 runs the forward pass.
@@ -110,7 +111,13 @@ class Engine:
         max_queue_size: int = 256,
         observer: EngineObserver | None = None,
         continuous: bool = False,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if continuous and workers > 1:
+            raise ValueError("continuous batching runs one worker")
+        self.workers = workers
         self.runtime = runtime
         self.continuous = continuous
         self.max_batch_size = max_batch_size
@@ -122,21 +129,29 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._draining = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._last_arrival = 0.0
         self._arrival_gap = float("inf")  # moving average of seconds between requests
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             raise RuntimeError("engine already started")
         target = self._run_continuous if self.continuous else self._run
-        self._thread = threading.Thread(target=target, name="exitserve-engine", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=target, name=f"exitserve-engine-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (
+            bool(self._threads)
+            and all(t.is_alive() for t in self._threads)
+            and not (self._stopping)
+        )
 
     @property
     def ready(self) -> bool:
@@ -164,8 +179,8 @@ class Engine:
             self._cond.notify_all()
         for p in leftover:
             p.loop.call_soon_threadsafe(_settle, p.future, None, Draining("server shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        for t in self._threads:
+            t.join(timeout=max(1.0, deadline - time.monotonic()))
         return drained
 
     # -- admission ---------------------------------------------------------------------
@@ -190,7 +205,8 @@ class Engine:
                 raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
             now = items[0].admitted
             if self._last_arrival:
-                gap = now - self._last_arrival
+                # A silence longer than the window says nothing about the gaps in a burst.
+                gap = min(now - self._last_arrival, self.max_queue_delay_s)
                 self._arrival_gap = (
                     gap
                     if self._arrival_gap == float("inf")
@@ -223,10 +239,14 @@ class Engine:
                 return None
             deadline = self._queue[0].admitted + self.max_queue_delay_s
             while len(self._queue) < self.max_batch_size and not self._stopping:
-                left = deadline - time.perf_counter()
-                if left <= 0 or self._last_arrival + self._arrival_gap > deadline:
+                now = time.perf_counter()
+                if self._last_arrival + self._arrival_gap >= deadline:
                     break  # the window closes before the next arrival is due
-                self._cond.wait(left)
+                # Two typical gaps without an arrival: the burst is over.
+                until = min(deadline, self._last_arrival + 2 * self._arrival_gap)
+                if until <= now:
+                    break
+                self._cond.wait(until - now)
             n = min(self.max_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(n)]
             self._inflight += len(batch)

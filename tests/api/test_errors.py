@@ -230,6 +230,9 @@ def test_settings_refuse_a_request_larger_than_the_queue(
         {"overload_status": 500},
         {"threads": 0},
         {"max_body_bytes": 10},
+        {"workers": 3, "threads": 2},
+        {"workers": 2, "threads": 2, "batching": "continuous"},
+        {"batching": "dynamic"},
     ],
 )
 def test_settings_refuse_nonsense(

@@ -133,9 +133,13 @@ SETTINGS: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("batching", ["static", "continuous"])
+@pytest.mark.parametrize(
+    "engine",
+    [{"batching": "static"}, {"batching": "continuous"}, {"workers": 2, "threads": 2}],
+    ids=["static", "continuous", "two-workers"],
+)
 def test_concurrent_requests_each_get_their_own_answer(
-    make_app: Callable[..., FastAPI], model_info: dict[str, Any], batching: str
+    make_app: Callable[..., FastAPI], model_info: dict[str, Any], engine: dict[str, Any]
 ) -> None:
     """200 requests at once, batched together, with mixed exit rules per request."""
     texts = random_texts(40, seed=11)
@@ -145,7 +149,7 @@ def test_concurrent_requests_each_get_their_own_answer(
         return {"inputs": text, "parameters": {k: v for k, v in params.items() if v is not None}}
 
     async def main() -> None:
-        async with async_client(make_app(max_queue_delay_ms=5, batching=batching)) as c:
+        async with async_client(make_app(max_queue_delay_ms=5, **engine)) as c:
             alone = [predictions(await c.post("/predict", json=body(t, p)))[0] for t, p in jobs]
             replies = await asyncio.gather(*(c.post("/predict", json=body(t, p)) for t, p in jobs))
             for (_, params), r, expected in zip(jobs, replies, alone, strict=True):
