@@ -25,9 +25,7 @@ log = logging.getLogger("exitserve")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s: Settings = app.state.settings
     threads = max(1, s.threads // s.workers)  # each worker runs its own batches
-    runtime = await asyncio.to_thread(
-        load_runtime, s.model_dir, s.device, s.quantization, threads
-    )
+    runtime = await asyncio.to_thread(load_runtime, s.model_dir, s.device, s.quantization, threads)
     metrics = Metrics(runtime.num_layers)
     metrics.model_info.labels(runtime.name, runtime.version, runtime.device, runtime.dtype).set(1)
     engine = Engine(
