@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import statistics
@@ -24,17 +23,11 @@ from typing import Any
 
 import torch
 
+from app.config import usable_cpus
 from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.quantize import prepare
 from app.training.evaluate import split_data
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _pass(
