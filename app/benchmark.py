@@ -30,7 +30,7 @@ from app.network.quantize import prepare
 from app.training.evaluate import split_data
 
 
-def _pass(
+def timed_pass(
     net: Any, ids: list[list[int]], thresholds: list[float], batch: int
 ) -> tuple[float, list[int], list[int]]:
     """Seconds to answer all `ids` in batches of `batch`; exit layers and labels."""
@@ -67,15 +67,15 @@ def run(
     cases = [(1, ids[:n1]), (32, ids[:n32])]
     # Warm up every configuration once (allocator, packed weights, thread pool).
     for net, th in configs.values():
-        _pass(net, ids[:32], th, 32)
-        _pass(net, ids[:4], th, 1)
+        timed_pass(net, ids[:32], th, 32)
+        timed_pass(net, ids[:4], th, 1)
     raw: dict[str, list[float]] = {f"{name}@{b}": [] for name in configs for b, _ in cases}
     depth: dict[str, float] = {}
     accuracy: dict[str, float] = {}
     for _ in range(reps):
         for b, subset in cases:
             for name, (net, th) in configs.items():  # interleaved: drift hits all alike
-                secs, exits, labels = _pass(net, subset, th, b)
+                secs, exits, labels = timed_pass(net, subset, th, b)
                 key = f"{name}@{b}"
                 raw[key].append(len(subset) / secs)
                 depth[key] = sum(exits) / len(exits)

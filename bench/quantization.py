@@ -19,18 +19,16 @@ import argparse
 import json
 import socket
 import statistics
-import time
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.benchmark import timed_pass
 from app.config import usable_cpus
-from app.engine.executor import Row, run_batch
 from app.network import artifact
-from app.network.quantize import _dynamic_linear_class, prepare
+from app.network.quantize import prepare, quantize_int8
 from app.training.evaluate import all_exit_probs, split_data
 
 
@@ -39,17 +37,8 @@ def build(model_dir: Path, kind: str) -> Any:
     if kind == "fp32":
         return prepare(net, "cpu", "none")
     if kind.startswith("torch.ao"):
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
         net = prepare(net, "cpu", "none")  # fused QKV, eval
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net.encoder.encoder = quantize_dynamic(
-                net.encoder.encoder,
-                {torch.nn.Linear: per_channel_dynamic_qconfig},
-                dtype=torch.qint8,
-                mapping={torch.nn.Linear: _dynamic_linear_class(reduce_range="7-bit" in kind)},
-            )
+        quantize_int8(net, reduce_range="7-bit" in kind)
         return net
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -59,11 +48,8 @@ def build(model_dir: Path, kind: str) -> Any:
 
 
 def speed(net: Any, ids: list[list[int]], batch: int) -> float:
-    L = net.num_layers
-    t0 = time.perf_counter()
-    for s in range(0, len(ids), batch):
-        run_batch(net, [Row(r, [1.0] * L, L) for r in ids[s : s + batch]])
-    return len(ids) / (time.perf_counter() - t0)
+    """Sentences per second at full depth."""
+    return len(ids) / timed_pass(net, ids, [1.0] * net.num_layers, batch)[0]
 
 
 def main() -> None:

@@ -147,11 +147,8 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return (
-            bool(self._threads)
-            and all(t.is_alive() for t in self._threads)
-            and not (self._stopping)
-        )
+        alive = bool(self._threads) and all(t.is_alive() for t in self._threads)
+        return alive and not self._stopping
 
     @property
     def ready(self) -> bool:
@@ -247,17 +244,17 @@ class Engine:
                 if until <= now:
                     break
                 self._cond.wait(until - now)
-            n = min(self.max_batch_size, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._inflight += len(batch)
-        return batch
+            return self._pop(self.max_batch_size)
 
     def _take_ready(self, limit: int) -> list[_Pending]:
         """What is queued now, without waiting (the batcher has work in hand)."""
         with self._cond:
-            n = min(limit, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._inflight += n
+            return self._pop(limit)
+
+    def _pop(self, limit: int) -> list[_Pending]:
+        """Move up to `limit` queued inputs in flight; the caller holds the lock."""
+        batch = [self._queue.popleft() for _ in range(min(limit, len(self._queue)))]
+        self._inflight += len(batch)
         return batch
 
     def _rows(self, batch: list[_Pending]) -> list[Row]:
@@ -291,8 +288,12 @@ class Engine:
             self._inflight -= n
             self._cond.notify_all()
 
-    def _fail(self, p: _Pending, error: Exception) -> None:
+    @staticmethod
+    def _reject(p: _Pending) -> None:
         p.loop.call_soon_threadsafe(_settle, p.future, None, InferenceFailed("inference failed"))
+
+    def _fail(self, p: _Pending, error: Exception) -> None:
+        self._reject(p)
         self._finish(1)
 
     def _run_continuous(self) -> None:
@@ -337,13 +338,9 @@ class Engine:
             except Exception:
                 log.exception("batch of %d inputs failed", len(batch))
                 for p in batch:
-                    p.loop.call_soon_threadsafe(
-                        _settle, p.future, None, InferenceFailed("inference failed")
-                    )
+                    self._reject(p)  # those already answered keep their answer
             finally:
-                with self._cond:
-                    self._inflight -= len(batch)
-                    self._cond.notify_all()
+                self._finish(len(batch))
                 self._report_load()
 
     def _run_batch(self, batch: list[_Pending]) -> None:

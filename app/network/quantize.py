@@ -71,6 +71,27 @@ def _dynamic_linear_class(reduce_range: bool) -> type[nn.Module]:
     return Int8Linear
 
 
+def quantize_int8(network: MultiExitNetwork, reduce_range: bool | None = None) -> None:
+    """Swap the encoder's linears for dynamic int8 ones, in place.
+
+    reduce_range None: 7-bit activations unless the CPU has AVX-512 VNNI.
+    """
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
+    with warnings.catch_warnings():
+        # torch.ao marks dynamic quantization deprecated in favour of torchao, whose
+        # int8 CPU path measured slower here; see the README's results.
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        network.encoder.encoder = quantize_dynamic(
+            network.encoder.encoder,
+            {nn.Linear: per_channel_dynamic_qconfig},
+            dtype=torch.qint8,
+            mapping={nn.Linear: _dynamic_linear_class(reduce_range)},
+        )
+
+
 def prepare(network: MultiExitNetwork, device: str, quantization: str) -> MultiExitNetwork:
     """Move and quantize an fp32 network for serving; returns it in eval mode."""
     network = network.eval()
@@ -78,18 +99,7 @@ def prepare(network: MultiExitNetwork, device: str, quantization: str) -> MultiE
         if isinstance(module, SelfAttention) and module.qkv is None:
             module.fuse()
     if quantization == "int8":
-        with warnings.catch_warnings():
-            # torch.ao marks dynamic quantization deprecated in favour of torchao, whose
-            # int8 CPU path measured slower here; see the README's quantization section.
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-            network.encoder.encoder = quantize_dynamic(
-                network.encoder.encoder,
-                {nn.Linear: per_channel_dynamic_qconfig},
-                dtype=torch.qint8,
-                mapping={nn.Linear: _dynamic_linear_class(reduce_range=not cpu_has_vnni())},
-            )
+        quantize_int8(network)
         return network
     network = network.to(device)
     if quantization == "fp16":
