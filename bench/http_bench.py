@@ -587,6 +587,25 @@ async def http_load(
 
 
 # -- the server ------------------------------------------------------------------------
+# Counters the server keeps about exits: after a run they must match what was served.
+EXIT_METRICS = (
+    "exitserve_exits_total",
+    "exitserve_layers_executed_total",
+    "exitserve_layers_skipped_total",
+    "exitserve_batch_size_count",
+    "exitserve_batch_size_sum",
+)
+
+
+def exit_metric_lines(exposition: str) -> list[str]:
+    """The exit-related samples of a Prometheus text exposition, in its order."""
+    return [
+        line
+        for line in exposition.splitlines()
+        if line.split("{", 1)[0].split(" ", 1)[0] in EXIT_METRICS
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -621,6 +640,7 @@ class Options:
     startup_timeout: float = 300.0
     in_process: bool = True
     quiet: bool = False
+    tag: str | None = None  # names the result files; default: the host name
 
 
 def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
@@ -764,6 +784,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
                 log,
             )
         )
+        server_metrics = exit_metric_lines(http_get(port, "/metrics")[1].decode())
     log("server stopped")
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for c in o.concurrency:
@@ -820,9 +841,10 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         "in_process": in_process,
         "ratios": compute_ratios(rows, in_process, paired),
         "windows": [w.summary() for w in windows],
+        "server_metrics": server_metrics,
     }
     o.out.mkdir(parents=True, exist_ok=True)
-    stem = f"http-{result['model']}-{date[:10]}-{host}"
+    stem = f"http-{result['model']}-{date[:10]}-{o.tag or host}"
     path = o.out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(result))

@@ -26,6 +26,7 @@ from bench.http_bench import (
     compute_ratios,
     correctness_by_text,
     cpu_seconds_from_stat,
+    exit_metric_lines,
     markdown,
     paired_accuracy_difference,
     parse_response,
@@ -353,6 +354,32 @@ def test_client_records_answers_and_failures_without_raising() -> None:
         assert all(s.text_index in (0, 1, 2) for s in w.samples)
 
 
+def test_exit_metric_lines_keeps_only_the_exit_counters() -> None:
+    exposition = "\n".join(
+        [
+            "# HELP exitserve_exits_total Inputs answered at each exit",
+            "# TYPE exitserve_exits_total counter",
+            'exitserve_exits_total{exit_layer="1"} 7.0',
+            'exitserve_exits_total{exit_layer="2"} 3.0',
+            "exitserve_exits_totally_other 1.0",
+            "exitserve_layers_executed_total 13.0",
+            "exitserve_layers_skipped_total 27.0",
+            'exitserve_batch_size_bucket{le="1.0"} 2.0',
+            "exitserve_batch_size_count 4.0",
+            "exitserve_batch_size_sum 10.0",
+            'exitserve_requests_total{endpoint="/predict",status="200"} 10.0',
+        ]
+    )
+    assert exit_metric_lines(exposition) == [
+        'exitserve_exits_total{exit_layer="1"} 7.0',
+        'exitserve_exits_total{exit_layer="2"} 3.0',
+        "exitserve_layers_executed_total 13.0",
+        "exitserve_layers_skipped_total 27.0",
+        "exitserve_batch_size_count 4.0",
+        "exitserve_batch_size_sum 10.0",
+    ]
+
+
 # -- the whole harness (slow) -----------------------------------------------------------
 @pytest.mark.slow
 def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
@@ -390,4 +417,11 @@ def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
     assert len(saved["windows"]) == 2 * 2 * 2 + 1
     assert "throughput_calibrated_over_full_depth@c1" in saved["ratios"]
     assert "throughput_http_c1_calibrated_over_in_process" in saved["ratios"]
+    # The server's own counters cover every answer it sent, warm-up windows included.
+    counters = dict(line.rsplit(" ", 1) for line in saved["server_metrics"])
+    exits = sum(float(v) for k, v in counters.items() if k.startswith("exitserve_exits_total"))
+    assert exits >= sum(r["requests"] for r in rows.values())
+    executed = float(counters["exitserve_layers_executed_total"])
+    skipped = float(counters["exitserve_layers_skipped_total"])
+    assert executed + skipped == 4 * exits
     print(markdown(result))
