@@ -90,23 +90,15 @@ def _bench(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.config import Settings
     from app.main import create_app
+    from app.server import serve
 
     overrides = {
         k: v for k, v in (("model_dir", a.model_dir), ("host", a.host), ("port", a.port)) if v
     }
     settings = Settings(**overrides)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
-    )
-    return 0
+    return serve(create_app(settings), settings)
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
     overload_status: Literal[429, 503] = 429
     drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
+    # Deadlines: a request's `timeout_ms` is capped at the maximum; without one it gets
+    # the default. Inputs still queued at their deadline are dropped and answered 504.
+    default_timeout_ms: int = Field(30_000, ge=1, le=3_600_000)
+    max_timeout_ms: int = Field(60_000, ge=1, le=3_600_000)
+    # A batch running longer than this makes /readyz fail (the engine is stuck).
+    stuck_after_s: float = Field(30.0, gt=0.0, le=3600.0)
     api_keys: SecretStr = SecretStr("")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
@@ -63,6 +69,20 @@ class Settings(BaseSettings):
                 f" ({self.max_queue_size}): such a request could never be admitted"
             )
         return self
+
+    @model_validator(mode="after")
+    def _default_timeout_fits(self) -> Settings:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) exceeds max_timeout_ms"
+                f" ({self.max_timeout_ms})"
+            )
+        return self
+
+    def timeout_s(self, requested_ms: int | None) -> float:
+        """A request's deadline in seconds: its own `timeout_ms`, capped, or the default."""
+        ms = self.default_timeout_ms if requested_ms is None else requested_ms
+        return min(ms, self.max_timeout_ms) / 1000
 
     def keys(self) -> list[str]:
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]

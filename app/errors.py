@@ -14,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.scheduler import Draining, InferenceFailed, NotRunning, Overloaded
+from app.engine.scheduler import (
+    DeadlineExceeded,
+    Draining,
+    InferenceFailed,
+    NotRunning,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     Draining: (503, "unavailable", "server is shutting down"),
     NotRunning: (503, "unavailable", "model not ready"),
     InferenceFailed: (500, "internal", "internal error"),
+    DeadlineExceeded: (504, "timeout", "deadline passed before the request could run"),
 }
 RETRY_AFTER_S = "1"
 
@@ -61,11 +68,19 @@ def error_body(message: str, error_type: str) -> dict[str, str]:
     return {"error": message, "error_type": error_type}
 
 
+def clip(value: object, limit: int = 40) -> str:
+    """A client-sent value for an error message, cut short: a name or a field can be as
+    long as the body limit allows, and an error must not echo a megabyte back."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for e in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        # A location holds client-chosen keys (an unknown field's name): clip each part.
+        loc = ".".join(clip(x) for x in e.get("loc", ()) if x != "body")
+        msg = clip(str(e.get("msg", "invalid value")).removeprefix("Value error, "), 200)
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request"
 
@@ -75,6 +90,7 @@ REJECT_REASON: dict[type[Exception], str] = {
     Overloaded: "overloaded",
     Draining: "draining",
     TooLarge: "too_large",
+    DeadlineExceeded: "deadline",
 }
 
 

@@ -25,7 +25,15 @@ log = logging.getLogger("exitserve")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s: Settings = app.state.settings
     threads = max(1, s.threads // s.workers)  # each worker runs its own batches
-    runtime = await asyncio.to_thread(load_runtime, s.model_dir, s.device, s.quantization, threads)
+    try:
+        runtime = await asyncio.to_thread(
+            load_runtime, s.model_dir, s.device, s.quantization, threads
+        )
+    except Exception as e:
+        # One line that says why (a tampered file names itself); the server then exits
+        # without ever turning ready.
+        log.error("cannot serve the model in %s: %s", s.model_dir, e)
+        raise
     metrics = Metrics(runtime.num_layers)
     metrics.model_info.labels(runtime.name, runtime.version, runtime.device, runtime.dtype).set(1)
     engine = Engine(
@@ -36,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         observer=metrics,
         continuous=s.batching == "continuous",
         workers=s.workers,
+        stuck_after_s=s.stuck_after_s,
     )
     engine.start()
     app.state.metrics, app.state.engine = metrics, engine

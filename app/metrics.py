@@ -15,7 +15,7 @@ disable_created_metrics()
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ENDPOINTS = ("predict", "v2_infer", "other")  # label values, kept few on purpose
-REJECT_REASONS = ("overloaded", "too_large", "draining")
+REJECT_REASONS = ("overloaded", "too_large", "draining", "deadline")
 
 
 class Metrics:
@@ -70,7 +70,10 @@ class Metrics:
             "exitserve_inflight_inputs", "Inputs in the running batch", registry=r
         )
         self.rejected = Counter(
-            "exitserve_rejected", "Requests refused before inference", ["reason"], registry=r
+            "exitserve_rejected",
+            "Requests refused before inference (deadline: dropped from the queue, 504)",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Gauge(
             "exitserve_model_info",

@@ -18,6 +18,13 @@ class Parameters(BaseModel):
     )
     max_layers: int | None = Field(None, ge=1, description="Answer at this exit at the latest.")
     all_scores: bool = Field(False, description="Include every label's probability.")
+    timeout_ms: int | None = Field(
+        None,
+        ge=1,
+        strict=True,  # an integer: no `true`, no "250", no 2.5
+        description="Deadline in milliseconds, capped by the server's maximum: inputs still"
+        " queued when it passes are dropped and the request is answered 504.",
+    )
 
 
 def check_text(t: str) -> str:

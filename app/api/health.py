@@ -1,23 +1,40 @@
-"""Liveness and readiness."""
+"""Liveness and readiness.
+
+Readiness (`/readyz`) is false while the model loads, while draining, while a batch has
+run past `EXITSERVE_STUCK_AFTER_S` and once a worker has died. Liveness (`/healthz`)
+fails only when a worker has died: nothing in the process can bring it back, so a
+restart is the cure, whereas a slow batch or a drain must not get the process killed.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.api.deps import EngineDep
+from app.engine.scheduler import Engine
+from app.errors import error_body
 
 router = APIRouter()
 
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "not ready, draining, stuck or failed"}
+}
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+
+@router.get("/healthz", responses={503: {"description": "an engine worker died"}})
+async def healthz(request: Request) -> JSONResponse:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is not None and engine.failed:
+        return JSONResponse(error_body("engine failed", "unavailable"), 503)
+    return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", responses={503: {"description": "not ready or draining"}})
+@router.get("/readyz", responses=UNAVAILABLE)
 async def readyz(engine: EngineDep) -> JSONResponse:
-    if engine.ready:
+    state = engine.state()
+    if state == "ready":
         return JSONResponse({"status": "ready"})
-    state = "draining" if engine.draining else "not ready"
-    return JSONResponse({"error": state, "error_type": "unavailable"}, 503)
+    return JSONResponse(error_body(state, "unavailable"), 503)

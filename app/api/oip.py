@@ -1,7 +1,9 @@
 """Open Inference Protocol (KServe v2 / Triton HTTP), so their clients work unchanged.
 
 Input `text` (BYTES, shape [N]); outputs `label` (BYTES), `score` (FP32) and
-`exit_layer` (INT32). Request `parameters` may carry `threshold` and `max_layers`.
+`exit_layer` (INT32). Request `parameters` may carry `threshold`, `max_layers` and a
+deadline: `timeout_ms`, or Triton's `timeout` in microseconds (what
+`InferenceServerClient.infer(..., timeout=...)` sends); with both, the sooner counts.
 Inputs may use the binary tensor data extension (as `tritonclient` sends by default);
 outputs are always JSON, which every client reads.
 """
@@ -19,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import __version__
 from app.api.deps import EngineDep, SettingsDep, require_api_key
-from app.api.predict import exit_rule, set_timing_headers
+from app.api.predict import ERRORS, exit_rule, set_timing_headers
 from app.engine.scheduler import Engine
-from app.errors import InvalidInput, ModelNotFound, TooLarge
+from app.errors import InvalidInput, ModelNotFound, TooLarge, clip
 from app.schemas import Parameters, check_text
 
 router = APIRouter(prefix="/v2")
@@ -69,9 +71,9 @@ class InferResponse(BaseModel):
 
 def _model(engine: Engine, name: str, version: str | None = None) -> None:
     if name != engine.runtime.name:
-        raise ModelNotFound(f"unknown model {name!r}")
+        raise ModelNotFound(f"unknown model {clip(name)!r}")
     if version is not None and version != engine.runtime.version:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}")
+        raise ModelNotFound(f"model {clip(name)!r} has no version {clip(version)!r}")
 
 
 def _not_ready() -> JSONResponse:
@@ -168,7 +170,7 @@ async def _parse(request: Request) -> tuple[InferRequest, bytes]:
     except UnicodeDecodeError as e:
         raise InvalidInput("request body is not valid UTF-8") from e
     except ValidationError as e:
-        loc = ".".join(str(x) for x in e.errors()[0].get("loc", ()))
+        loc = ".".join(clip(x) for x in e.errors()[0].get("loc", ()))
         raise InvalidInput(f"{loc}: {e.errors()[0].get('msg', 'invalid')}") from e
     return req, binary
 
@@ -178,7 +180,7 @@ def _texts(req: InferRequest, binary: bytes) -> list[str]:
         raise InvalidInput("expected exactly one input, named 'text'")
     t = req.inputs[0]
     if t.datatype != "BYTES":
-        raise InvalidInput(f"input 'text' must have datatype BYTES, got {t.datatype!r}")
+        raise InvalidInput(f"input 'text' must have datatype BYTES, got {clip(t.datatype)!r}")
     size = t.parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(binary):
@@ -196,7 +198,8 @@ def _texts(req: InferRequest, binary: bytes) -> list[str]:
     for d in t.shape:
         n *= d
     if n != len(texts) or any(d < 0 for d in t.shape):
-        raise InvalidInput(f"input 'text' has shape {t.shape} but {len(texts)} elements")
+        shape = clip(t.shape)
+        raise InvalidInput(f"input 'text' has shape {shape} but {len(texts)} elements")
     if not texts:
         raise InvalidInput("input 'text' is empty")
     for x in texts:
@@ -207,9 +210,29 @@ def _texts(req: InferRequest, binary: bytes) -> list[str]:
     return texts
 
 
+def _parameters(raw: dict[str, Any]) -> Parameters:
+    """The request parameters this server acts on; others (Triton's among them) are ignored."""
+    known = {k: v for k, v in raw.items() if k in ("threshold", "max_layers", "timeout_ms")}
+    try:
+        params = Parameters.model_validate(known)
+    except ValidationError as e:
+        loc = ".".join(clip(x) for x in e.errors()[0].get("loc", ()))
+        raise InvalidInput(f"parameters.{loc}: {e.errors()[0].get('msg', 'invalid')}") from e
+    us = raw.get("timeout")
+    if us is None:
+        return params
+    if isinstance(us, bool) or not isinstance(us, int) or us < 1:
+        raise InvalidInput("parameters.timeout: must be a positive integer (microseconds)")
+    ms = max(1, us // 1000)
+    if params.timeout_ms is not None:
+        ms = min(ms, params.timeout_ms)
+    return params.model_copy(update={"timeout_ms": ms})
+
+
 @infer_router.post(
     "/models/{name}/infer",
     response_model=InferResponse,
+    responses=ERRORS,
     openapi_extra={
         "requestBody": {
             "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
@@ -236,18 +259,16 @@ async def infer(
         raise TooLarge(
             f"{len(texts)} inputs in one request; the limit is {settings.max_inputs_per_request}"
         )
-    try:
-        params = Parameters.model_validate(
-            {k: v for k, v in req.parameters.items() if k in ("threshold", "max_layers")}
-        )
-    except ValidationError as e:
-        loc = ".".join(str(x) for x in e.errors()[0].get("loc", ()))
-        raise InvalidInput(f"parameters.{loc}: {e.errors()[0].get('msg', 'invalid')}") from e
+    params = _parameters(req.parameters)
     wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
     unknown = [w for w in wanted if w not in OUTPUTS]
     if unknown:
-        raise InvalidInput(f"unknown output {unknown[0]!r}; available: {list(OUTPUTS)}")
-    answers = await engine.submit(texts, exit_rule(engine, params.threshold, params.max_layers))
+        raise InvalidInput(f"unknown output {clip(unknown[0])!r}; available: {list(OUTPUTS)}")
+    answers = await engine.submit(
+        texts,
+        exit_rule(engine, params.threshold, params.max_layers),
+        settings.timeout_s(params.timeout_ms),
+    )
     set_timing_headers(response, answers, time.perf_counter() - started)
     columns = {
         "label": [a.label for a in answers],

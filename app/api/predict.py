@@ -14,7 +14,7 @@ from app.schemas import ErrorResponse, PredictionOut, PredictRequest, PredictRes
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)
+    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503, 504)
 }
 
 
@@ -44,7 +44,9 @@ async def predict(
             f"{len(texts)} inputs in one request; the limit is {settings.max_inputs_per_request}"
         )
     p = body.parameters
-    answers = await engine.submit(texts, exit_rule(engine, p.threshold, p.max_layers))
+    answers = await engine.submit(
+        texts, exit_rule(engine, p.threshold, p.max_layers), settings.timeout_s(p.timeout_ms)
+    )
     rt = engine.runtime
     set_timing_headers(response, answers, time.perf_counter() - started)
     return PredictResponse(

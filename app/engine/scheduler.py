@@ -10,17 +10,24 @@ request, and a burst is batched without waiting out the window after it ended.
 Each input's future resolves the moment its row leaves the network, so easy inputs
 are answered while the rest of their batch is still running. The event loop never
 runs the forward pass.
+
+Deadlines: an input whose deadline passes while it waits in the queue is dropped when
+a worker next takes a batch, before any compute, and its request fails with
+DeadlineExceeded; the caller also stops waiting at the deadline. An input already in
+a batch at its deadline is allowed to finish. Faults: an exception inside a batch
+fails only that batch's inputs. Each worker notes when its current batch began, so a
+batch running past `stuck_after_s` (or a dead worker) turns `ready` false.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
+from asyncio import FIRST_EXCEPTION
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +56,10 @@ class NotRunning(EngineError):
 
 class InferenceFailed(EngineError):
     """The batch holding this input failed; the engine itself keeps running."""
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed before all of its inputs could start."""
 
 
 class EngineObserver(Protocol):
@@ -82,14 +93,18 @@ class ExitRule:
 
 
 class _Pending:
-    __slots__ = ("admitted", "future", "loop", "rule", "started", "text")
+    __slots__ = ("admitted", "deadline", "future", "loop", "rule", "started", "taken", "text")
 
-    def __init__(self, text: str, rule: ExitRule, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, text: str, rule: ExitRule, loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> None:
         self.text = text
         self.rule = rule
         self.loop = loop
         self.future: asyncio.Future[Answer] = loop.create_future()
         self.admitted = time.perf_counter()
+        self.deadline = deadline  # perf_counter time; inf: none
+        self.taken = False  # in a batch: it will run to its answer
         self.started = 0.0
 
 
@@ -102,6 +117,12 @@ def _settle(fut: asyncio.Future[Answer], answer: Answer | None, error: Exception
         fut.set_result(answer)  # type: ignore[arg-type]
 
 
+def _raise_first_error(futures: list[asyncio.Future[Answer]]) -> None:
+    for f in futures:
+        if f.done() and not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+
+
 class Engine:
     def __init__(
         self,
@@ -112,9 +133,12 @@ class Engine:
         observer: EngineObserver | None = None,
         continuous: bool = False,
         workers: int = 1,
+        stuck_after_s: float = 30.0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if stuck_after_s <= 0:
+            raise ValueError(f"stuck_after_s must be > 0, got {stuck_after_s}")
         if continuous and workers > 1:
             raise ValueError("continuous batching runs one worker")
         self.workers = workers
@@ -124,12 +148,15 @@ class Engine:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.observer = observer
+        self.stuck_after_s = stuck_after_s
         self._queue: deque[_Pending] = deque()
         self._inflight = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._draining = False
+        self._drain_began = 0.0  # time.monotonic() of the first begin_drain()
         self._threads: list[threading.Thread] = []
+        self._busy_since: list[float | None] = [None] * workers  # monotonic, per worker
         self._last_arrival = 0.0
         self._arrival_gap = float("inf")  # moving average of seconds between requests
 
@@ -139,7 +166,9 @@ class Engine:
             raise RuntimeError("engine already started")
         target = self._run_continuous if self.continuous else self._run
         self._threads = [
-            threading.Thread(target=target, name=f"exitserve-engine-{i}", daemon=True)
+            threading.Thread(
+                target=self._work, args=(i, target), name=f"exitserve-engine-{i}", daemon=True
+            )
             for i in range(self.workers)
         ]
         for t in self._threads:
@@ -151,21 +180,56 @@ class Engine:
         return alive and not self._stopping
 
     @property
+    def failed(self) -> bool:
+        """A worker died: this engine cannot recover (the process should be restarted)."""
+        return bool(self._threads) and not self._stopping and not self.running
+
+    @property
+    def stuck(self) -> bool:
+        """A batch has been running for longer than `stuck_after_s`."""
+        now = time.monotonic()
+        return any(t is not None and now - t > self.stuck_after_s for t in self._busy_since)
+
+    @property
     def ready(self) -> bool:
-        return self.running and not self._draining
+        return self.running and not self._draining and not self.stuck
 
     @property
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing in flight."""
+        return not self._queue and not self._inflight
+
+    def state(self) -> str:
+        """For readiness probes: ready, draining, stuck, failed or not ready."""
+        if self._draining:
+            return "draining"
+        if self.failed:
+            return "failed"
+        if not self.running:
+            return "not ready"
+        return "stuck" if self.stuck else "ready"
+
     def begin_drain(self) -> None:
-        """Refuse new work from now on; what was admitted still runs."""
-        self._draining = True
+        """Refuse new work from now on; what was admitted still runs.
+
+        Safe to call from a signal handler: it only sets two attributes.
+        """
+        if not self._draining:
+            self._drain_began = time.monotonic()
+            self._draining = True
 
     def stop(self, timeout: float = 20.0) -> bool:
-        """Drain admitted inputs (up to `timeout` seconds), then stop. True if all finished."""
-        self._draining = True
-        deadline = time.monotonic() + timeout
+        """Drain admitted inputs, then stop. True if all finished.
+
+        `timeout` counts from `begin_drain()` when a drain already began (a signal
+        handler starts it), else from now.
+        """
+        self.begin_drain()
+        deadline = self._drain_began + timeout
         with self._cond:
             while (self._queue or self._inflight) and time.monotonic() < deadline:
                 self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -184,19 +248,31 @@ class Engine:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def submit(self, texts: Sequence[str], rule: ExitRule = ExitRule()) -> list[Answer]:
-        """Answer every text, in order. Raises Overloaded, Draining or NotRunning at once."""
+    async def submit(
+        self, texts: Sequence[str], rule: ExitRule = ExitRule(), timeout_s: float | None = None
+    ) -> list[Answer]:
+        """Answer every text, in order.
+
+        Raises Overloaded, Draining or NotRunning at once; DeadlineExceeded when
+        `timeout_s` passes before every input got into a batch; InferenceFailed when
+        the batch holding an input failed.
+        """
         L = self.runtime.num_layers
         if rule.max_layers is not None and not 1 <= rule.max_layers <= L:
             raise ValueError(f"max_layers must be in 1..{L}, got {rule.max_layers}")
         if rule.threshold is not None and not 0.0 <= rule.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {rule.threshold}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if self._draining:
             raise Draining("server is draining")
         if not self.running:
             raise NotRunning("engine is not running")
+        if not texts:
+            return []
         loop = asyncio.get_running_loop()
-        items = [_Pending(t, rule, loop) for t in texts]
+        deadline = float("inf") if timeout_s is None else time.perf_counter() + timeout_s
+        items = [_Pending(t, rule, loop, deadline) for t in texts]
         with self._cond:
             if len(self._queue) + self._inflight + len(items) > self.max_queue_size:
                 raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
@@ -214,14 +290,44 @@ class Engine:
             self._cond.notify()
         self._report_load()
         try:
-            return list(await asyncio.gather(*(p.future for p in items)))
-        except asyncio.CancelledError:
-            with self._cond:  # the client left: drop what has not started yet
-                for p in items:
-                    if not p.started:
-                        with contextlib.suppress(ValueError):
-                            self._queue.remove(p)
+            return await self._collect(items)
+        except BaseException:
+            self._abandon(items)  # the client left, a sibling failed or time ran out
             raise
+
+    async def _collect(self, items: list[_Pending]) -> list[Answer]:
+        futures = [p.future for p in items]
+        deadline = items[0].deadline
+        timeout = None if deadline == float("inf") else max(0.0, deadline - time.perf_counter())
+        _, pending = await asyncio.wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+        _raise_first_error(futures)
+        if pending:
+            if self._withdraw(items):
+                raise DeadlineExceeded("deadline passed while queued")
+            # Every input left is in a batch and allowed to finish, unless that batch is stuck.
+            await asyncio.wait(pending, timeout=self.stuck_after_s, return_when=FIRST_EXCEPTION)
+            _raise_first_error(futures)
+            if not all(f.done() for f in futures):
+                raise DeadlineExceeded("deadline passed while the batch was stuck")
+        return [f.result() for f in futures]
+
+    def _withdraw(self, items: list[_Pending]) -> int:
+        """Take the inputs that no batch holds yet out of the queue; how many there were."""
+        with self._cond:
+            waiting = {id(p) for p in items if not p.taken}
+            if waiting:
+                self._queue = deque(p for p in self._queue if id(p) not in waiting)
+                self._cond.notify_all()  # stop() waits for the queue to empty
+        if waiting:
+            self._report_load()
+        return len(waiting)
+
+    def _abandon(self, items: list[_Pending]) -> None:
+        """Nobody will read these answers: drop what has not started, and cancel the
+        futures so that late answers and errors are discarded, not logged as unread."""
+        self._withdraw(items)
+        for p in items:
+            p.future.cancel()
 
     # -- worker ------------------------------------------------------------------------
     def _report_load(self) -> None:
@@ -229,22 +335,26 @@ class Engine:
             self.observer.load(len(self._queue), self._inflight)
 
     def _take_batch(self) -> list[_Pending] | None:
+        """The next batch (never empty), or None once the engine stops."""
         with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            deadline = self._queue[0].admitted + self.max_queue_delay_s
-            while len(self._queue) < self.max_batch_size and not self._stopping:
-                now = time.perf_counter()
-                if self._last_arrival + self._arrival_gap >= deadline:
-                    break  # the window closes before the next arrival is due
-                # Two typical gaps without an arrival: the burst is over.
-                until = min(deadline, self._last_arrival + 2 * self._arrival_gap)
-                if until <= now:
-                    break
-                self._cond.wait(until - now)
-            return self._pop(self.max_batch_size)
+            while True:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                deadline = self._queue[0].admitted + self.max_queue_delay_s
+                while len(self._queue) < self.max_batch_size and not self._stopping:
+                    now = time.perf_counter()
+                    if self._last_arrival + self._arrival_gap >= deadline:
+                        break  # the window closes before the next arrival is due
+                    # Two typical gaps without an arrival: the burst is over.
+                    until = min(deadline, self._last_arrival + 2 * self._arrival_gap)
+                    if until <= now:
+                        break
+                    self._cond.wait(until - now)
+                batch = self._pop(self.max_batch_size)
+                if batch:
+                    return batch
 
     def _take_ready(self, limit: int) -> list[_Pending]:
         """What is queued now, without waiting (the batcher has work in hand)."""
@@ -252,9 +362,26 @@ class Engine:
             return self._pop(limit)
 
     def _pop(self, limit: int) -> list[_Pending]:
-        """Move up to `limit` queued inputs in flight; the caller holds the lock."""
-        batch = [self._queue.popleft() for _ in range(min(limit, len(self._queue)))]
+        """Move up to `limit` queued inputs in flight; the caller holds the lock.
+
+        Inputs whose deadline has passed are dropped here, so they never reach the network.
+        """
+        now = time.perf_counter()
+        batch: list[_Pending] = []
+        expired = False
+        while self._queue and len(batch) < limit:
+            p = self._queue.popleft()
+            if p.deadline < now:
+                expired = True
+                p.loop.call_soon_threadsafe(
+                    _settle, p.future, None, DeadlineExceeded("deadline passed while queued")
+                )
+            else:
+                p.taken = True
+                batch.append(p)
         self._inflight += len(batch)
+        if expired:
+            self._cond.notify_all()  # stop() waits for the queue to empty
         return batch
 
     def _rows(self, batch: list[_Pending]) -> list[Row]:
@@ -296,7 +423,24 @@ class Engine:
         self._reject(p)
         self._finish(1)
 
-    def _run_continuous(self) -> None:
+    def _work(self, i: int, target: Callable[[int], None]) -> None:
+        try:
+            target(i)
+        except BaseException:
+            # Only a bug gets here (a batch's errors are caught with the batch). `failed`
+            # now tells the health probes; fail what waits if no worker is left to run it.
+            log.critical("engine worker %d died", i, exc_info=True)
+            me = threading.current_thread()
+            with self._cond:
+                if any(t.is_alive() for t in self._threads if t is not me):
+                    return
+                leftover = list(self._queue)
+                self._queue.clear()
+                self._cond.notify_all()
+            for p in leftover:
+                self._reject(p)
+
+    def _run_continuous(self, i: int) -> None:
         batcher: ContinuousBatcher[_Pending] = ContinuousBatcher(
             self.runtime.network, self.max_batch_size
         )
@@ -313,6 +457,7 @@ class Engine:
                 if taken is None:
                     return
                 batch = taken
+            self._busy_since[i] = time.monotonic()
             if batch:
                 try:
                     batcher.add(self._rows(batch), batch)
@@ -322,24 +467,27 @@ class Engine:
                         self._fail(p, e)
                 self._report_load()
             rows = batcher.step(answered, self._fail)
+            self._busy_since[i] = None
             if rows and self.observer is not None:
                 self.observer.layer_steps([rows])
             if rows:
                 self._report_load()
 
-    def _run(self) -> None:
+    def _run(self, i: int) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._report_load()
+            self._busy_since[i] = time.monotonic()
             try:
+                self._report_load()
                 self._run_batch(batch)
             except Exception:
                 log.exception("batch of %d inputs failed", len(batch))
                 for p in batch:
                     self._reject(p)  # those already answered keep their answer
             finally:
+                self._busy_since[i] = None
                 self._finish(len(batch))
                 self._report_load()
 

@@ -1,8 +1,10 @@
 """Fuzz every operation of the app's own OpenAPI schema with schemathesis.
 
 No generated request, valid or not, may get a 5xx, and every documented response must
-match its schema. The schema comes from `app.openapi()` (building an app loads nothing);
-the requests go to a second app whose lifespan runs for the whole module.
+match its schema. The one 5xx allowed is a 504 for a deadline the request itself set
+(`timeout_ms: 1` can pass before a worker takes the input): that is the contract.
+The schema comes from `app.openapi()` (building an app loads nothing); the requests
+go to a second app whose lifespan runs for the whole module.
 
 Why not `schemathesis.pytest.from_fixture`: with pytest 9 its lazy loader fails
 (`'Function' object has no attribute '_nodeid'`), so the schema is built at import and
@@ -44,6 +46,12 @@ def session(make_app: Callable[..., FastAPI]) -> Iterator[requests.Session]:
         yield asgi.get_client(cast(Any, app))
 
 
+def no_server_error(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    if response.status_code == 504 and response.json().get("error_type") == "timeout":
+        return None
+    return not_a_server_error(ctx, response, case)
+
+
 @schema.parametrize()
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_responses_match_the_schema(
@@ -52,5 +60,5 @@ def test_no_server_errors_and_responses_match_the_schema(
     case.call_and_validate(
         base_url="http://testserver",
         session=session,
-        checks=[not_a_server_error, response_schema_conformance],
+        checks=[no_server_error, response_schema_conformance],
     )

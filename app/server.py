@@ -1,0 +1,77 @@
+"""Run the app under uvicorn with a graceful drain on SIGTERM (and the first SIGINT).
+
+uvicorn alone stops listening as soon as the signal arrives, so a load balancer that
+still routes here sees refused connections and `/readyz` never gets to say 503. Here
+the signal first puts the engine into draining: `/readyz` answers 503 at once, new
+inference work is refused with a 503 JSON error, and everything already admitted
+runs to its answer. Once the engine is idle (or `drain_timeout_s` has passed) uvicorn
+shuts down as usual: it stops listening, finishes the responses in flight and runs
+the lifespan's shutdown. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.engine.scheduler import Engine
+
+log = logging.getLogger("exitserve")
+
+STARTUP_FAILED = 3  # uvicorn's own exit status when the app cannot start
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: Any, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.app_state = state  # the app's `state`: the engine appears there once loaded
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None  # monotonic; set by the first signal
+        self._drain_logged = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        engine: Engine | None = getattr(self.app_state, "engine", None)
+        if self.drain_deadline is not None or self.should_exit or engine is None:
+            super().handle_exit(sig, frame)  # a second signal, or nothing to drain yet
+            return
+        # A signal handler: set flags only; on_tick does the rest on the event loop.
+        engine.begin_drain()
+        self.drain_deadline = time.monotonic() + self.drain_timeout_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            engine: Engine = self.app_state.engine
+            if not self._drain_logged:
+                self._drain_logged = True
+                log.info(
+                    "draining: not ready, new work refused; %d inputs queued, up to %g s",
+                    engine.queued(),
+                    self.drain_timeout_s,
+                )
+            left = self.drain_deadline - time.monotonic()
+            if engine.idle or left <= 0:
+                log.info("drain %s; shutting down", "done" if engine.idle else "timed out")
+                # What is left of the budget goes to the responses still being written.
+                self.config.timeout_graceful_shutdown = max(1, int(left))
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(app: FastAPI, settings: Settings) -> int:
+    """Serve until a signal and its drain end; the exit status (0, or 3 if never started)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+    server = DrainingServer(config, app.state, settings.drain_timeout_s)
+    server.run()
+    return 0 if server.started else STARTUP_FAILED

@@ -1,0 +1,258 @@
+"""The engine under deadlines and faults: what is dropped, what fails, what keeps serving.
+
+A runtime whose `tokenize` waits on an Event holds the worker inside a batch (the worker
+tokenizes each batch first), so the queue's state is known exactly. No test asserts a
+wall-clock time: waits on events and polls carry generous timeouts as failure guards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from app.engine.runtime import ModelRuntime, load_runtime
+from app.engine.scheduler import (
+    DeadlineExceeded,
+    Engine,
+    InferenceFailed,
+    NotRunning,
+)
+
+T = TypeVar("T")
+GUARD_S = 10.0  # only ever reached when a test fails
+
+
+@pytest.fixture
+def runtime(tiny_model_dir: Path) -> ModelRuntime:
+    return load_runtime(tiny_model_dir, "cpu", "none", 1)
+
+
+class Held:
+    """Holds the worker inside its next batch (in `tokenize`) until `release()`; records
+    every text the worker tokenized, which is every text that reached compute."""
+
+    def __init__(self, runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.seen: list[str] = []
+        tokenize = runtime.tokenize
+
+        def held(texts: list[str]) -> list[list[int]]:
+            self.seen.extend(texts)
+            self.entered.set()
+            assert self.gate.wait(GUARD_S), "the test never released the worker"
+            return tokenize(texts)
+
+        monkeypatch.setattr(runtime, "tokenize", held)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+@pytest.fixture
+def engine_of(runtime: ModelRuntime) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(**kwargs: Any) -> Engine:
+        e = Engine(runtime, max_queue_delay_s=0.0, **kwargs)
+        e.start()
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.stop(timeout=GUARD_S)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, GUARD_S * 2))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (guarded)."""
+    stop = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < stop, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def in_thread(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, GUARD_S)
+
+
+def test_the_caller_stops_waiting_at_its_deadline_and_the_input_never_runs(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of()
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)  # the worker holds "first" in its batch
+        with pytest.raises(DeadlineExceeded):
+            await engine.submit(["late one", "late two"], timeout_s=0.05)
+        assert not first.done()  # the caller did not wait for the busy worker
+        assert engine.queued() == 0  # withdrawn: no batch will take them
+        held.release()
+        assert len(await first) == 1
+        assert len(await engine.submit(["after"], timeout_s=GUARD_S)) == 1
+
+    run(main())
+    assert held.seen == ["first", "after"]
+
+
+def test_the_worker_drops_inputs_whose_deadline_passed_in_the_queue(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event loop is blocked on purpose past the deadline, so the caller's own timer
+    # cannot fire: only the worker can drop the input, and it must do so before compute.
+    engine = engine_of()
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)
+        late = asyncio.ensure_future(engine.submit(["late"], timeout_s=0.02))
+        await until(lambda: engine.queued() == 1)  # "late" is admitted
+        time.sleep(0.05)  # the loop is blocked; "late" expires in the queue
+        held.release()
+        stop = time.monotonic() + GUARD_S
+        while not engine.idle:  # still blocking the loop: the worker finishes alone
+            assert time.monotonic() < stop
+            time.sleep(0.001)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert len(await first) == 1
+
+    run(main())
+    assert held.seen == ["first"]
+
+
+def test_an_input_already_in_a_batch_finishes_after_its_deadline(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of()
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(engine.submit(["slow but started"], timeout_s=0.02))
+        await in_thread(held.entered)
+        await asyncio.sleep(0.05)  # its deadline passes while its batch runs
+        held.release()
+        answers = await task
+        assert answers[0].label in runtime.labels
+
+    run(main())
+
+
+def poison(runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, word: str) -> None:
+    """The network's forward raises (with a path in the message) for batches holding `word`."""
+    [poison_id] = [i for i in runtime.tokenizer.encode([word])[0] if i > 3]  # not [CLS] etc.
+    embed = runtime.network.embed
+
+    def failing(ids: torch.Tensor) -> torch.Tensor:
+        if bool((ids == poison_id).any()):
+            raise RuntimeError("/opt/secret/weights.bin: kernel exploded")
+        return embed(ids)
+
+    monkeypatch.setattr(runtime.network, "embed", failing)
+
+
+def test_a_failing_batch_fails_only_its_own_requests(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of(max_batch_size=1)  # each input is its own batch
+    poison(runtime, monkeypatch, "rotten")
+
+    async def main() -> None:
+        results = await asyncio.gather(
+            engine.submit(["good film"]),
+            engine.submit(["rotten"]),
+            engine.submit(["fine acting"]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], InferenceFailed)
+        assert "secret" not in str(results[1])  # the engine's error carries no internals
+        assert all(isinstance(r, list) and len(r) == 1 for r in (results[0], results[2]))
+        assert len(await engine.submit(["still serving"])) == 1
+
+    run(main())
+    assert engine.ready
+
+
+def test_a_batch_running_too_long_makes_the_engine_stuck_until_it_ends(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of(stuck_after_s=0.05)
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        assert engine.ready
+        task = asyncio.ensure_future(engine.submit(["held"]))
+        await in_thread(held.entered)
+        await until(lambda: engine.stuck)
+        assert not engine.ready and engine.state() == "stuck"
+        assert not engine.failed  # stuck is not dead: liveness holds
+        held.release()
+        assert len(await task) == 1
+        await until(lambda: not engine.stuck)
+        assert engine.ready and engine.state() == "ready"
+
+    run(main())
+
+
+def test_a_dead_worker_fails_what_waits_and_the_engine(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of()
+    held = Held(runtime, monkeypatch)
+
+    def broken() -> None:
+        raise RuntimeError("a bug outside any batch")
+
+    async def main() -> None:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)
+        second = asyncio.ensure_future(engine.submit(["second"]))
+        await until(lambda: engine.queued() == 1)
+        monkeypatch.setattr(engine, "_take_batch", broken)  # the worker's next call dies
+        held.release()
+        assert len(await first) == 1
+        with pytest.raises(InferenceFailed):
+            await second  # nobody is left to run it: failed, not left hanging
+        assert engine.failed and not engine.ready and engine.state() == "failed"
+        with pytest.raises(NotRunning):
+            await engine.submit(["third"])
+
+    run(main())
+
+
+def test_drain_refuses_new_work_and_reports_idle(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of()
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(engine.submit(["admitted"]))
+        await in_thread(held.entered)
+        engine.begin_drain()
+        assert engine.state() == "draining" and not engine.idle
+        held.release()
+        assert len(await task) == 1  # admitted before the drain: answered
+        await until(lambda: engine.idle)
+
+    run(main())
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0])
+def test_a_deadline_must_lie_ahead(engine_of: Callable[..., Engine], timeout_s: float) -> None:
+    engine = engine_of()
+    with pytest.raises(ValueError, match="timeout_s"):
+        run(engine.submit(["a"], timeout_s=timeout_s))
