@@ -233,6 +233,9 @@ def test_settings_refuse_a_request_larger_than_the_queue(
         {"workers": 3, "threads": 2},
         {"workers": 2, "threads": 2, "batching": "continuous"},
         {"batching": "dynamic"},
+        {"default_timeout_ms": 60_001, "max_timeout_ms": 60_000},
+        {"max_timeout_ms": 0},
+        {"stuck_after_s": 0},
     ],
 )
 def test_settings_refuse_nonsense(
