@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.benchmark import timed_pass  # noqa: E402
 from app.network import artifact  # noqa: E402
+from app.network.artifact import read_spec  # noqa: E402
 from app.network.quantize import prepare  # noqa: E402
 from app.training.evaluate import split_data  # noqa: E402
 
@@ -54,7 +55,12 @@ def device_name(device: str) -> str:
 
 
 def engine_sweep(
-    model_dir: Path, device: str, batch_sizes: list[int], reps: int, log: Any
+    model_dir: Path,
+    device: str,
+    batch_sizes: list[int],
+    reps: int,
+    log: Any,
+    precisions: tuple[str, ...] = PRECISIONS,
 ) -> dict[str, Any]:
     loaded = artifact.load(model_dir)
     spec, tok = loaded.spec, loaded.tokenizer
@@ -62,7 +68,11 @@ def engine_sweep(
     ids = tok.encode(texts)
     L = spec.config.num_layers
     rules = {"full": [1.0] * L, "calibrated": list(spec.thresholds)}
-    nets = {q: prepare(artifact.load(model_dir).network, device, q) for q in PRECISIONS}
+    # fp32 ("none") always runs: it is the reference for agreement.
+    nets = {
+        q: prepare(artifact.load(model_dir).network, device, q)
+        for q in dict.fromkeys(("none", *precisions))
+    }
     # Reference answers: fp32 on the same device, full depth and calibrated.
     reference = {name: timed_pass(nets["none"], ids, th, 32)[2] for name, th in rules.items()}
     rows: list[dict[str, Any]] = []
@@ -106,11 +116,12 @@ def engine_sweep(
     speed = {(r["precision"], r["rule"], r["batch"]): r["sentences_per_second"] for r in rows}
     ratios = {}
     for b in batch_sizes:
-        for p in ("fp32", "fp16", "bf16"):
+        names = ["fp32" if q == "none" else q for q in nets]
+        for p in names:
             ratios[f"{p}_calibrated_vs_full@{b}"] = round(
                 speed[(p, "calibrated", b)] / speed[(p, "full", b)], 2
             )
-        for p in ("fp16", "bf16"):
+        for p in names[1:]:
             ratios[f"{p}_vs_fp32_full@{b}"] = round(
                 speed[(p, "full", b)] / speed[("fp32", "full", b)], 2
             )
@@ -125,27 +136,30 @@ def engine_sweep(
 
 
 def markdown(r: dict[str, Any], http: dict[str, Any] | None) -> str:
-    e = r["engine"]
-    b1 = min((row["sentences"] for row in e["rows"]), default=0)
     lines = [
-        f"# GPU check: {e['model']} on {r['device_name']} ({r['date']}, {r['host']},"
+        f"# GPU check: {r['model']} on {r['device_name']} ({r['date']}, {r['host']},"
         f" torch {r['torch']})",
-        "",
-        f"Engine, no HTTP: test split ({e['texts']} sentences, mean {e['mean_tokens']} tokens;"
-        f" the first {b1} at batch 1), median of the interleaved passes. Agreement: answers"
-        " equal to fp32's on the same device under the same rule.",
-        "",
-        "| precision | rule | batch | sentences/s | mean exit | accuracy | agrees with fp32 |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for row in e["rows"]:
-        lines.append(
-            f"| {row['precision']} | {row['rule']} | {row['batch']} |"
-            f" {row['sentences_per_second']:.1f} | {row['mean_exit_layer']:.2f} |"
-            f" {100 * row['accuracy']:.2f}% | {100 * row['agreement_with_fp32']:.2f}% |"
-        )
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f}x |" for k, v in e["ratios"].items()]
+    e = r["engine"]
+    if e is not None:
+        b1 = min((row["sentences"] for row in e["rows"]), default=0)
+        lines += [
+            "",
+            f"Engine, no HTTP: test split ({e['texts']} sentences, mean {e['mean_tokens']}"
+            f" tokens; the first {b1} at batch 1), median of the interleaved passes."
+            " Agreement: answers equal to fp32's on the same device under the same rule.",
+            "",
+            "| precision | rule | batch | sentences/s | mean exit | accuracy | agrees with fp32 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in e["rows"]:
+            lines.append(
+                f"| {row['precision']} | {row['rule']} | {row['batch']} |"
+                f" {row['sentences_per_second']:.1f} | {row['mean_exit_layer']:.2f} |"
+                f" {100 * row['accuracy']:.2f}% | {100 * row['agreement_with_fp32']:.2f}% |"
+            )
+        lines += ["", "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f}x |" for k, v in e["ratios"].items()]
     if http is not None:
         lines += ["", f"HTTP (real server, {http['server']}): see `{http['file']}`.", ""]
         lines += ["| config | clients | req/s | p50 ms | p99 ms | mean exit | accuracy |"]
@@ -167,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda, or cpu to try the script out")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], help="besides fp32")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=12.0, help="HTTP s per row")
     p.add_argument("--http-precision", default="auto", help="server EXITSERVE_QUANTIZATION")
     p.add_argument("--no-http", action="store_true")
+    p.add_argument("--no-engine", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
 
@@ -192,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": device_name(a.device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "engine": engine_sweep(a.model_dir, a.device, a.batch_sizes, a.reps, log),
+        "model": read_spec(a.model_dir).name,
+        "engine": None
+        if a.no_engine
+        else engine_sweep(a.model_dir, a.device, a.batch_sizes, a.reps, log, tuple(a.precisions)),
     }
     http = None
     if not a.no_http:
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["http"] = http
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-{result['engine']['model']}-{date[:10]}-{tag}"
+    stem = f"gpu-{result['model']}-{date[:10]}-{tag}"
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (a.out / f"{stem}.md").write_text(markdown(result, http))
     print(markdown(result, http))

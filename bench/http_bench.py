@@ -587,13 +587,18 @@ async def http_load(
 
 
 # -- the server ------------------------------------------------------------------------
-# Counters the server keeps about exits: after a run they must match what was served.
+# Counters the server keeps about exits (after a run they must match what was served),
+# and where its time went: queued, or in inference.
 EXIT_METRICS = (
     "exitserve_exits_total",
     "exitserve_layers_executed_total",
     "exitserve_layers_skipped_total",
     "exitserve_batch_size_count",
     "exitserve_batch_size_sum",
+    "exitserve_queue_duration_seconds_count",
+    "exitserve_queue_duration_seconds_sum",
+    "exitserve_inference_duration_seconds_count",
+    "exitserve_inference_duration_seconds_sum",
 )
 
 

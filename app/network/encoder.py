@@ -12,6 +12,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Attention kernels for CUDA. cuDNN attention (preferred on Hopper by recent torch) builds
+# a graph for every new (batch, length) shape, tens to hundreds of milliseconds each;
+# early exit compacts batches to ever new shapes, and serving stalled on those builds.
+# Memory-efficient attention takes any shape and an additive mask at no build cost.
+CUDA_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,13 @@ class SelfAttention(nn.Module):
             return t.reshape(B, T, self.num_heads, d).transpose(1, 2)  # (B, nh, T, d)
 
         q, k, v = (heads(t) for t in qkv.split(H, dim=-1))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, nh, T, d)
+        p = self.dropout_p if self.training else 0.0
+        if q.is_cuda:
+            with sdpa_kernel(CUDA_ATTENTION):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        # y: (B, nh, T, d)
         return y.transpose(1, 2).reshape(B, T, H)
 
 
@@ -163,7 +174,9 @@ class Layer(nn.Module):
         self.output = Output(cfg)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        # Unpadded execution saves CPU FLOPs. On a GPU small batches are bound by kernel
+        # launches, not FLOPs, and `nonzero()` would force a host sync at every layer.
+        if not self.training and x.device.type == "cpu":
             B, T = x.shape[:2]
             real = (bias.reshape(B, T) == 0).reshape(-1)  # (B*T,) True for real tokens
             if not bool(real.all()):
