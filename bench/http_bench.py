@@ -670,24 +670,20 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
 
 
 @contextmanager
-def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """The real server on a free loopback port, ready; always terminated on exit."""
-    port = free_port()
+def running_command(
+    argv: Sequence[str], env: dict[str, str], port: int, startup_timeout: float = 300.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process started from `argv`, once `GET /readyz` on `port` answers 200;
+    always terminated (SIGTERM, then SIGKILL) on exit."""
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=ROOT,
-            env=server_env(o, port, threads),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
         def log_tail() -> str:
             log.seek(0)
             return log.read().decode("utf-8", "replace")[-3000:]
 
         try:
-            deadline = time.monotonic() + o.startup_timeout
+            deadline = time.monotonic() + startup_timeout
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited early ({proc.returncode}):\n{log_tail()}")
@@ -697,11 +693,9 @@ def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"server not ready in {o.startup_timeout:g} s:\n{log_tail()}"
-                    )
+                    raise RuntimeError(f"server not ready in {startup_timeout:g} s:\n{log_tail()}")
                 time.sleep(0.2)
-            yield proc, port
+            yield proc
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -710,6 +704,15 @@ def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
+
+
+@contextmanager
+def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The real exitserve server on a free loopback port, ready; always terminated."""
+    port = free_port()
+    argv = [sys.executable, "-m", "app.cli", "serve"]
+    with running_command(argv, server_env(o, port, threads), port, o.startup_timeout) as proc:
+        yield proc, port
 
 
 # -- the whole run ---------------------------------------------------------------------
