@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
 TORCH   ?=
 
-.PHONY: install serve test lint models bench clean
+.PHONY: install serve test lint models bench bench-parts clean
 
 $(BIN)/exitserve:
 	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
@@ -34,8 +34,13 @@ models: install
 	$(BIN)/exitserve calibrate models/bbc-topic-minilm --max-drop 0.01 --max-disagreement 0.02
 	$(BIN)/exitserve evaluate models/bbc-topic-minilm --split test --json --write
 
-# Speed, measured in one run per script, raw numbers and tables under bench/results/.
+# Speed, raw numbers, tables and plots under bench/results/. `bench`: exitserve against
+# full depth and two peer servers over HTTP (about 8 minutes on 2 cores); `bench-parts`:
+# the engine alone, the int8 candidates, and the HTTP calibrated/full-depth pair.
 bench: install
+	$(BIN)/python bench/harness.py models/rt-sentiment-minilm --out bench/results
+
+bench-parts: install
 	$(BIN)/exitserve bench models/rt-sentiment-minilm --out bench/results
 	$(BIN)/python bench/quantization.py models/rt-sentiment-minilm --out bench/results
 	$(BIN)/python bench/http_bench.py models/rt-sentiment-minilm --concurrency 1 8 --out bench/results
