@@ -89,7 +89,9 @@ class Totals:
 
 
 def read_totals(stats_csv: Path) -> Totals:
-    """The "Aggregated" row of Locust's `<prefix>_stats.csv`."""
+    """The "Aggregated" row of Locust's `<prefix>_stats.csv`. Locust rewrites the file
+    every second and not at exit, so the last second's requests may be missing from it;
+    its exit code (--exit-code-on-error) still counts them."""
 
     def number(row: dict[str, str], key: str) -> float:
         value = row.get(key, "")
