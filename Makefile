@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
 TORCH   ?=
 
-.PHONY: install serve test lint models bench bench-parts clean
+.PHONY: install serve test lint models bench bench-parts loadtest soak clean
 
 $(BIN)/exitserve:
 	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
@@ -20,8 +20,8 @@ test: install
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app tests bench locustfile.py
+	$(BIN)/ruff format --check app tests bench locustfile.py
 	$(BIN)/mypy
 
 # Rebuild the default models (about 10 minutes each on 2 cores). Retrain rarely:
@@ -44,6 +44,20 @@ bench-parts: install
 	$(BIN)/exitserve bench models/rt-sentiment-minilm --out bench/results
 	$(BIN)/python bench/quantization.py models/rt-sentiment-minilm --out bench/results
 	$(BIN)/python bench/http_bench.py models/rt-sentiment-minilm --concurrency 1 8 --out bench/results
+
+# Locust headless (locustfile.py) against a server it starts; 16 users for 60 s by default,
+# CSV and HTML under bench/results/locust-<date>-<host>*. Fails if any request failed.
+# Smaller: make loadtest LOADTEST_ARGS="--users 4 --duration 15"
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/python bench/loadtest.py models/rt-sentiment-minilm $(LOADTEST_ARGS)
+
+# Overload, bounded in time and on loopback only: measure capacity, then flood the real
+# server at 10x for 30 s (about a minute in all). `make soak SOAK_ARGS=--steady`: 10
+# minutes at half capacity, watching memory. Results under bench/results/.
+SOAK_ARGS ?=
+soak: install
+	$(BIN)/python -m bench.soak models/rt-sentiment-minilm --out bench/results $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
