@@ -1,0 +1,675 @@
+"""Overload flood and steady soak: the real server on loopback, bounded in time.
+
+Starts the real server (`python -m app.cli serve`) on a free loopback port and, first,
+asks it every text alone (one request at a time, full depth, all scores): those are
+the reference answers. Then one of two runs:
+
+  flood (default)  Measures capacity (closed loop, `--capacity-connections` keep-alive
+                   clients, full depth, `--capacity-seconds`; or `--capacity RPS`),
+                   then offers `--overload` times that rate, open loop, for
+                   `--duration` s over up to `--connections` connections (by default
+                   twice the server's queue, so that the queue can overflow). Each
+                   request is due at a fixed time; one that finds every connection busy
+                   and one already waiting is counted as not sent (the client, not the
+                   server, was the limit: compare the sent rate with capacity).
+  steady (--steady) Offers `--steady-fraction` of capacity for `--duration` s (600 by
+                   default) and samples the server's RSS every `--rss-every` s.
+
+Every request is one text at full depth (`threshold: 1.0`), the costliest work and one
+exit per answer. An accepted (200) answer is *correct* when its label is the
+reference's; a different label is *borderline* when the reference's top two
+probabilities were within `--flip-gap` (int8 activations are scaled per batch, so a
+row's rounding depends on its batch neighbours and a near-tie may flip), else *wrong*.
+
+Reported: requests offered and sent, statuses (200, 429, 5xx, broken connections),
+correct/borderline/wrong answers, p50/p99 latency of accepted requests (from sending;
+also p99 from the due time, which adds any wait for a free connection), the server's
+RSS before and after (steady: the series, and growth from the end of `--rss-warmup`),
+readiness after the run and the server's exit status after SIGTERM. Bars, recorded
+with the results and setting this script's exit status (0 only if all hold): no 5xx
+and no broken connection, no wrong answer, the server ready afterwards and exiting 0
+on SIGTERM; flood: some 429s (the flood really overloaded it); steady: RSS growth
+under 5%. Results go to OUT/soak-<mode>-<model>-<date>-<tag or host>.{json,md}.
+
+Usage:
+  .venv/bin/python -m bench.soak MODEL_DIR [--duration 30] [--overload 10]
+      [--capacity RPS] [--capacity-seconds 10] [--capacity-connections 8]
+      [--connections 512] [--texts FILE] [--max-texts 512] [--threads N]
+      [--max-queue-size 256] [--device cpu] [--quantization auto] [--out bench/results]
+  .venv/bin/python -m bench.soak MODEL_DIR --steady [--duration 600]
+      [--steady-fraction 0.5] [--rss-every 10] [--rss-warmup 60]
+
+`--texts FILE` holds one text per line; without it, the model's test split is used.
+The recorded runs (about 1 and 11 minutes on the default model):
+  .venv/bin/python -m bench.soak models/rt-sentiment-minilm
+  .venv/bin/python -m bench.soak models/rt-sentiment-minilm --steady
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from bench.http_bench import (
+    Connection,
+    ProtocolError,
+    build_request,
+    free_port,
+    http_get,
+    percentile,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_DEPTH = {"threshold": 1.0}
+MAX_GROWTH = 0.05  # steady: RSS may grow less than this
+
+
+# -- pure pieces: references, judging, summaries, memory, bars, report ------------------
+class Reference(NamedTuple):
+    label: str
+    gap: float  # top probability minus the runner-up's
+
+
+class Outcome(NamedTuple):
+    text_index: int
+    status: int  # 0: broken connection or unreadable answer
+    latency_s: float  # from sending to the answer: what the server took
+    delay_s: float  # from the time it was due to sending: waiting for a free connection
+    label: str | None  # the answer's label (200 only)
+
+
+def reference_of(body: bytes) -> Reference:
+    """The reference answer from a /predict response with `all_scores`."""
+    pred = json.loads(body)["predictions"][0]
+    probs = sorted(pred["scores"].values(), reverse=True)
+    gap = probs[0] - (probs[1] if len(probs) > 1 else 0.0)
+    return Reference(pred["label"], gap)
+
+
+def label_of(body: bytes) -> str:
+    return str(json.loads(body)["predictions"][0]["label"])
+
+
+def judge(label: str, ref: Reference, flip_gap: float) -> str:
+    if label == ref.label:
+        return "correct"
+    return "borderline" if ref.gap < flip_gap else "wrong"
+
+
+def read_rss_bytes(status_text: str) -> int:
+    """VmRSS from the text of /proc/<pid>/status."""
+    for line in status_text.splitlines():
+        if line.startswith("VmRSS:"):
+            value, unit = line.split()[1:3]
+            if unit.lower() != "kb":
+                raise ValueError(f"unexpected VmRSS unit {unit!r}")
+            return int(value) * 1024
+    raise ValueError("no VmRSS line (is the process alive?)")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        return read_rss_bytes(f.read())
+
+
+def due_count(elapsed_s: float, rate: float) -> int:
+    """Requests due by `elapsed_s` at a steady `rate` per second (the first at 0)."""
+    return int(elapsed_s * rate) + 1 if elapsed_s >= 0 else 0
+
+
+def summarize(
+    outcomes: Sequence[Outcome],
+    refs: Sequence[Reference],
+    seconds: float,
+    offered: int,
+    flip_gap: float,
+) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    for o in outcomes:
+        statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
+    accepted = [o for o in outcomes if o.status == 200]
+    verdicts = {"correct": 0, "borderline": 0, "wrong": 0}
+    for o in accepted:
+        assert o.label is not None
+        verdicts[judge(o.label, refs[o.text_index], flip_gap)] += 1
+    lat_ms = [1000 * o.latency_s for o in accepted]
+    due_ms = [1000 * (o.latency_s + o.delay_s) for o in accepted]
+
+    def pct(q: float, values: list[float] = lat_ms) -> float | None:
+        return round(percentile(values, q), 2) if values else None
+
+    return {
+        "seconds": round(seconds, 3),
+        "offered": offered,
+        "sent": len(outcomes),
+        "not_sent": offered - len(outcomes),  # every connection busy when it was due
+        "offered_rps": round(offered / seconds, 1) if seconds > 0 else 0.0,
+        "accepted": len(accepted),
+        "accepted_rps": round(len(accepted) / seconds, 1) if seconds > 0 else 0.0,
+        "statuses": dict(sorted(statuses.items())),
+        "rejected_429": statuses.get("429", 0),
+        "server_errors_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),
+        "broken": statuses.get("0", 0),
+        "answers": verdicts,
+        "sent_rps": round(len(outcomes) / seconds, 1) if seconds > 0 else 0.0,
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "max_ms": round(max(lat_ms), 2) if lat_ms else None,
+        # Open-loop view: from the due time, so a client short of connections shows.
+        "p99_from_due_ms": pct(99, due_ms),
+    }
+
+
+def memory_growth(samples: Sequence[tuple[float, int]], warmup_s: float) -> dict[str, Any]:
+    """RSS growth over a run: from the first sample at or after `warmup_s` to the last."""
+    if not samples:
+        raise ValueError("no RSS samples")
+    after = [s for s in samples if s[0] >= warmup_s] or [samples[-1]]
+    base, last = after[0][1], samples[-1][1]
+    return {
+        "baseline_at_s": round(after[0][0], 1),
+        "baseline_mb": round(base / 2**20, 1),
+        "final_mb": round(last / 2**20, 1),
+        "max_mb": round(max(r for _, r in samples) / 2**20, 1),
+        "growth": round((last - base) / base, 4),
+    }
+
+
+def bars(result: dict[str, Any]) -> dict[str, bool]:
+    run = result["run"]
+    out = {
+        "no_5xx_or_broken_connection": run["server_errors_5xx"] == 0 and run["broken"] == 0,
+        "every_accepted_answer_correct": run["answers"]["wrong"] == 0 and run["accepted"] > 0,
+        "ready_after_the_run": result["ready_after"],
+        "exit_0_on_sigterm": result["server_exit_code"] == 0,
+    }
+    if result["mode"] == "flood":
+        out["overloaded_429s_seen"] = run["rejected_429"] > 0
+    else:
+        out["rss_growth_under_5_percent"] = result["memory"]["growth"] < MAX_GROWTH
+    return out
+
+
+def _fmt(v: Any, spec: str = "", none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    run, s, o = r["run"], r["server"], r["options"]
+    mode = r["mode"]
+    lines = [
+        f"# Soak ({mode}): {r['model']} ({r['date']}, {r['host']})",
+        "",
+        f"Real server (`exitserve serve`, {s.get('device')}/{s.get('dtype')},"
+        f" {s.get('threads')} threads, max batch {s.get('max_batch_size')}, queue"
+        f" {s.get('max_queue_size')} inputs) on {r['usable_cpus']} usable CPUs shared with"
+        f" the load generator; loopback. One text per request at full depth; {r['texts']}"
+        f" texts cycled. Capacity {r['capacity_rps']:.1f} req/s"
+        f" ({'given' if r['capacity_given'] else 'measured, closed loop'}); offered"
+        f" {run['offered_rps']:.1f} req/s open loop for {run['seconds']:.1f} s over up to"
+        f" {o['connections']} connections; sent {run['sent_rps']:.1f} req/s"
+        f" ({run['sent_rps'] / r['capacity_rps']:.1f}x capacity). Latency from sending.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| offered / sent / not sent (all connections busy) | {run['offered']} /"
+        f" {run['sent']} / {run['not_sent']} |",
+        f"| accepted (200), req/s | {run['accepted']} ({run['accepted_rps']:.1f}/s) |",
+        f"| 429 | {run['rejected_429']} |",
+        f"| 5xx / broken connections | {run['server_errors_5xx']} / {run['broken']} |",
+        f"| statuses | {', '.join(f'{k}: {v}' for k, v in run['statuses'].items())} |",
+        f"| accepted answers correct / borderline / wrong | {run['answers']['correct']} /"
+        f" {run['answers']['borderline']} / {run['answers']['wrong']} |",
+        f"| latency of accepted, p50 / p99 / max | {_fmt(run['p50_ms'], '.1f')} /"
+        f" {_fmt(run['p99_ms'], '.1f')} / {_fmt(run['max_ms'], '.1f')} ms |",
+        f"| p99 of accepted from the due time | {_fmt(run['p99_from_due_ms'], '.1f')} ms |",
+        f"| server RSS before / after | {r['rss_before_mb']:.1f} / {r['rss_after_mb']:.1f} MB |",
+    ]
+    if mode == "steady":
+        m = r["memory"]
+        lines.append(
+            f"| RSS from {m['baseline_at_s']:g} s to the end (max) | {m['baseline_mb']:.1f} →"
+            f" {m['final_mb']:.1f} MB ({m['max_mb']:.1f}): {100 * m['growth']:+.2f}% |"
+        )
+    lines.append(f"| ready after the run; exit status on SIGTERM | {r['ready_after']};"
+                 f" {r['server_exit_code']} |")  # fmt: skip
+    lines += ["", "| bar | held |", "|---|---|"]
+    lines += [f"| {name.replace('_', ' ')} | {'yes' if ok else 'NO'} |" for name, ok in
+              r["bars"].items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# -- the load ------------------------------------------------------------------------
+async def _send(conn: Connection, request: bytes) -> tuple[int, bytes]:
+    try:
+        resp = await conn.roundtrip(request)
+    except (OSError, ProtocolError, asyncio.IncompleteReadError):
+        conn.close()
+        return 0, b""
+    return resp.status, resp.body
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def connect(port: int, n: int, at_once: int = 32) -> list[Connection]:
+    """`n` open keep-alive connections, opened a few at a time before the clock starts:
+    hundreds of simultaneous SYNs overflow the listen queue, and the retries (1 s, 2 s)
+    would be measured as latency."""
+    conns = [Connection("127.0.0.1", port) for _ in range(n)]
+    gate = asyncio.Semaphore(at_once)
+
+    async def open_one(c: Connection) -> None:
+        async with gate:
+            status, _ = await _send(c, HEALTH)
+            if status != 200:
+                raise RuntimeError(f"could not open a connection to the server ({status})")
+
+    await asyncio.gather(*(open_one(c) for c in conns))
+    return conns
+
+
+async def ask_alone(port: int, texts: Sequence[str]) -> list[Reference]:
+    """Each text alone, one request at a time: the reference answers."""
+    conn = Connection("127.0.0.1", port)
+    refs = []
+    try:
+        for t in texts:
+            body = json.dumps({"inputs": [t], "parameters": {**FULL_DEPTH, "all_scores": True}})
+            status, answer = await _send(
+                conn, build_request("127.0.0.1", "/predict", body.encode())
+            )
+            if status != 200:
+                raise RuntimeError(f"reference request answered {status}: {answer[:200]!r}")
+            refs.append(reference_of(answer))
+    finally:
+        conn.close()
+    return refs
+
+
+async def closed_loop(
+    port: int, requests: Sequence[bytes], connections: int, seconds: float
+) -> float:
+    """Answered requests per second with `connections` clients sending back to back."""
+    answered = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal answered
+        conn = Connection("127.0.0.1", port)
+        k = i
+        try:
+            while time.perf_counter() < stop:
+                status, _ = await _send(conn, requests[k % len(requests)])
+                answered += status == 200
+                k += connections
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(connections)))
+    return answered / (time.perf_counter() - started)
+
+
+async def open_loop(
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    seconds: float,
+    connections: int,
+    pid: int | None = None,
+    rss_every: float = 0.0,
+) -> tuple[list[Outcome], int, float, list[tuple[float, int]]]:
+    """Offer `rate` requests/s for `seconds`, each due at its own time.
+
+    Returns (outcomes, offered, seconds, RSS samples). A request is offered when due; it
+    is sent by the next free connection, and not sent at all if every connection is
+    busy with one already waiting (the client, not the server, is then the limit).
+    """
+    tickets: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
+    outcomes: list[Outcome] = []
+    n = len(requests)
+    conns = await connect(port, connections)
+
+    async def worker(conn: Connection) -> None:
+        try:
+            while (ticket := await tickets.get()) is not None:
+                k, due = ticket
+                sent = time.perf_counter()
+                status, body = await _send(conn, requests[k % n])
+                done = time.perf_counter()
+                label = None
+                if status == 200:
+                    try:
+                        label = label_of(body)
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        status = 0
+                outcomes.append(Outcome(k % n, status, done - sent, max(0.0, sent - due), label))
+        finally:
+            conn.close()
+
+    samples: list[tuple[float, int]] = []
+    workers = [asyncio.ensure_future(worker(c)) for c in conns]
+    start = time.perf_counter()
+    offered = 0
+    next_sample = 0.0
+    try:
+        while (elapsed := time.perf_counter() - start) < seconds:
+            for k in range(offered, due_count(elapsed, rate)):
+                if tickets.qsize() < connections:
+                    tickets.put_nowait((k, start + k / rate))
+                offered += 1
+            if pid is not None and rss_every > 0 and elapsed >= next_sample:
+                samples.append((elapsed, rss_bytes(pid)))
+                next_sample += rss_every
+            await asyncio.sleep(0.001)
+        took = time.perf_counter() - start
+        for _ in workers:
+            tickets.put_nowait(None)
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    if pid is not None and rss_every > 0:
+        samples.append((took, rss_bytes(pid)))
+    return outcomes, offered, took, samples
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# -- the server ------------------------------------------------------------------------
+@dataclass
+class Options:
+    model_dir: Path
+    steady: bool = False
+    duration: float | None = None  # None: 30 (flood) or 600 (steady)
+    overload: float = 10.0
+    steady_fraction: float = 0.5
+    capacity: float | None = None  # None: measure it
+    capacity_seconds: float = 10.0
+    capacity_connections: int = 8
+    connections: int | None = None  # None: 2 x max_queue_size (flood) or 32 (steady)
+    texts: Path | None = None
+    max_texts: int = 512
+    flip_gap: float = 0.1
+    rss_every: float = 10.0
+    rss_warmup: float = 60.0
+    threads: int | None = None
+    max_batch_size: int = 32
+    max_queue_size: int = 256
+    device: str = "cpu"
+    quantization: str = "auto"
+    startup_timeout: float = 300.0
+    out: Path = Path("bench/results")
+    tag: str | None = None
+    quiet: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "steady" if self.steady else "flood"
+
+
+def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
+    env.update(
+        EXITSERVE_MODEL_DIR=str(o.model_dir),
+        EXITSERVE_HOST="127.0.0.1",
+        EXITSERVE_PORT=str(port),
+        EXITSERVE_THREADS=str(threads),
+        EXITSERVE_DEVICE=o.device,
+        EXITSERVE_QUANTIZATION=o.quantization,
+        EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
+        EXITSERVE_MAX_QUEUE_SIZE=str(o.max_queue_size),
+        EXITSERVE_MAX_INPUTS_PER_REQUEST=str(min(64, o.max_queue_size)),
+        EXITSERVE_DRAIN_TIMEOUT_S="10",
+        EXITSERVE_LOG_LEVEL="warning",  # an access log line per request would cost CPU
+        **o.extra_env,
+    )
+    return env
+
+
+@contextmanager
+def running_server(
+    o: Options, threads: int
+) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
+    """The real server on a free loopback port, ready. Yields (process, port, exit) where
+    `exit` receives the exit status after the SIGTERM this sends on leaving."""
+    port = free_port()
+    exit_status: list[int] = []
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            cwd=ROOT,
+            env=server_env(o, port, threads),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def tail() -> str:
+            log.seek(0)
+            return log.read().decode("utf-8", "replace")[-3000:]
+
+        try:
+            deadline = time.monotonic() + o.startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited early ({proc.returncode}):\n{tail()}")
+                try:
+                    if http_get(port, "/readyz", 2.0)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not ready in {o.startup_timeout:g} s:\n{tail()}")
+                time.sleep(0.2)
+            yield proc, port, exit_status
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            exit_status.append(proc.returncode)
+
+
+def load_texts(o: Options) -> list[str]:
+    if o.texts is not None:
+        texts = [t for t in o.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        from app.network.artifact import read_spec
+        from app.training.evaluate import split_data
+
+        texts = split_data(read_spec(o.model_dir), "test")[0]
+    if not texts:
+        raise ValueError("no texts to send")
+    return texts[: o.max_texts]
+
+
+def run(o: Options) -> tuple[dict[str, Any], Path]:
+    from app.config import usable_cpus
+
+    log = (lambda m: None) if o.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    duration = o.duration if o.duration is not None else (600.0 if o.steady else 30.0)
+    # A flood needs more requests in flight than the queue holds, or nothing is refused.
+    connections = o.connections or (32 if o.steady else 2 * o.max_queue_size)
+    if duration <= 0 or connections < 1 or o.overload <= 0 or not 0 < o.steady_fraction <= 1:
+        raise ValueError("need duration > 0, connections >= 1, overload > 0, 0 < fraction <= 1")
+    o = replace(o, model_dir=o.model_dir.resolve())
+    threads = o.threads or usable_cpus()
+    texts = load_texts(o)
+    requests = [
+        build_request(
+            "127.0.0.1",
+            "/predict",
+            json.dumps({"inputs": [t], "parameters": FULL_DEPTH}, ensure_ascii=False).encode(),
+        )
+        for t in texts
+    ]
+    log(f"starting server: {o.model_dir} ({threads} threads)")
+    with running_server(o, threads) as (proc, port, exit_status):
+        info = json.loads(http_get(port, "/info")[1])
+        log(f"references: {len(texts)} texts, one at a time")
+        refs = _run_async(ask_alone(port, texts))
+        capacity = o.capacity
+        if capacity is None:
+            log(
+                f"capacity: closed loop, {o.capacity_connections} clients, {o.capacity_seconds:g} s"
+            )
+            capacity = _run_async(
+                closed_loop(port, requests, o.capacity_connections, o.capacity_seconds)
+            )
+        rate = capacity * (o.steady_fraction if o.steady else o.overload)
+        rss_before = rss_bytes(proc.pid)
+        log(
+            f"{o.mode}: capacity {capacity:.1f} req/s, offering {rate:.1f} req/s for {duration:g} s"
+        )
+        outcomes, offered, took, samples = _run_async(
+            open_loop(
+                port,
+                requests,
+                rate,
+                duration,
+                connections,
+                proc.pid,
+                o.rss_every if o.steady else 0.0,
+            )
+        )
+        rss_after = rss_bytes(proc.pid)
+        ready_after = http_get(port, "/readyz")[0] == 200
+    log(f"server stopped ({exit_status[0]})")
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    host = socket.gethostname()
+    summary = summarize(outcomes, refs, took, offered, o.flip_gap)
+    result: dict[str, Any] = {
+        "kind": "soak",
+        "mode": o.mode,
+        "model": info.get("model"),
+        "model_dir": str(o.model_dir),
+        "date": date,
+        "host": host,
+        "cpu": platform.processor() or platform.machine(),
+        "usable_cpus": usable_cpus(),
+        "python": platform.python_version(),
+        "server": {
+            k: info.get(k)
+            for k in ("device", "dtype", "threads", "max_batch_size", "max_queue_size")
+        },
+        "options": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
+            "duration": duration,
+            "connections": connections,
+        },
+        "texts": len(texts),
+        "capacity_rps": round(capacity, 2),
+        "capacity_given": o.capacity is not None,
+        "offered_rate_rps": round(rate, 2),
+        "run": summary,
+        "rss_before_mb": round(rss_before / 2**20, 1),
+        "rss_after_mb": round(rss_after / 2**20, 1),
+        "ready_after": ready_after,
+        "server_exit_code": exit_status[0],
+    }
+    if o.steady:
+        result["memory"] = memory_growth(samples, min(o.rss_warmup, duration / 2))
+        result["rss_samples"] = [[round(t, 1), round(b / 2**20, 2)] for t, b in samples]
+    result["bars"] = bars(result)
+    result["passed"] = all(result["bars"].values())
+    o.out.mkdir(parents=True, exist_ok=True)
+    stem = f"soak-{o.mode}-{result['model']}-{date[:10]}-{o.tag or host}"
+    path = o.out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    return result, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="soak.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--steady", action="store_true", help="steady soak instead of the flood")
+    p.add_argument("--duration", type=float, help="s of load; default 30 (flood), 600 (steady)")
+    p.add_argument("--overload", type=float, default=10.0, help="flood: times capacity")
+    p.add_argument("--steady-fraction", type=float, default=0.5, help="steady: of capacity")
+    p.add_argument("--capacity", type=float, help="req/s; default: measure it")
+    p.add_argument("--capacity-seconds", type=float, default=10.0)
+    p.add_argument("--capacity-connections", type=int, default=8)
+    p.add_argument(
+        "--connections", type=int, help="most in flight; default 2 x queue size, 32 steady"
+    )
+    p.add_argument("--texts", type=Path, help="one text per line; default: the test split")
+    p.add_argument("--max-texts", type=int, default=512)
+    p.add_argument("--flip-gap", type=float, default=0.1, help="near-tie: top-2 gap below")
+    p.add_argument("--rss-every", type=float, default=10.0, help="steady: s between samples")
+    p.add_argument("--rss-warmup", type=float, default=60.0, help="steady: growth from here")
+    p.add_argument("--threads", type=int, default=0, help="server torch threads; 0: usable CPUs")
+    p.add_argument("--max-batch-size", type=int, default=32, help="server setting")
+    p.add_argument("--max-queue-size", type=int, default=256, help="server setting")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--tag", help="names the result files; default: the host name")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    a = p.parse_args(argv)
+    result, path = run(
+        Options(
+            model_dir=a.model_dir,
+            steady=a.steady,
+            duration=a.duration,
+            overload=a.overload,
+            steady_fraction=a.steady_fraction,
+            capacity=a.capacity,
+            capacity_seconds=a.capacity_seconds,
+            capacity_connections=a.capacity_connections,
+            connections=a.connections,
+            texts=a.texts,
+            max_texts=a.max_texts,
+            flip_gap=a.flip_gap,
+            rss_every=a.rss_every,
+            rss_warmup=a.rss_warmup,
+            threads=a.threads or None,
+            max_batch_size=a.max_batch_size,
+            max_queue_size=a.max_queue_size,
+            device=a.device,
+            quantization=a.quantization,
+            startup_timeout=a.startup_timeout,
+            out=a.out,
+            tag=a.tag,
+            quiet=a.quiet,
+        )
+    )
+    print(markdown(result))
+    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
