@@ -97,7 +97,7 @@ def test_metrics_has_every_metric_of_the_design(client: TestClient) -> None:
     )
     for k in range(1, 5):  # every exit is listed before it is used
         assert ("exitserve_exits_total", frozenset({("exit_layer", str(k))})) in m
-    for reason in ("overloaded", "too_large", "draining"):
+    for reason in ("overloaded", "too_large", "draining", "deadline"):
         assert ("exitserve_rejected_total", frozenset({("reason", reason)})) in m
 
 
