@@ -184,6 +184,10 @@ def context_filter(directory: str, names: list[str]) -> list[str]:
     return [n for n in names if dockerignored(str(rel / n), dockerignore_patterns())]
 
 
+def files_under(*roots: Path) -> set[tuple[str, float]]:
+    return {(str(p), p.stat().st_mtime) for r in roots for p in r.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
 def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
     """The build stage's install step, run as written in a copy of its context, then the
@@ -228,15 +232,18 @@ def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
         run_env[k] = v.replace(workdir, str(app_root)) if k == "EXITSERVE_MODEL_DIR" else v
     run_env.update(
         PATH=f"{venv}/bin:{os.environ['PATH']}",
-        HOME=str(tmp_path),
+        HOME=str(tmp_path / "home"),  # the image's HOME=/tmp, the one writable place
         EXITSERVE_HOST="127.0.0.1",
         EXITSERVE_PORT=str(port),
         EXITSERVE_THREADS="1",
     )
     (cmd,) = runtime.args("CMD")
+    # The pods' root filesystem is read-only: serving must write nothing to the venv or
+    # the WORKDIR.
+    before = files_under(venv, app_root)
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
-        json.loads(cmd), cwd=tmp_path, env=run_env, stdout=log, stderr=subprocess.STDOUT
+        json.loads(cmd), cwd=app_root, env=run_env, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -255,6 +262,7 @@ def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
         # SIGTERM (what `docker stop` and Kubernetes send) shuts it down cleanly.
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
+        assert files_under(venv, app_root) == before
     finally:
         if proc.poll() is None:
             proc.kill()

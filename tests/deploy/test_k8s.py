@@ -11,7 +11,6 @@ import json
 import os
 import re
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -300,4 +299,3 @@ def test_schema_validation_catches_mistakes(rendered: dict[str, list[Obj]]) -> N
     dep["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSIONS[-1], strict=True)
-    assert sys.version_info >= (3, 10)
