@@ -108,6 +108,10 @@ def test_summarize_counts_statuses_and_judges_accepted_answers() -> None:
     assert s["statuses"] == {"0": 1, "200": 3, "429": 2, "503": 1}
     assert s["rejected_429"] == 2 and s["server_errors_5xx"] == 1 and s["broken"] == 1
     assert s["answers"] == {"correct": 1, "borderline": 1, "wrong": 1}
+    assert s["flipped"] == [
+        {"text": 1, "reference": "neg", "gap": 0.02, "answered": "pos", "times": 1},
+        {"text": 2, "reference": "pos", "gap": 0.6, "answered": "neg", "times": 1},
+    ]
     assert s["p50_ms"] == pytest.approx(20.0)
     assert s["max_ms"] == pytest.approx(30.0)
     assert s["p99_from_due_ms"] == pytest.approx(510.2, abs=0.1)  # the delayed one counts
@@ -152,6 +156,7 @@ def result(mode: str, **run: Any) -> dict[str, Any]:
         "texts": 3,
         "capacity_rps": 100.0,
         "capacity_given": False,
+        "flip_gap": 0.1,
         "run": summary,
         "rss_before_mb": 100.0,
         "rss_after_mb": 101.0,
