@@ -1,0 +1,214 @@
+"""Peer (d), the strong one: ONNX Runtime int8, full depth, with dynamic batching.
+
+An asyncio server (FastAPI on uvicorn) that gathers concurrent requests' texts into
+batches of up to `--max-batch-size`, waiting at most `--max-delay-ms` for a batch to
+fill, pads each batch to its longest text and runs `InferenceSession.run` in one worker
+thread, off the event loop. The session uses as many intra-op threads as the process
+has CPUs, with all graph optimizations, and idle threads sleep instead of spinning
+(`--spin` restores ONNX Runtime's default). Texts are tokenized with the model's
+tokenizer, truncated to its `max_seq_len` as exitserve does.
+
+The int8 graph comes from `bench/peers/onnx_export.py`; without `--onnx` the server
+exports it (or reuses the export) under bench/.cache/onnx/<model>/ first.
+
+  GET  /readyz   200 once the session is loaded and warmed up, 503 before
+  POST /predict  {"inputs": "text" | ["text", ...], "parameters": {...}} (ignored)
+                 -> {"predictions": [{"label", "score", "exit_layer"}]}; 422 on bad input
+  GET  /stats    batches run so far and their sizes
+
+Usage:
+  .venv/bin/python bench/peers/onnx_server.py --model-dir models/rt-sentiment-minilm
+      [--onnx bench/.cache/onnx/rt-sentiment-minilm/model.int8.onnx]
+      [--max-batch-size 32] [--max-delay-ms 2] [--spin] [--host 127.0.0.1] [--port 8000]
+      [--log-level warning]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+
+from app.config import usable_cpus  # noqa: E402
+from app.network import artifact  # noqa: E402
+from app.network.tokenizer import TextTokenizer  # noqa: E402
+from bench.peers.common import (  # noqa: E402
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    add_readyz,
+    arg_parser,
+)
+
+
+def open_session(path: Path | str, threads: int, spin: bool = False) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ONNX Runtime's pool threads busy-wait for work by default. With as many threads as
+    # CPUs they take the cores the event loop needs between batches: in a short run at
+    # concurrency 16 on 2 shared cores, spinning served about half the requests per second.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_padded(session: ort.InferenceSession, rows: list[list[int]], pad_id: int) -> np.ndarray:
+    """Softmax of the logits of token id rows, right-padded to the longest: (B, C)."""
+    ids = np.full((len(rows), max(map(len, rows))), pad_id, dtype=np.int64)  # (B, T)
+    mask = np.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
+    (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})  # (B, C)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    probs: np.ndarray = e / e.sum(-1, keepdims=True)
+    return probs
+
+
+class Batcher:
+    """Gathers single rows from concurrent requests into batches for one worker thread."""
+
+    def __init__(
+        self, session: ort.InferenceSession, pad_id: int, max_batch_size: int, max_delay_s: float
+    ) -> None:
+        self.session, self.pad_id = session, pad_id
+        self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_s
+        self.queue: asyncio.Queue[tuple[list[int], asyncio.Future[np.ndarray]]] = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="onnx")
+        self.batch_sizes: Counter[int] = Counter()  # rows per batch -> batches run
+
+    async def submit(self, rows: list[list[int]]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in rows]
+        for row, fut in zip(rows, futures, strict=True):
+            self.queue.put_nowait((row, fut))
+        return list(await asyncio.gather(*futures))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_delay_s
+            while len(batch) < self.max_batch_size:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    break
+            rows = [row for row, _ in batch]
+            self.batch_sizes[len(rows)] += 1
+            try:
+                probs = await loop.run_in_executor(
+                    self.worker, run_padded, self.session, rows, self.pad_id
+                )
+            except Exception as e:  # fail this batch's requests, keep serving
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), p in zip(batch, probs, strict=True):
+                if not fut.done():  # a request whose client went away is cancelled
+                    fut.set_result(p)
+
+
+def create_app(
+    model_dir: Path,
+    onnx_path: Path | None,
+    threads: int,
+    max_batch_size: int,
+    max_delay_ms: float,
+    spin: bool = False,
+) -> FastAPI:
+    spec = artifact.read_spec(model_dir)
+    labels, num_layers = spec.labels, spec.config.num_layers
+    pad_id = spec.config.encoder.pad_token_id
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        path = onnx_path
+        if path is None:
+            from bench.peers.onnx_export import ensure_export
+
+            path = Path(ensure_export(model_dir)["int8_path"])
+        tokenizer = TextTokenizer(artifact.tokenizer_path(model_dir, spec), spec.config.max_seq_len)
+        session = open_session(path, threads, spin)
+        # Warm up at the largest shape, so the first requests do not pay for allocations.
+        longest = tokenizer.encode(["warm up " * spec.config.max_seq_len])[0]
+        run_padded(session, [longest] * max_batch_size, pad_id)
+        batcher = Batcher(session, pad_id, max_batch_size, max_delay_ms / 1000)
+        task = asyncio.create_task(batcher.run())
+        app.state.tokenizer, app.state.batcher = tokenizer, batcher
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            batcher.worker.shutdown(wait=True)
+
+    app = FastAPI(title="onnx runtime peer", lifespan=lifespan)
+    add_readyz(app)
+
+    @app.post("/predict")
+    async def predict(body: PredictRequest, request: Request) -> PredictResponse:
+        tokenizer: TextTokenizer = request.app.state.tokenizer
+        batcher: Batcher = request.app.state.batcher
+        probs = await batcher.submit(tokenizer.encode(body.texts()))
+        return PredictResponse(
+            predictions=[
+                Prediction(
+                    label=labels[int(p.argmax())], score=float(p.max()), exit_layer=num_layers
+                )
+                for p in probs
+            ]
+        )
+
+    @app.get("/stats")
+    def stats(request: Request) -> dict[str, Any]:
+        """How the batcher has batched: rows per batch -> number of batches."""
+        sizes: Counter[int] = request.app.state.batcher.batch_sizes
+        return {
+            "batches": sum(sizes.values()),
+            "inputs": sum(k * v for k, v in sizes.items()),
+            "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        }
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arg_parser("onnx_server.py", __doc__)
+    p.add_argument("--onnx", type=Path, default=None, help="int8 ONNX file (default: export)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--spin", action="store_true", help="let idle pool threads busy-wait")
+    a = p.parse_args(argv)
+    if a.max_batch_size < 1 or a.max_delay_ms < 0:
+        p.error("--max-batch-size must be >= 1 and --max-delay-ms >= 0")
+    app = create_app(a.model_dir, a.onnx, usable_cpus(), a.max_batch_size, a.max_delay_ms, a.spin)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
