@@ -288,13 +288,16 @@ def peer_env() -> dict[str, str]:
 
 
 def onnx_int8_model(model_dir: Path, cache: Path, log: Any) -> Path:
-    """The int8 ONNX export of `model_dir` (re-exported only when the source changed)."""
-    out = cache / f"onnx-{model_dir.name}"
+    """The int8 ONNX export of `model_dir`, made before any server starts (the exporter
+    reuses its earlier export while the source weights and options are unchanged)."""
+    out = cache / "onnx" / model_dir.name
     log(f"exporting {model_dir.name} to ONNX int8 under {out}")
+    exporter = str(ROOT / "bench/peers/onnx_export.py")
     subprocess.run(
-        [sys.executable, str(ROOT / "bench/peers/onnx_export.py"), str(model_dir), str(out)],
+        [sys.executable, exporter, "--model-dir", str(model_dir), "--out", str(out)],
         check=True,
         cwd=ROOT,
+        stdout=subprocess.DEVNULL,
     )
     return out / "model.int8.onnx"
 

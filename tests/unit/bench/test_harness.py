@@ -129,18 +129,20 @@ def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
             duration=1.0,
             warmup=0.3,
             concurrency=[1],
-            systems=["exitserve"],
             threads=1,
+            cache=tmp_path / "cache",
             quiet=True,
         )
     )
     saved = json.loads(path.read_text())
     assert saved["model"] == "tiny" and saved["peak_gflops"] > 0
     rows = {r["config"]: r for r in saved["results"]}
-    assert set(rows) == {"calibrated", "full_depth"}
+    assert set(rows) == {"calibrated", "full_depth", "naive_fp32", "onnx_int8"}
+    assert (tmp_path / "cache/onnx/tiny/model.int8.onnx").is_file()
     for row in rows.values():
         assert row["requests"] > 0 and row["failures"] == 0 and row["useful_gflops"] > 0
-    assert rows["full_depth"]["mean_exit_layer"] == 4
+    for full in ("full_depth", "naive_fp32", "onnx_int8"):
+        assert rows[full]["mean_exit_layer"] == 4
     assert sum(saved["exit_histogram"].values()) == rows["calibrated"]["requests"]
     for suffix in ("-latency.png", "-exits.png"):
         png = path.with_name(path.stem + suffix)
