@@ -13,7 +13,7 @@ from app import __version__
 from app.api import health, info, oip, predict
 from app.api.middleware import ServiceMiddleware
 from app.config import Settings
-from app.engine.runtime import load_runtime
+from app.engine.runtime import load_runtime, worker_plan
 from app.engine.scheduler import Engine
 from app.errors import install as install_errors
 from app.metrics import Metrics
@@ -24,7 +24,7 @@ log = logging.getLogger("exitserve")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s: Settings = app.state.settings
-    threads = max(1, s.threads // s.workers)  # each worker runs its own batches
+    workers, threads = worker_plan(s.device, s.threads, s.workers, s.batching == "continuous")
     try:
         runtime = await asyncio.to_thread(
             load_runtime, s.model_dir, s.device, s.quantization, threads
@@ -43,7 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_queue_size=s.max_queue_size,
         observer=metrics,
         continuous=s.batching == "continuous",
-        workers=s.workers,
+        workers=workers,
         stuck_after_s=s.stuck_after_s,
     )
     engine.start()

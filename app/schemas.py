@@ -96,7 +96,8 @@ class InfoResponse(BaseModel):
     evaluation: dict[str, object]
     device: str
     dtype: str
-    threads: int
+    threads: int  # torch threads per worker
+    workers: int  # engine workers, each running its own batches
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int

@@ -639,7 +639,7 @@ class Options:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     batching: str = "static"
-    workers: int = 1
+    workers: int | None = None  # None: the server's default
     device: str = "cpu"
     quantization: str = "auto"
     startup_timeout: float = 300.0
@@ -660,12 +660,13 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
         EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
         EXITSERVE_MAX_QUEUE_DELAY_MS=str(o.max_queue_delay_ms),
         EXITSERVE_BATCHING=o.batching,
-        EXITSERVE_WORKERS=str(o.workers),
         EXITSERVE_MAX_QUEUE_SIZE=str(max(256, *o.concurrency)),
         EXITSERVE_DRAIN_TIMEOUT_S="5",
         # Access logs would cost the server CPU on every request.
         EXITSERVE_LOG_LEVEL="warning",
     )
+    if o.workers is not None:
+        env["EXITSERVE_WORKERS"] = str(o.workers)
     return env
 
 
@@ -718,16 +719,19 @@ def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[
 # -- the whole run ---------------------------------------------------------------------
 def in_process_run(o: Options, threads: int, texts: Sequence[str], labels: Sequence[str]) -> Window:
     """The engine in this process, one text at a time, calibrated thresholds, no HTTP."""
-    from app.engine.runtime import load_runtime
+    from app.engine.runtime import load_runtime, worker_plan
     from app.engine.scheduler import Engine
 
-    rt = load_runtime(o.model_dir, o.device, o.quantization, threads)
+    continuous = o.batching == "continuous"
+    workers, per_worker = worker_plan(o.device, threads, o.workers, continuous)
+    rt = load_runtime(o.model_dir, o.device, o.quantization, per_worker)
     engine = Engine(
         rt,
         max_batch_size=o.max_batch_size,
         max_queue_delay_s=o.max_queue_delay_ms / 1000,
         max_queue_size=max(256, *o.concurrency),
-        continuous=o.batching == "continuous",
+        continuous=continuous,
+        workers=workers,
     )
     engine.start()
     try:
@@ -879,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32, help="server setting")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="server setting")
     p.add_argument("--batching", default="static", choices=("static", "continuous"))
-    p.add_argument("--workers", type=int, default=1, help="server setting (engine workers)")
+    p.add_argument("--workers", type=int, help="server setting (default: the server's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")

@@ -27,6 +27,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> InfoResponse:
         device=rt.device,
         dtype=rt.dtype,
         threads=rt.threads,
+        workers=engine.workers,
         max_batch_size=engine.max_batch_size,
         max_queue_delay_ms=engine.max_queue_delay_s * 1000,
         max_queue_size=engine.max_queue_size,

@@ -49,6 +49,22 @@ class ModelRuntime:
         return self.tokenizer.encode(clean)
 
 
+def worker_plan(
+    device: str, threads: int, workers: int | None, continuous: bool = False
+) -> tuple[int, int]:
+    """(engine workers, torch threads per worker) for a device setting and thread budget.
+
+    Unset `workers`: one per thread on the CPU, where int8 layer steps of a few rows gain
+    nothing from a second thread while a second batch in flight uses the core fully;
+    one on a GPU (a second would only contend for the GIL and the device) and for
+    continuous batching (one worker by design).
+    """
+    if workers is None:
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        workers = 1 if cuda or continuous else threads
+    return workers, max(1, threads // workers)
+
+
 def load_runtime(
     model_dir: Path, device: str = "auto", quantization: str = "auto", threads: int = 1
 ) -> ModelRuntime:

@@ -74,6 +74,7 @@ def test_info(client: TestClient) -> None:
     assert info["device"] == "cpu"
     assert info["dtype"] == "fp32"
     assert info["threads"] == 1
+    assert info["workers"] == 1
     assert info["max_batch_size"] == 32
     assert info["max_queue_delay_ms"] == pytest.approx(1.0)
     assert info["max_queue_size"] == 256
