@@ -329,7 +329,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# HTTP benchmark: {r['model']} ({r['date']}, {r['host']})",
         "",
-        f"Real server (`exitserve serve`, {s['device']}/{s['dtype']}, {s['threads']} threads,"
+        f"Real server (`exitserve serve`, {s['device']}/{s['dtype']},"
+        f" {s.get('workers') or 1} worker(s) of {s['threads']} thread(s),"
         f" max batch {s['max_batch_size']}, max queue delay {s['max_queue_delay_ms']:g} ms,"
         f" {o.get('batching', 'static')} batching)"
         f" on {r['usable_cpus']} usable CPUs shared with the load generator. Closed-loop"
@@ -833,6 +834,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
                 "device",
                 "dtype",
                 "threads",
+                "workers",
                 "max_batch_size",
                 "max_queue_delay_ms",
                 "max_queue_size",
