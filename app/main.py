@@ -67,7 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_errors(app, settings.overload_status)
     for r in (predict.router, oip.infer_router, oip.router, health.router, info.router):
         app.include_router(r)
-    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, state=app.state)
+    app.add_middleware(
+        ServiceMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        state=app.state,
+        overload_status=settings.overload_status,
+    )
     return app
 
 

@@ -7,6 +7,7 @@ hop per dependency per request for what is an attribute lookup.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -39,16 +40,20 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With EXITSERVE_API_KEYS set, inference routes need `Authorization: Bearer <key>`."""
-    keys = settings.keys()
+def authorized(authorization: str, keys: Sequence[str]) -> bool:
+    """True when no keys are configured or the header is `Bearer <one of the keys>`."""
     if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return True
+    scheme, _, token = authorization.partition(" ")
     given = token.strip().encode()
     # Compare against every key, always, so timing reveals neither key nor position.
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(given, key.encode())
-    if scheme.lower() != "bearer" or not ok:
+    return scheme.lower() == "bearer" and ok
+
+
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With EXITSERVE_API_KEYS set, inference routes need `Authorization: Bearer <key>`."""
+    if not authorized(request.headers.get("authorization", ""), settings.keys()):
         raise Unauthorized("missing or invalid API key")

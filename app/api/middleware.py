@@ -1,7 +1,12 @@
-"""ASGI middleware: request body limit and per-request metrics.
+"""ASGI middleware: early load shedding, request body limit and per-request metrics.
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming and cancellation behave and the cost
 per request stays a few microseconds.
+
+Shedding: while the engine's queue is full, an authorized inference request is refused
+here, before its body is read, parsed and validated. The engine would refuse it
+anyway; under a flood, rejecting through the whole FastAPI stack cost so much CPU that
+the requests already admitted were served at a fraction of capacity.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.api.deps import authorized
+from app.errors import RETRY_AFTER_S, error_body
 from app.metrics import Metrics
+
+OVERLOADED = error_body("server overloaded; retry later", "overloaded")
 
 
 class _BodyTooLarge(Exception):
@@ -29,10 +37,14 @@ def endpoint_of(path: str) -> str:
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, state: Any) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, state: Any, overload_status: int = 429
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.state = state  # app.state: metrics appear there once the lifespan has run
+        self.state = state  # app.state: metrics and engine appear once the lifespan has run
+        self.overload_status = overload_status
+        self.overloaded_body = json.dumps(OVERLOADED).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,6 +61,10 @@ class ServiceMiddleware:
             await send(message)
 
         try:
+            if endpoint != "other" and scope["method"] == "POST" and self._shed(scope):
+                status["code"] = self.overload_status
+                await self._overloaded(send, metrics)
+                return
             declared = self._declared_length(scope)
             if declared is not None and declared > self.max_body_bytes:
                 status["code"] = 413
@@ -70,6 +86,29 @@ class ServiceMiddleware:
                 metrics.request_duration.labels(endpoint=endpoint).observe(
                     time.perf_counter() - started
                 )
+
+    def _shed(self, scope: Scope) -> bool:
+        engine = getattr(self.state, "engine", None)
+        if engine is None or not engine.full:
+            return False
+        # A request without a valid key gets its 401 from the route, never a hint of load.
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        return authorized(header.decode("latin-1"), self.state.settings.keys())
+
+    async def _overloaded(self, send: Send, metrics: Metrics | None) -> None:
+        if metrics is not None:
+            metrics.rejected.labels(reason="overloaded").inc()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.overload_status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"retry-after", RETRY_AFTER_S.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": self.overloaded_body})
 
     @staticmethod
     def _declared_length(scope: Scope) -> int | None:

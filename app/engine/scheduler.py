@@ -248,6 +248,11 @@ class Engine:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def full(self) -> bool:
+        """No room for even one more input: what `submit` would refuse right now."""
+        return len(self._queue) + self._inflight >= self.max_queue_size
+
     async def submit(
         self, texts: Sequence[str], rule: ExitRule = ExitRule(), timeout_s: float | None = None
     ) -> list[Answer]:

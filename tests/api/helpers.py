@@ -67,6 +67,13 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
     }
 
 
+def scrape(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the app's /metrics page."""
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    return metric_samples(r.text)
+
+
 def sample(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.config import Settings
-from tests.api.helpers import HeldEngine, assert_error, predict
+from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape
 
 JSON = {"content-type": "application/json"}
 
@@ -195,6 +195,37 @@ def test_overload_is_refused_at_once_with_retry_after(
             held.release()
         assert first.result(timeout=10).status_code == 200
     assert len(predict(client, ["a", "b"])) == 2  # recovered
+
+
+def test_a_full_queue_sheds_before_the_body_is_read(
+    serve: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no room left, an inference request is refused without parsing its body (even
+    an invalid one gets the overload answer), while keys are still checked first."""
+    client = serve(max_queue_size=1, max_inputs_per_request=1, api_keys="k1")
+    auth = {"authorization": "Bearer k1"}
+    held = HeldEngine(client, monkeypatch)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(client.post, "/predict", json={"inputs": "good"}, headers=auth)
+            assert held.entered.wait(10), "the first request never reached the worker"
+            for path in ("/predict", "/v2/models/tiny/infer"):
+                r = client.post(path, content=b"{not json", headers={**auth, **JSON})
+                assert_error(r, 429, "overloaded")
+                assert r.headers["retry-after"] == "1"
+                # No key, or a wrong one: 401 as always, never a hint of load.
+                assert_error(client.post(path, content=b"{}", headers=JSON), 401)
+            # Not an inference route: served as usual.
+            assert client.get("/readyz").status_code == 200
+        finally:
+            held.release()
+        assert first.result(timeout=10).status_code == 200
+    m = scrape(client)
+    assert sample(m, "exitserve_rejected_total", reason="overloaded") == 2
+    assert sample(m, "exitserve_requests_total", endpoint="predict", status="429") == 1
+    assert sample(m, "exitserve_requests_total", endpoint="v2_infer", status="429") == 1
+    # With room again, the same invalid body gets its validation error.
+    assert_error(client.post("/predict", content=b"{not json", headers={**auth, **JSON}), 422)
 
 
 def test_api_keys(serve: Callable[..., TestClient]) -> None:

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import HeldEngine, assert_error, metric_samples, predict, sample
+from tests.api.helpers import HeldEngine, assert_error, metric_samples, predict, sample, scrape
 from tests.tiny import random_texts
 
 # DESIGN.md's metrics table: name -> Prometheus type.
@@ -31,12 +31,6 @@ METRICS = {
     "exitserve_rejected": "counter",
     "exitserve_model_info": "gauge",
 }
-
-
-def scrape(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    r = client.get("/metrics")
-    assert r.status_code == 200
-    return metric_samples(r.text)
 
 
 def test_healthz(client: TestClient) -> None:
