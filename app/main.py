@@ -47,6 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stuck_after_s=s.stuck_after_s,
     )
     engine.start()
+    metrics.watch_readiness(lambda: engine.ready)
     app.state.metrics, app.state.engine = metrics, engine
     try:
         yield

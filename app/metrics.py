@@ -5,7 +5,7 @@ Each app gets its own registry, so tests can build many apps in one process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -75,6 +75,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.ready = Gauge(
+            "exitserve_ready",
+            "1 while the engine takes new work; 0 while loading, draining, stuck or failed",
+            registry=r,
+        )
         self.model_info = Gauge(
             "exitserve_model_info",
             "The loaded model",
@@ -85,6 +90,11 @@ class Metrics:
             self.exits.labels(exit_layer=str(k))
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+
+    def watch_readiness(self, ready: Callable[[], bool]) -> None:
+        """Read readiness at every scrape: it turns on drains and stuck batches, which no
+        event of the engine's reports."""
+        self.ready.set_function(lambda: float(ready()))
 
     # -- the engine's observer interface --------------------------------------------------
     def answered(

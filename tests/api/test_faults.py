@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from tests.api.conftest import build_settings
-from tests.api.helpers import HeldEngine, assert_error, predict
+from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape
 
 POISON = "rotten"  # a vocabulary word: any batch holding it fails inside the network
 
@@ -63,12 +63,14 @@ def test_a_stuck_engine_fails_readiness_until_its_batch_ends(
                 r = client.get("/readyz")
             assert_error(r, 503, "unavailable")
             assert r.json()["error"] == "stuck"
+            assert sample(scrape(client), "exitserve_ready") == 0
             assert client.get("/v2/health/ready").status_code == 503
             assert client.get("/healthz").status_code == 200  # stuck is not dead
         finally:
             held.release()
         assert first.result(timeout=10).status_code == 200
     assert client.get("/readyz").status_code == 200
+    assert sample(scrape(client), "exitserve_ready") == 1
 
 
 def test_a_dead_worker_fails_liveness_and_readiness(

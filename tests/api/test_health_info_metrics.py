@@ -30,6 +30,7 @@ METRICS = {
     "exitserve_inflight_inputs": "gauge",
     "exitserve_rejected": "counter",
     "exitserve_model_info": "gauge",
+    "exitserve_ready": "gauge",
 }
 
 
@@ -48,8 +49,10 @@ def test_readyz_when_running(client: TestClient) -> None:
 def test_draining_refuses_work(serve: Callable[..., TestClient]) -> None:
     client = serve()
     assert client.get("/readyz").status_code == 200
+    assert sample(scrape(client), "exitserve_ready") == 1
     client.app.state.engine.begin_drain()  # type: ignore[attr-defined]
     assert_error(client.get("/readyz"), 503, "unavailable")
+    assert sample(scrape(client), "exitserve_ready") == 0
     r = client.post("/predict", json={"inputs": "good"})
     assert_error(r, 503, "unavailable")
     assert r.headers["retry-after"] == "1"
