@@ -7,6 +7,7 @@ serves through exactly the code paths the real model uses, in milliseconds.
 
 from __future__ import annotations
 
+import csv
 import random
 import tempfile
 from collections.abc import Sequence
@@ -139,3 +140,18 @@ def _spread_heads(net: MultiExitNetwork, tok: Tokenizer, seed: int) -> None:
                 torch.randn(C, H, generator=gen) * CLASSIFIER_SCALE / H**0.5
             )
             head.classifier.bias.zero_()
+
+
+def make_tiny_model_with_data(path: Path | str, texts: int = 200, seed: int = 7) -> Path:
+    """A tiny model whose training data is a CSV of random texts and labels beside it,
+    so `split_data(spec, "test")` finds a test split (what the benchmarks drive)."""
+    path = Path(path)
+    data = path.with_name(path.name + "-data.csv")
+    rng = random.Random(0)
+    with data.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(
+            (t, rng.choice(["negative", "positive"])) for t in random_texts(texts, seed=seed)
+        )
+    return make_tiny_model(path, training={"data": {"source": str(data)}, "config": {"seed": 0}})

@@ -3,9 +3,7 @@ the whole harness against a tiny model."""
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from bench.harness import (
     useful_gflops,
 )
 from bench.http_bench import Sample
-from tests.tiny import make_tiny_model, random_texts
+from tests.tiny import make_tiny_model_with_data
 
 
 def test_encoder_flops_counts_projections_and_attention() -> None:
@@ -113,15 +111,7 @@ def test_markdown_lists_rows_bars_and_exits() -> None:
 
 @pytest.mark.slow
 def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
-    data = tmp_path / "data.csv"
-    rng = random.Random(0)
-    with data.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows((t, rng.choice(["negative", "positive"])) for t in random_texts(200, seed=7))
-    model = make_tiny_model(
-        tmp_path / "tiny", training={"data": {"source": str(data)}, "config": {"seed": 0}}
-    )
+    model = make_tiny_model_with_data(tmp_path / "tiny")
     result, path = run(
         Options(
             model_dir=model,

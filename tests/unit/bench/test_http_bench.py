@@ -4,10 +4,8 @@ against a fake server, and (slow) the whole harness against a tiny model."""
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from bench.http_bench import (
     run,
     run_window,
 )
-from tests.tiny import make_tiny_model, random_texts
+from tests.tiny import make_tiny_model_with_data
 
 OK = (
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: 13\r\n"
@@ -383,15 +381,7 @@ def test_exit_metric_lines_keeps_only_the_exit_counters() -> None:
 # -- the whole harness (slow) -----------------------------------------------------------
 @pytest.mark.slow
 def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
-    data = tmp_path / "data.csv"
-    rng = random.Random(0)
-    with data.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows((t, rng.choice(["negative", "positive"])) for t in random_texts(200, seed=7))
-    model = make_tiny_model(
-        tmp_path / "tiny", training={"data": {"source": str(data)}, "config": {"seed": 0}}
-    )
+    model = make_tiny_model_with_data(tmp_path / "tiny")
     result, path = run(
         Options(
             model_dir=model,

@@ -25,7 +25,7 @@ from bench.loadmix import (
     split_by_length,
 )
 from bench.loadtest import locust_command, main, read_totals
-from tests.tiny import make_tiny_model, random_texts
+from tests.tiny import make_tiny_model_with_data
 
 CORPUS = Corpus(
     model="m",
@@ -221,15 +221,7 @@ def test_locust_command_is_headless_with_reports() -> None:
 
 # -- the whole run, against a tiny model (slow) ----------------------------------------
 def tiny_model_with_data(tmp_path: Path) -> Path:
-    data = tmp_path / "data.csv"
-    rng = random.Random(0)
-    with data.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows((t, rng.choice(["negative", "positive"])) for t in random_texts(200, seed=7))
-    return make_tiny_model(
-        tmp_path / "tiny", training={"data": {"source": str(data)}, "config": {"seed": 0}}
-    )
+    return make_tiny_model_with_data(tmp_path / "tiny")
 
 
 def test_load_corpus_reads_the_test_split(tmp_path: Path) -> None:
