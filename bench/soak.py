@@ -53,11 +53,9 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -69,10 +67,12 @@ from typing import Any, NamedTuple
 from bench.http_bench import (
     Connection,
     ProtocolError,
+    _run_async,
     build_request,
     free_port,
     http_get,
     percentile,
+    running_command,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,14 +415,6 @@ async def open_loop(
     return outcomes, offered, took, samples
 
 
-def _run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 # -- the server ------------------------------------------------------------------------
 @dataclass
 class Options:
@@ -476,49 +468,13 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
 
 
 @contextmanager
-def running_server(
-    o: Options, threads: int
-) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
-    """The real server on a free loopback port, ready. Yields (process, port, exit) where
-    `exit` receives the exit status after the SIGTERM this sends on leaving."""
+def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The real server on a free loopback port, ready; SIGTERM on leaving, after which
+    the process's `returncode` is its exit status."""
     port = free_port()
-    exit_status: list[int] = []
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=ROOT,
-            env=server_env(o, port, threads),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def tail() -> str:
-            log.seek(0)
-            return log.read().decode("utf-8", "replace")[-3000:]
-
-        try:
-            deadline = time.monotonic() + o.startup_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited early ({proc.returncode}):\n{tail()}")
-                try:
-                    if http_get(port, "/readyz", 2.0)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not ready in {o.startup_timeout:g} s:\n{tail()}")
-                time.sleep(0.2)
-            yield proc, port, exit_status
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-            exit_status.append(proc.returncode)
+    argv = [sys.executable, "-m", "app.cli", "serve"]
+    with running_command(argv, server_env(o, port, threads), port, o.startup_timeout) as proc:
+        yield proc, port
 
 
 def load_texts(o: Options) -> list[str]:
@@ -555,7 +511,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         for t in texts
     ]
     log(f"starting server: {o.model_dir} ({threads} threads)")
-    with running_server(o, threads) as (proc, port, exit_status):
+    with running_server(o, threads) as (proc, port):
         info = json.loads(http_get(port, "/info")[1])
         log(f"references: {len(texts)} texts, one at a time")
         refs = _run_async(ask_alone(port, texts))
@@ -585,7 +541,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         )
         rss_after = rss_bytes(proc.pid)
         ready_after = http_get(port, "/readyz")[0] == 200
-    log(f"server stopped ({exit_status[0]})")
+    log(f"server stopped ({proc.returncode})")
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     host = socket.gethostname()
     flip_gap = o.flip_gap if o.flip_gap is not None else FLIP_GAP.get(info.get("dtype"), 0.1)
@@ -618,7 +574,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         "rss_before_mb": round(rss_before / 2**20, 1),
         "rss_after_mb": round(rss_after / 2**20, 1),
         "ready_after": ready_after,
-        "server_exit_code": exit_status[0],
+        "server_exit_code": proc.returncode,
     }
     if o.steady:
         result["memory"] = memory_growth(samples, min(o.rss_warmup, duration / 2))
