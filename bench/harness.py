@@ -112,15 +112,6 @@ def check_bars(rows: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, An
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
-    def pooled(config: str) -> float | None:
-        acc = [
-            (r["accuracy"], r["requests"] - r["failures"])
-            for (k, _), r in rows.items()
-            if k == config and r.get("accuracy") is not None
-        ]
-        n = sum(w for _, w in acc)
-        return sum(a * w for a, w in acc) / n if n else None
-
     def diff(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
 
@@ -128,7 +119,7 @@ def check_bars(rows: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, An
         return ratio(get(a, c_bar, "throughput_rps"), get(b, c_bar, "throughput_rps"))
 
     def points(a: str, b: str) -> float | None:
-        d = diff(pooled(a), pooled(b))
+        d = diff(hb.pooled_accuracy(rows, a), hb.pooled_accuracy(rows, b))
         return None if d is None else 100 * d
 
     p50 = ratio(get("calibrated", c_lo, "p50_ms"), get("full_depth", c_lo, "p50_ms"))

@@ -269,6 +269,18 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return round(num / den, 3)
 
 
+def pooled_accuracy(rows: dict[tuple[str, int], dict[str, Any]], config: str) -> float | None:
+    """Accuracy of one configuration over all its concurrency levels, weighted by the
+    successful requests of each."""
+    judged = [
+        (r["accuracy"], r["requests"] - r["failures"])
+        for (k, _), r in rows.items()
+        if k == config and r.get("accuracy") is not None
+    ]
+    n = sum(w for _, w in judged)
+    return sum(a * w for a, w in judged) / n if n else None
+
+
 def compute_ratios(
     rows: dict[tuple[str, int], dict[str, Any]],
     in_process: dict[str, Any] | None,
@@ -290,16 +302,7 @@ def compute_ratios(
         if cal and full:
             out[f"p50_calibrated_over_full_depth@c{c}"] = _ratio(cal["p50_ms"], full["p50_ms"])
 
-    def pooled_accuracy(config: str) -> float | None:
-        judged = [
-            (r["accuracy"], r["requests"] - r["failures"])
-            for (k, _), r in rows.items()
-            if k == config and r["accuracy"] is not None
-        ]
-        n = sum(w for _, w in judged)
-        return sum(a * w for a, w in judged) / n if n else None
-
-    acc_cal, acc_full = pooled_accuracy("calibrated"), pooled_accuracy("full_depth")
+    acc_cal, acc_full = pooled_accuracy(rows, "calibrated"), pooled_accuracy(rows, "full_depth")
     out["accuracy_calibrated_minus_full_depth"] = (
         round(acc_cal - acc_full, 4) if acc_cal is not None and acc_full is not None else None
     )
