@@ -156,6 +156,7 @@ class Engine:
         self._draining = False
         self._drain_began = 0.0  # time.monotonic() of the first begin_drain()
         self._threads: list[threading.Thread] = []
+        self._dead: set[int] = set()  # workers that died; marked before they fail what waits
         self._busy_since: list[float | None] = [None] * workers  # monotonic, per worker
         self._last_arrival = 0.0
         self._arrival_gap = float("inf")  # moving average of seconds between requests
@@ -177,7 +178,7 @@ class Engine:
     @property
     def running(self) -> bool:
         alive = bool(self._threads) and all(t.is_alive() for t in self._threads)
-        return alive and not self._stopping
+        return alive and not self._dead and not self._stopping
 
     @property
     def failed(self) -> bool:
@@ -434,10 +435,12 @@ class Engine:
         except BaseException:
             # Only a bug gets here (a batch's errors are caught with the batch). `failed`
             # now tells the health probes; fail what waits if no worker is left to run it.
+            # The death is marked before anyone is failed, so a caller that sees its
+            # InferenceFailed also sees `failed`, even while this thread is still ending.
             log.critical("engine worker %d died", i, exc_info=True)
-            me = threading.current_thread()
             with self._cond:
-                if any(t.is_alive() for t in self._threads if t is not me):
+                self._dead.add(i)
+                if len(self._dead) < len(self._threads):
                     return
                 leftover = list(self._queue)
                 self._queue.clear()
