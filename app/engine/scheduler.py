@@ -108,6 +108,32 @@ class _Pending:
         self.started = 0.0
 
 
+def next_arrival_gap(average: float, gap: float, window: float) -> float:
+    """The moving average of seconds between arrivals, after one more `gap`.
+
+    A silence longer than the batching window says nothing about the gaps in a burst, so
+    it counts as twice the window: clearly past it, and not so long that the average
+    stays there once a burst begins. (Counted as exactly the window, one short gap left
+    the average below the window for good, since it can only approach the cap: a lone
+    client then waited out the whole window on every request.)
+    """
+    gap = min(gap, 2.0 * window)
+    return gap if average == float("inf") else 0.8 * average + 0.2 * gap
+
+
+def batch_wait(now: float, first: float, last_arrival: float, gap: float, window: float) -> float:
+    """Seconds worth waiting for one more arrival before closing a batch (<= 0: close now).
+
+    `first` is when the oldest queued input arrived, `last_arrival` the latest, `gap` the
+    average gap between arrivals. Wait only while the next arrival is due before the
+    window closes, and never past two typical gaps without one (the burst is over).
+    """
+    deadline = first + window
+    if last_arrival + gap >= deadline:
+        return 0.0  # the window closes before the next arrival is due
+    return min(deadline, last_arrival + 2.0 * gap) - now
+
+
 def _settle(fut: asyncio.Future[Answer], answer: Answer | None, error: Exception | None) -> None:
     if fut.done():  # the client went away and the request was cancelled
         return
@@ -284,12 +310,8 @@ class Engine:
                 raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
             now = items[0].admitted
             if self._last_arrival:
-                # A silence longer than the window says nothing about the gaps in a burst.
-                gap = min(now - self._last_arrival, self.max_queue_delay_s)
-                self._arrival_gap = (
-                    gap
-                    if self._arrival_gap == float("inf")
-                    else (0.8 * self._arrival_gap + 0.2 * gap)
+                self._arrival_gap = next_arrival_gap(
+                    self._arrival_gap, now - self._last_arrival, self.max_queue_delay_s
                 )
             self._last_arrival = now
             self._queue.extend(items)
@@ -348,16 +370,18 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return None
-                deadline = self._queue[0].admitted + self.max_queue_delay_s
+                first = self._queue[0].admitted
                 while len(self._queue) < self.max_batch_size and not self._stopping:
-                    now = time.perf_counter()
-                    if self._last_arrival + self._arrival_gap >= deadline:
-                        break  # the window closes before the next arrival is due
-                    # Two typical gaps without an arrival: the burst is over.
-                    until = min(deadline, self._last_arrival + 2 * self._arrival_gap)
-                    if until <= now:
+                    wait = batch_wait(
+                        time.perf_counter(),
+                        first,
+                        self._last_arrival,
+                        self._arrival_gap,
+                        self.max_queue_delay_s,
+                    )
+                    if wait <= 0.0:
                         break
-                    self._cond.wait(until - now)
+                    self._cond.wait(wait)
                 batch = self._pop(self.max_batch_size)
                 if batch:
                     return batch
