@@ -70,6 +70,7 @@ def serve(app: FastAPI, settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app.state, settings.drain_timeout_s)

@@ -85,14 +85,21 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(
         assert proc.wait(timeout=DRAIN_TIMEOUT_S) == 0
     log = log_path.read_text()
     assert "engine stopped (drained)" in log, log[-2000:]
+    assert "POST /predict" not in log  # no access log unless asked for
 
 
 def test_sigterm_when_idle_exits_0(tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = {"model_dir": str(tiny_model_dir), "quantization": "none", "threads": "1"}
+    settings = {
+        "model_dir": str(tiny_model_dir),
+        "quantization": "none",
+        "threads": "1",
+        "access_log": "true",
+    }
     with server_process(settings, tmp_path / "server.log") as (url, proc):
         assert httpx.post(f"{url}/predict", json={"inputs": "fine"}, timeout=10).status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=DRAIN_TIMEOUT_S) == 0
+    assert '"POST /predict HTTP/1.1" 200' in (tmp_path / "server.log").read_text()
 
 
 def test_a_tampered_model_file_stops_start_up_and_never_turns_ready(
