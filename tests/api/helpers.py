@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ class Reply(Protocol):
 class Poster(Protocol):
     def post(self, url: str, *, json: Any = None) -> Any: ...
 
+
+GUARD_S = 30.0  # only ever reached when a test fails
 
 # Two or more path segments, or a Windows drive: what a leaked file path looks like.
 _PATH = re.compile(r"(?:/[\w.-]+){2,}|[A-Za-z]:\\")
@@ -101,3 +104,18 @@ class HeldEngine:
 
     def release(self) -> None:
         self.gate.set()
+
+
+def wait_until_idle(client: TestClient) -> None:
+    """Wait until the app's engine has nothing queued and nothing in flight.
+
+    A worker settles an input's answer first; only then does it count the input in the
+    metrics (exits, layers, durations), finish its batch (batch sizes), clear its busy
+    mark (`stuck`) and take the batch out of flight (which frees queue room). A client
+    can hold its answer before any of that: wait here before asserting on it.
+    """
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    stop = time.monotonic() + GUARD_S
+    while not engine.idle:
+        assert time.monotonic() < stop, "the engine never went idle"
+        time.sleep(0.001)

@@ -12,7 +12,15 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import HeldEngine, assert_error, metric_samples, predict, sample, scrape
+from tests.api.helpers import (
+    HeldEngine,
+    assert_error,
+    metric_samples,
+    predict,
+    sample,
+    scrape,
+    wait_until_idle,
+)
 from tests.tiny import random_texts
 
 # DESIGN.md's metrics table: name -> Prometheus type.
@@ -111,6 +119,7 @@ def test_metrics_count_exactly_what_was_served(
     for t in texts[:3]:
         assert predict(client, t, threshold=threshold)[0]["exit_layer"] == exit_at
     assert {p["exit_layer"] for p in predict(client, texts[3:], threshold=threshold)} == {exit_at}
+    wait_until_idle(client)  # the worker counts an answer after it has sent it
     after = scrape(client)
 
     def delta(name: str, **labels: str) -> float:
