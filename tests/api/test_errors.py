@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.config import Settings
-from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape
+from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape, wait_until_idle
 
 JSON = {"content-type": "application/json"}
 
@@ -194,6 +194,7 @@ def test_overload_is_refused_at_once_with_retry_after(
         finally:
             held.release()
         assert first.result(timeout=10).status_code == 200
+    wait_until_idle(client)  # the answered input is in flight until its batch ends
     assert len(predict(client, ["a", "b"])) == 2  # recovered
 
 
@@ -220,6 +221,7 @@ def test_a_full_queue_sheds_before_the_body_is_read(
         finally:
             held.release()
         assert first.result(timeout=10).status_code == 200
+    wait_until_idle(client)  # the answered input is in flight until its batch ends
     m = scrape(client)
     assert sample(m, "exitserve_rejected_total", reason="overloaded") == 2
     assert sample(m, "exitserve_requests_total", endpoint="predict", status="429") == 1
