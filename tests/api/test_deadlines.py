@@ -8,14 +8,22 @@ still held, and be counted as `exitserve_rejected_total{reason="deadline"}`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.helpers import HeldEngine, Reply, assert_error, metric_samples, predict, sample
+from tests.api.helpers import (
+    GUARD_S,
+    HeldEngine,
+    Reply,
+    assert_error,
+    metric_samples,
+    predict,
+    sample,
+)
 
 
 def infer_body(texts: list[str], **parameters: Any) -> dict[str, Any]:
@@ -31,18 +39,24 @@ def deadline_rejections(client: TestClient) -> float:
 
 
 @contextmanager
-def busy_worker(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[Future[Any]]:
-    """The worker held inside a batch for the duration; yields that request's future."""
+def busy_worker(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The worker held inside a batch for the duration.
+
+    That batch's input goes to the engine directly, without a deadline: through the API
+    it would get the server's own (30 ms in some tests here), which a busy machine can
+    let pass before the worker takes it, and the worker would never be held.
+    """
     held = HeldEngine(client, monkeypatch)
-    with ThreadPoolExecutor(1) as pool:
-        try:
-            first = pool.submit(client.post, "/predict", json={"inputs": "first"})
-            assert held.entered.wait(10), "the first request never reached the worker"
-            yield first
-            assert not first.done(), "the worker was released too early"
-        finally:
-            held.release()
-        assert first.result(timeout=10).status_code == 200
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    portal = client.portal  # type: ignore[attr-defined]
+    first: Future[Any] = portal.start_task_soon(engine.submit, ["first"])
+    try:
+        assert held.entered.wait(GUARD_S), "the first input never reached the worker"
+        yield
+        assert not first.done(), "the worker was released too early"
+    finally:
+        held.release()
+    assert len(first.result(timeout=GUARD_S)) == 1
 
 
 def assert_deadline(r: Reply) -> None:
