@@ -141,9 +141,12 @@ def test_an_input_already_in_a_batch_finishes_after_its_deadline(
     held = Held(runtime, monkeypatch)
 
     async def main() -> None:
-        task = asyncio.ensure_future(engine.submit(["slow but started"], timeout_s=0.02))
+        # The worker must take the input before its deadline: a deadline of a few ms
+        # could pass first on a busy machine (the input is then dropped, never held).
+        task = asyncio.ensure_future(engine.submit(["slow but started"], timeout_s=1.0))
         await in_thread(held.entered)
-        await asyncio.sleep(0.05)  # its deadline passes while its batch runs
+        await asyncio.sleep(1.0)  # its deadline passes while its batch runs
+        assert not task.done()  # the caller still waits for its input in the batch
         held.release()
         answers = await task
         assert answers[0].label in runtime.labels
