@@ -373,7 +373,7 @@ def test_triton_client_infer(triton: Any, server: str, binary_in: bool, binary_o
     labels = [_as_str(x) for x in result.as_numpy("label")]
     scores = result.as_numpy("score").astype(float).tolist()
     exits = result.as_numpy("exit_layer").astype(int).tolist()
-    with httpx.Client(base_url=f"http://{server}") as c:
+    with httpx.Client(base_url=f"http://{server}", timeout=30) as c:
         expected = predict(c, texts)
     assert labels == [p["label"] for p in expected]
     assert exits == [p["exit_layer"] for p in expected]

@@ -255,7 +255,9 @@ def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        r = httpx.post(f"{url}/predict", json={"inputs": "a gripping, beautifully acted film"})
+        r = httpx.post(
+            f"{url}/predict", json={"inputs": "a gripping, beautifully acted film"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["label"] == "positive"
         assert r.json()["model"] == "rt-sentiment-minilm"

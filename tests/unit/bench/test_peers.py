@@ -149,7 +149,10 @@ def check_refusals(url: str) -> None:
     for body in BAD_BODIES:
         content = body if isinstance(body, str) else json.dumps(body)
         r = httpx.post(
-            f"{url}/predict", content=content, headers={"content-type": "application/json"}
+            f"{url}/predict",
+            content=content,
+            headers={"content-type": "application/json"},
+            timeout=30,
         )
         assert r.status_code == 422, (body, r.status_code)
         assert "detail" in r.json()
@@ -195,10 +198,10 @@ def test_onnx_server_batches_and_answers_like_single_requests(
     with peer("onnx_server.py", tiny_model_dir, tmp_path / "onnx.log", *args) as url:
         singles = [predict(url, t)[0] for t in texts]
         assert_answers(singles, want, n)
-        before = httpx.get(f"{url}/stats").json()
+        before = httpx.get(f"{url}/stats", timeout=30).json()
         assert before["batches"] == before["inputs"] == len(texts)
         assert_answers(burst(url, texts), want, n)
-        after = httpx.get(f"{url}/stats").json()
+        after = httpx.get(f"{url}/stats", timeout=30).json()
         assert after["inputs"] - before["inputs"] == len(texts)
         assert after["batches"] - before["batches"] < len(texts)  # requests were batched
         assert_answers(predict(url, texts[:5]), want[:5], n)
