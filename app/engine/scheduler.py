@@ -437,9 +437,10 @@ class Engine:
             queue_s=p.started - p.admitted,
             inference_s=now - p.started,
         )
-        p.loop.call_soon_threadsafe(_settle, p.future, answer, None)
+        # Counted before the caller can hold the answer, so /metrics never lags it.
         if self.observer is not None:
             self.observer.answered(pred.exit_layer, L, answer.queue_s, answer.inference_s)
+        p.loop.call_soon_threadsafe(_settle, p.future, answer, None)
 
     def _finish(self, n: int) -> None:
         with self._cond:
