@@ -2,12 +2,15 @@
 
 Compares, in one run with interleaved repetitions, on the model's test split:
   fp32 full depth, int8 full depth, int8 adaptive (calibrated thresholds),
-at batch 1 and batch 32 (batches in arrival order, mixed lengths, as a dynamic
-batcher would form them). Reports sentences/s (median over repetitions), the ratios
-the README quotes, mean depth and accuracy, and saves raw numbers under bench/results/.
+at each batch size asked for (default 1, 8 and 32; batches in arrival order, mixed
+lengths, as a dynamic batcher would form them). Reports sentences/s (median over
+repetitions), the ratios the README quotes, mean depth and accuracy, and saves raw
+numbers under bench/results/. `--threads 1` times what one serving worker has (the
+server's default on the CPU: one single-thread worker per core).
 
 Usage:
-  exitserve bench models/rt-sentiment-minilm --out bench/results [--reps 5] [--n1 256] [--n32 512]
+  exitserve bench models/rt-sentiment-minilm --out bench/results [--reps 5]
+      [--batches 1 8 32] [--n1 256] [--n 512] [--threads N]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,9 +49,18 @@ def timed_pass(
 
 
 def run(
-    model_dir: Path, out_dir: Path, reps: int = 5, n1: int = 256, n32: int = 512
+    model_dir: Path,
+    out_dir: Path,
+    reps: int = 5,
+    n1: int = 256,
+    n: int = 512,
+    batches: Sequence[int] = (1, 8, 32),
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    threads = usable_cpus()
+    """`n1` sentences are timed at batch 1 and `n` at every larger batch size."""
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batches)}")
+    threads = threads or usable_cpus()
     torch.set_num_threads(threads)
     loaded = artifact.load(model_dir)
     spec, tok = loaded.spec, loaded.tokenizer
@@ -64,7 +77,7 @@ def run(
         "int8_full": (int8, full),
         "int8_adaptive": (int8, calibrated),
     }
-    cases = [(1, ids[:n1]), (32, ids[:n32])]
+    cases = [(b, ids[: n1 if b == 1 else n]) for b in sorted(set(batches))]
     # Warm up every configuration once (allocator, packed weights, thread pool).
     for net, th in configs.values():
         timed_pass(net, ids[:32], th, 32)
@@ -103,8 +116,8 @@ def run(
         "threads": threads,
         "torch": torch.__version__,
         "reps": reps,
-        "sentences": {"batch1": n1, "batch32": n32},
-        "mean_tokens": round(sum(len(r) for r in ids[:n32]) / min(n32, len(ids)), 1),
+        "sentences": {f"batch{b}": len(subset) for b, subset in cases},
+        "mean_tokens": round(sum(len(r) for r in ids[:n]) / min(n, len(ids)), 1),
         "sentences_per_second_median": {k: round(v, 1) for k, v in median.items()},
         "sentences_per_second_raw": {k: [round(x, 1) for x in v] for k, v in raw.items()},
         "ratios": {k: round(v, 2) for k, v in ratios.items()},
@@ -112,7 +125,7 @@ def run(
         "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"engine-{spec.name}-{date[:10]}-{host}"
+    stem = f"engine-{spec.name}-{date[:10]}-{host}-{threads}t"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown(result))
     return result
@@ -124,9 +137,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"# Engine benchmark: {r['model']} ({r['date']}, {r['host']},"
         f" {r['threads']} threads, torch {r['torch']})",
         "",
-        f"Test split, {r['sentences']['batch1']} sentences at batch 1 and"
-        f" {r['sentences']['batch32']} at batch 32 (arrival order, mean {r['mean_tokens']}"
-        f" tokens); median of {r['reps']} interleaved repetitions.",
+        "Test-split sentences timed: "
+        + ", ".join(f"{k} at batch {b[5:]}" for b, k in r["sentences"].items())
+        + f" (arrival order, mean {r['mean_tokens']} tokens); median of"
+        f" {r['reps']} interleaved repetitions.",
         "",
         "| configuration | batch | sentences/s | mean layers | accuracy |",
         "|---|---|---|---|---|",

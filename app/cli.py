@@ -77,7 +77,7 @@ def _evaluate(a: argparse.Namespace) -> int:
 def _bench(a: argparse.Namespace) -> int:
     from app.benchmark import run
 
-    result = run(Path(a.model_dir), Path(a.out), a.reps, a.n1, a.n32)
+    result = run(Path(a.model_dir), Path(a.out), a.reps, a.n1, a.n, a.batches, a.threads)
     print(
         json.dumps(
             {
@@ -156,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("model_dir")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
     b.add_argument("--n1", type=int, default=256, help="sentences timed at batch 1")
-    b.add_argument("--n32", type=int, default=512, help="sentences timed at batch 32")
+    b.add_argument("--n", type=int, default=512, help="sentences timed at each larger batch")
+    b.add_argument("--threads", type=int, help="torch threads (default: usable CPUs)")
     b.set_defaults(func=_bench)
 
     v = sub.add_parser("serve", help="start the HTTP service (settings from EXITSERVE_* env)")
