@@ -53,7 +53,12 @@ def authorized(authorization: str, keys: Sequence[str]) -> bool:
     return scheme.lower() == "bearer" and ok
 
 
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With EXITSERVE_API_KEYS set, inference routes need `Authorization: Bearer <key>`."""
+async def require_api_key(request: Request) -> None:
+    """With EXITSERVE_API_KEYS set, inference routes need `Authorization: Bearer <key>`.
+
+    Reads the settings from app.state itself: every nested dependency costs FastAPI's
+    resolver time on every inference request.
+    """
+    settings: Settings = request.app.state.settings
     if not authorized(request.headers.get("authorization", ""), settings.keys()):
         raise Unauthorized("missing or invalid API key")
