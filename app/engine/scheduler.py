@@ -515,20 +515,28 @@ class Engine:
             if batch is None:
                 return
             self._busy_since[i] = time.monotonic()
+            answered = [0]  # inputs of this batch answered, and so already out of flight
             try:
                 self._report_load()
-                self._run_batch(batch)
+                self._run_batch(batch, answered)
             except Exception:
                 log.exception("batch of %d inputs failed", len(batch))
                 for p in batch:
                     self._reject(p)  # those already answered keep their answer
             finally:
                 self._busy_since[i] = None
-                self._finish(len(batch))
+                self._finish(len(batch) - answered[0])
                 self._report_load()
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
+    def _run_batch(self, batch: list[_Pending], answered: list[int]) -> None:
+        def on_answer(i: int, pred: Prediction) -> None:
+            self._answer(batch[i], pred)
+            # Out of flight at once: an input that left at layer 1 frees its place in
+            # the queue's bound while the rest of its batch still runs.
+            self._finish(1)
+            answered[0] += 1
+
         rows = self._rows(batch)
-        result = run_batch(self.runtime.network, rows, lambda i, p: self._answer(batch[i], p))
+        result = run_batch(self.runtime.network, rows, on_answer)
         if self.observer is not None:
             self.observer.layer_steps(result.rows_per_layer)

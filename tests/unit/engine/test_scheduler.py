@@ -21,6 +21,7 @@ from app.engine.runtime import ModelRuntime, load_runtime
 from app.engine.scheduler import (
     DeadlineExceeded,
     Engine,
+    ExitRule,
     InferenceFailed,
     NotRunning,
 )
@@ -259,3 +260,45 @@ def test_a_deadline_must_lie_ahead(engine_of: Callable[..., Engine], timeout_s: 
     engine = engine_of()
     with pytest.raises(ValueError, match="timeout_s"):
         run(engine.submit(["a"], timeout_s=timeout_s))
+
+
+def test_an_early_answer_frees_its_place_while_its_batch_runs_on(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Room for three inputs. "easy" (threshold 0.0) and "hard" (threshold 1.0) share a
+    # batch, held before its second layer: "easy" has left at layer 1, so its place is
+    # free for new work while "hard" is still in flight.
+    engine = engine_of(max_queue_size=3, max_batch_size=8)
+    held = Held(runtime, monkeypatch)
+    entered_2, gate_2 = threading.Event(), threading.Event()
+    layer = runtime.network.layer
+
+    def layer_held_at_2(i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if i == 1 and "hard" in held.seen:  # the second batch only
+            entered_2.set()
+            assert gate_2.wait(GUARD_S), "the test never released the second layer"
+        return layer(i, x, bias)
+
+    monkeypatch.setattr(runtime.network, "layer", layer_held_at_2)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)  # the worker holds "first"; the next batch queues
+        easy = asyncio.ensure_future(engine.submit(["easy"], ExitRule(threshold=0.0)))
+        hard = asyncio.ensure_future(engine.submit(["hard"], ExitRule(threshold=1.0)))
+        await until(lambda: engine.queued() == 2)
+        held.release()
+        assert len(await first) == 1
+        await in_thread(entered_2)
+        assert held.seen == ["first", "easy", "hard"]  # one batch: easy and hard
+        assert (await easy)[0].exit_layer == 1
+        assert not hard.done()
+        # Only "hard" is in flight: two more inputs fit (one, if "easy" still counted).
+        later = asyncio.ensure_future(engine.submit(["late", "later"], ExitRule(threshold=0.0)))
+        await until(lambda: engine.queued() == 2)  # admitted, not refused
+        assert engine.full
+        gate_2.set()
+        assert (await hard)[0].exit_layer == runtime.num_layers
+        assert [a.exit_layer for a in await later] == [1, 1]
+
+    run(main())
