@@ -34,6 +34,15 @@ from app.network.quantize import prepare
 from app.training.evaluate import split_data
 
 
+def write_results(out_dir: Path, stem: str, result: dict[str, Any], md: str) -> Path:
+    """Save a benchmark's raw result as OUT/STEM.json and its report as OUT/STEM.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(md)
+    return path
+
+
 def timed_pass(
     net: Any, ids: list[list[int]], thresholds: list[float], batch: int
 ) -> tuple[float, list[int], list[int]]:
@@ -124,10 +133,9 @@ def run(
         "mean_layers": {k: round(v, 3) for k, v in depth.items()},
         "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"engine-{spec.name}-{date[:10]}-{host}-{threads}t"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(result))
+    write_results(
+        out_dir, f"engine-{spec.name}-{date[:10]}-{host}-{threads}t", result, markdown(result)
+    )
     return result
 
 

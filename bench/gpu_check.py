@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import socket
@@ -39,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.benchmark import timed_pass  # noqa: E402
+from app.benchmark import timed_pass, write_results  # noqa: E402
 from app.network import artifact  # noqa: E402
 from app.network.artifact import read_spec  # noqa: E402
 from app.network.quantize import prepare  # noqa: E402
@@ -240,11 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             "metrics": res.get("server_metrics", []),
         }
         result["http"] = http
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-{result['model']}-{date[:10]}-{tag}"
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(markdown(result, http))
-    print(markdown(result, http))
+    md = markdown(result, http)
+    write_results(a.out, f"gpu-{result['model']}-{date[:10]}-{tag}", result, md)
+    print(md)
     return 0
 
 

@@ -376,6 +376,7 @@ async def load(
 
 
 def run(o: Options, command: str = "") -> tuple[dict[str, Any], Path]:
+    from app.benchmark import write_results
     from app.config import usable_cpus
     from app.network.artifact import load as load_model
     from app.training.evaluate import split_data
@@ -454,11 +455,8 @@ def run(o: Options, command: str = "") -> tuple[dict[str, Any], Path]:
         "exit_histogram": exit_histogram(calibrated, enc.num_layers) if calibrated else {},
         "windows": [w.summary() for w in windows],
     }
-    o.out.mkdir(parents=True, exist_ok=True)
     stem = f"{date[:10]}-{o.tag or host}"
-    path = o.out / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
+    path = write_results(o.out, stem, result, markdown(result))
     plot(result, o.out / f"{stem}-latency.png", o.out / f"{stem}-exits.png")
     return result, path
 

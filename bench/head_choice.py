@@ -20,7 +20,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import time
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.benchmark import write_results
 from app.network import artifact
 from app.network.encoder import Encoder
 from app.network.heads import mean_pool
@@ -194,10 +194,7 @@ def main() -> None:
         "seconds": {"features": t_feat, "heads": t_total - t_feat, "total": t_total},
     }
     md = markdown(result)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"head-choice-rt-{result['date'][:10]}"
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(md)
+    write_results(a.out, f"head-choice-rt-{result['date'][:10]}", result, md)
     print(md)
 
 

@@ -755,6 +755,7 @@ def in_process_run(o: Options, threads: int, texts: Sequence[str], labels: Seque
 
 
 def run(o: Options) -> tuple[dict[str, Any], Path]:
+    from app.benchmark import write_results
     from app.config import usable_cpus
     from app.network.artifact import read_spec
     from app.training.evaluate import split_data
@@ -860,12 +861,8 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         "windows": [w.summary() for w in windows],
         "server_metrics": server_metrics,
     }
-    o.out.mkdir(parents=True, exist_ok=True)
     stem = f"http-{result['model']}-{date[:10]}-{o.tag or host}"
-    path = o.out / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
-    return result, path
+    return result, write_results(o.out, stem, result, markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from app.benchmark import timed_pass
+from app.benchmark import timed_pass, write_results
 from app.config import usable_cpus
 from app.network import artifact
 from app.network.quantize import prepare, quantize_int8
@@ -96,9 +95,6 @@ def main() -> None:
                 "final_accuracy": round(float((pred == y).mean()), 4),
                 "agreement_with_fp32": round(float((pred == ref).mean()), 4),
             }
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"quantization-{result['model']}-{result['date'][:10]}-{result['host']}"
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     fp = result["candidates"]["fp32"]
     lines = [
         f"# int8 candidates: {result['model']} ({result['date']}, {result['threads']} threads)",
@@ -113,7 +109,8 @@ def main() -> None:
             f" | {b32} | {b32 / fp['sentences_per_s_b32']:.2f}x"
             f" | {100 * c['final_accuracy']:.2f}% | {100 * c['agreement_with_fp32']:.1f}% |"
         )
-    (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    stem = f"quantization-{result['model']}-{result['date'][:10]}-{result['host']}"
+    write_results(a.out, stem, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

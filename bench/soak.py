@@ -491,6 +491,7 @@ def load_texts(o: Options) -> list[str]:
 
 
 def run(o: Options) -> tuple[dict[str, Any], Path]:
+    from app.benchmark import write_results
     from app.config import usable_cpus
 
     log = (lambda m: None) if o.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -581,12 +582,8 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         result["rss_samples"] = [[round(t, 1), round(b / 2**20, 2)] for t, b in samples]
     result["bars"] = bars(result)
     result["passed"] = all(result["bars"].values())
-    o.out.mkdir(parents=True, exist_ok=True)
     stem = f"soak-{o.mode}-{result['model']}-{date[:10]}-{o.tag or host}"
-    path = o.out / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
-    return result, path
+    return result, write_results(o.out, stem, result, markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:
