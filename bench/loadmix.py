@@ -91,12 +91,19 @@ def plan(
     return Planned(name, body, size, threshold, max_layers, all_scores)
 
 
-def _json_object(body: bytes | str | None) -> dict[str, Any] | str:
+def _model_document(status: int, body: bytes | str | None, corpus: Corpus) -> dict[str, Any] | str:
+    """The 200 JSON object about `corpus.model`, or what is wrong with the response."""
+    if status != 200:
+        return f"status {status}"
     try:
         doc = json.loads(body or b"")
     except (ValueError, UnicodeDecodeError):
         return "body is not JSON"
-    return doc if isinstance(doc, dict) else "body is not a JSON object"
+    if not isinstance(doc, dict):
+        return "body is not a JSON object"
+    if doc.get("model") != corpus.model:
+        return f"model {doc.get('model')!r}, expected {corpus.model!r}"
+    return doc
 
 
 def _is_int(x: object) -> TypeGuard[int]:
@@ -110,13 +117,9 @@ def _is_number(x: object) -> TypeGuard[float]:
 def check_predict(
     req: Planned, status: int, body: bytes | str | None, corpus: Corpus
 ) -> str | None:
-    if status != 200:
-        return f"status {status}"
-    doc = _json_object(body)
+    doc = _model_document(status, body, corpus)
     if isinstance(doc, str):
         return doc
-    if doc.get("model") != corpus.model:
-        return f"model {doc.get('model')!r}, expected {corpus.model!r}"
     preds = doc.get("predictions")
     if not isinstance(preds, list):
         return "no predictions list"
@@ -164,13 +167,9 @@ def _check_prediction(req: Planned, p: object, corpus: Corpus, n: int, deepest: 
 
 def check_info(status: int, body: bytes | str | None, corpus: Corpus) -> str | None:
     """`/info` must describe the model the requests were drawn for."""
-    if status != 200:
-        return f"status {status}"
-    doc = _json_object(body)
+    doc = _model_document(status, body, corpus)
     if isinstance(doc, str):
         return doc
-    if doc.get("model") != corpus.model:
-        return f"model {doc.get('model')!r}, expected {corpus.model!r}"
     if doc.get("labels") != list(corpus.labels):
         return f"labels {doc.get('labels')!r}, expected {list(corpus.labels)}"
     if doc.get("num_layers") != corpus.num_layers:
