@@ -46,8 +46,23 @@ def server_process(
     else:
         cmd = [sys.executable, "-m", "app.cli", "serve"]
     url = f"http://127.0.0.1:{port}"
+    with ready_process(cmd, url, log_path, env, timeout) as proc:
+        yield url, proc
+
+
+@contextmanager
+def ready_process(
+    cmd: list[str],
+    url: str,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    cwd: Path = ROOT,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `cmd` (from the repository root unless `cwd`) with its output in `log_path`;
+    yields the process once `url`/readyz answers 200, and stops it after."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -61,7 +76,7 @@ def server_process(
             if time.monotonic() > deadline:
                 raise ServerFailed(f"server not ready in {timeout:.0f} s:\n{log_path.read_text()}")
             time.sleep(0.1)
-        yield url, proc
+        yield proc
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -11,7 +11,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from app.config import Settings
 from tests.deploy.conftest import DOCKER, ROOT, tool
-from tests.server import free_port
+from tests.server import free_port, ready_process
 
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}
 SETTINGS = Settings.model_fields
@@ -241,20 +240,10 @@ def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
     # The pods' root filesystem is read-only: serving must write nothing to the venv or
     # the WORKDIR.
     before = files_under(venv, app_root)
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        json.loads(cmd), cwd=app_root, env=run_env, stdout=log, stderr=subprocess.STDOUT
-    )
+    log = tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # up to about two minutes to load and warm up
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    # Up to about two minutes to load and warm up.
+    with ready_process(json.loads(cmd), url, log, run_env, cwd=app_root) as proc:
         r = httpx.post(
             f"{url}/predict", json={"inputs": "a gripping, beautifully acted film"}, timeout=30
         )
@@ -263,10 +252,5 @@ def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
         assert r.json()["model"] == "rt-sentiment-minilm"
         # SIGTERM (what `docker stop` and Kubernetes send) shuts it down cleanly.
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
+        assert proc.wait(timeout=60) == 0, log.read_text()
         assert files_under(venv, app_root) == before
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()

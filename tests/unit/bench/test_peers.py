@@ -4,9 +4,7 @@ like the model they serve (slow: each runs as a real process on a loopback port)
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +21,7 @@ from app.network.multi_exit import pad_batch
 from bench.peers.common import PredictRequest
 from bench.peers.onnx_export import ExportOptions, ensure_export
 from bench.peers.onnx_server import open_session, run_padded
-from tests.server import ROOT, free_port
+from tests.server import ROOT, free_port, ready_process
 from tests.tiny import make_tiny_model, random_texts
 
 # Measured on the seed-0 tiny model and 400 random texts: 98.5% (96.8% at worst over
@@ -108,28 +106,9 @@ def peer(script: str, model_dir: Path, log: Path, *args: str) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "bench" / "peers" / script), "--model-dir",
            str(model_dir), "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"{script} exited:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{script} not ready:\n{log.read_text()}"
-            time.sleep(0.1)
+    with ready_process(cmd, url, log):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def predict(url: str, inputs: str | list[str]) -> list[dict[str, Any]]:
