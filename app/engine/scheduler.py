@@ -210,7 +210,7 @@ class Engine:
     @property
     def failed(self) -> bool:
         """A worker died: this engine cannot recover (the process should be restarted)."""
-        return bool(self._threads) and not self._stopping and not self.running
+        return bool(self._dead) and not self._stopping
 
     @property
     def stuck(self) -> bool:
@@ -445,7 +445,10 @@ class Engine:
     def _finish(self, n: int) -> None:
         with self._cond:
             self._inflight -= n
-            self._cond.notify_all()
+            if not self._inflight:
+                # Only stop() waits for flight to end; waking the other workers (who wait
+                # on the same condition for work) at every answer would only cost them.
+                self._cond.notify_all()
 
     @staticmethod
     def _reject(p: _Pending) -> None:
