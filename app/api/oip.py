@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import __version__
 from app.api.deps import EngineDep, SettingsDep, require_api_key
-from app.api.predict import ERRORS, exit_rule, set_timing_headers
+from app.api.predict import ERRORS, exit_rule, timing_headers
 from app.engine.scheduler import Engine
 from app.errors import InvalidInput, ModelNotFound, TooLarge, clip
 from app.schemas import Parameters, check_text
@@ -269,7 +269,7 @@ async def infer(
         exit_rule(engine, params.threshold, params.max_layers),
         settings.timeout_s(params.timeout_ms),
     )
-    set_timing_headers(response, answers, time.perf_counter() - started)
+    response.headers.update(timing_headers(answers, time.perf_counter() - started))
     columns = {
         "label": [a.label for a in answers],
         "score": [a.score for a in answers],

@@ -43,10 +43,6 @@ def timing_headers(answers: list[Answer], total_s: float) -> dict[str, str]:
     }
 
 
-def set_timing_headers(response: Response, answers: list[Answer], total_s: float) -> None:
-    response.headers.update(timing_headers(answers, total_s))
-
-
 def prediction(a: Answer, num_layers: int, all_scores: bool) -> dict[str, Any]:
     """One answer as PredictionOut's JSON object (`scores` left out unless asked for)."""
     out: dict[str, Any] = {
