@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -93,5 +94,7 @@ class Settings(BaseSettings):
         ms = self.default_timeout_ms if requested_ms is None else requested_ms
         return min(ms, self.max_timeout_ms) / 1000
 
-    def keys(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+    @cached_property
+    def keys(self) -> tuple[str, ...]:
+        """The API keys, parsed once: every inference request checks them."""
+        return tuple(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())

@@ -60,5 +60,5 @@ async def require_api_key(request: Request) -> None:
     resolver time on every inference request.
     """
     settings: Settings = request.app.state.settings
-    if not authorized(request.headers.get("authorization", ""), settings.keys()):
+    if not authorized(request.headers.get("authorization", ""), settings.keys):
         raise Unauthorized("missing or invalid API key")

@@ -93,7 +93,7 @@ class ServiceMiddleware:
             return False
         # A request without a valid key gets its 401 from the route, never a hint of load.
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
-        return authorized(header.decode("latin-1"), self.state.settings.keys())
+        return authorized(header.decode("latin-1"), self.state.settings.keys)
 
     async def _overloaded(self, send: Send, metrics: Metrics | None) -> None:
         if metrics is not None:
