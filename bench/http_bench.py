@@ -45,8 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -712,12 +712,22 @@ def running_command(
 
 
 @contextmanager
-def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """The real exitserve server on a free loopback port, ready; always terminated."""
+def exitserve_server(
+    env_for_port: Callable[[int], dict[str, str]], startup_timeout: float
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The real exitserve server on a free loopback port with the environment made for
+    that port, ready; SIGTERM on leaving, after which `returncode` is its exit status."""
     port = free_port()
     argv = [sys.executable, "-m", "app.cli", "serve"]
-    with running_command(argv, server_env(o, port, threads), port, o.startup_timeout) as proc:
+    with running_command(argv, env_for_port(port), port, startup_timeout) as proc:
         yield proc, port
+
+
+def running_server(
+    o: Options, threads: int
+) -> AbstractContextManager[tuple[subprocess.Popen[bytes], int]]:
+    """The server with this benchmark's settings."""
+    return exitserve_server(lambda port: server_env(o, port, threads), o.startup_timeout)
 
 
 # -- the whole run ---------------------------------------------------------------------

@@ -54,11 +54,9 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,10 +67,9 @@ from bench.http_bench import (
     ProtocolError,
     _run_async,
     build_request,
-    free_port,
+    exitserve_server,
     http_get,
     percentile,
-    running_command,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -467,16 +464,6 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def running_server(o: Options, threads: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """The real server on a free loopback port, ready; SIGTERM on leaving, after which
-    the process's `returncode` is its exit status."""
-    port = free_port()
-    argv = [sys.executable, "-m", "app.cli", "serve"]
-    with running_command(argv, server_env(o, port, threads), port, o.startup_timeout) as proc:
-        yield proc, port
-
-
 def load_texts(o: Options) -> list[str]:
     if o.texts is not None:
         texts = [t for t in o.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
@@ -512,7 +499,8 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         for t in texts
     ]
     log(f"starting server: {o.model_dir} ({threads} threads)")
-    with running_server(o, threads) as (proc, port):
+    server = exitserve_server(lambda p: server_env(o, p, threads), o.startup_timeout)
+    with server as (proc, port):
         info = json.loads(http_get(port, "/info")[1])
         log(f"references: {len(texts)} texts, one at a time")
         refs = _run_async(ask_alone(port, texts))
