@@ -875,6 +875,14 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     return result, write_results(o.out, stem, result, markdown(result))
 
 
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every load script shares: how to start the server, where results go."""
+    p.add_argument("--device", default="cpu", help="server device: cpu | cuda | auto")
+    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="http_bench.py",
@@ -896,11 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="server setting")
     p.add_argument("--batching", default="static", choices=("static", "continuous"))
     p.add_argument("--workers", type=int, help="server setting (default: the server's)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
-    p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")
+    add_server_arguments(p)
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     result, path = run(

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` and `app` importable
     sys.path.insert(0, str(ROOT))
 
-from bench.http_bench import Options, running_server  # noqa: E402
+from bench.http_bench import Options, add_server_arguments, running_server  # noqa: E402
 
 LOCUSTFILE = ROOT / "locustfile.py"
 STOP_TIMEOUT_S = 10  # lets users finish the request in flight when the time is up
@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
     p.add_argument("--duration", type=int, default=60, help="seconds of load, spawning included")
     p.add_argument("--threads", type=int, default=0, help="server torch threads; 0: usable CPUs")
-    p.add_argument("--device", default="cpu", help="server device: cpu | cuda | auto")
-    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
-    p.add_argument("--startup-timeout", type=float, default=300.0, help="s to wait for /readyz")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
+    add_server_arguments(p)
     p.add_argument("--tag", default=None, help="names the result files; default: the host name")
     a = p.parse_args(argv)
     if a.users < 1 or a.spawn_rate <= 0 or a.duration < 1:

@@ -66,6 +66,7 @@ from bench.http_bench import (
     Connection,
     ProtocolError,
     _run_async,
+    add_server_arguments,
     build_request,
     exitserve_server,
     http_get,
@@ -601,10 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="server torch threads; 0: usable CPUs")
     p.add_argument("--max-batch-size", type=int, default=32, help="server setting")
     p.add_argument("--max-queue-size", type=int, default=256, help="server setting")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
-    p.add_argument("--startup-timeout", type=float, default=300.0)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    add_server_arguments(p)
     p.add_argument("--tag", help="names the result files; default: the host name")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
