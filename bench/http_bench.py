@@ -652,26 +652,31 @@ class Options:
     tag: str | None = None  # names the result files; default: the host name
 
 
-def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
+def exitserve_env(port: int, settings: dict[str, object]) -> dict[str, str]:
+    """This process's environment without its own EXITSERVE_* values, plus `settings`
+    (names without the prefix) and a loopback address on `port`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
-    env.update(
-        EXITSERVE_MODEL_DIR=str(o.model_dir),
-        EXITSERVE_HOST="127.0.0.1",
-        EXITSERVE_PORT=str(port),
-        EXITSERVE_THREADS=str(threads),
-        EXITSERVE_DEVICE=o.device,
-        EXITSERVE_QUANTIZATION=o.quantization,
-        EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
-        EXITSERVE_MAX_QUEUE_DELAY_MS=str(o.max_queue_delay_ms),
-        EXITSERVE_BATCHING=o.batching,
-        EXITSERVE_MAX_QUEUE_SIZE=str(max(256, *o.concurrency)),
-        EXITSERVE_DRAIN_TIMEOUT_S="5",
-        # Access logs would cost the server CPU on every request.
-        EXITSERVE_LOG_LEVEL="warning",
-    )
-    if o.workers is not None:
-        env["EXITSERVE_WORKERS"] = str(o.workers)
+    settings = {**settings, "host": "127.0.0.1", "port": port}
+    env.update({f"EXITSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
+
+
+def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
+    settings: dict[str, object] = {
+        "model_dir": o.model_dir,
+        "threads": threads,
+        "device": o.device,
+        "quantization": o.quantization,
+        "max_batch_size": o.max_batch_size,
+        "max_queue_delay_ms": o.max_queue_delay_ms,
+        "batching": o.batching,
+        "max_queue_size": max(256, *o.concurrency),
+        "drain_timeout_s": 5,
+        "log_level": "warning",  # the run's output stays the benchmark's
+    }
+    if o.workers is not None:
+        settings["workers"] = o.workers
+    return exitserve_env(port, settings)
 
 
 @contextmanager

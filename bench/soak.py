@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import socket
 import sys
@@ -68,6 +67,7 @@ from bench.http_bench import (
     _run_async,
     add_server_arguments,
     build_request,
+    exitserve_env,
     exitserve_server,
     http_get,
     percentile,
@@ -447,21 +447,19 @@ class Options:
 
 
 def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
-    env.update(
-        EXITSERVE_MODEL_DIR=str(o.model_dir),
-        EXITSERVE_HOST="127.0.0.1",
-        EXITSERVE_PORT=str(port),
-        EXITSERVE_THREADS=str(threads),
-        EXITSERVE_DEVICE=o.device,
-        EXITSERVE_QUANTIZATION=o.quantization,
-        EXITSERVE_MAX_BATCH_SIZE=str(o.max_batch_size),
-        EXITSERVE_MAX_QUEUE_SIZE=str(o.max_queue_size),
-        EXITSERVE_MAX_INPUTS_PER_REQUEST=str(min(64, o.max_queue_size)),
-        EXITSERVE_DRAIN_TIMEOUT_S="10",
-        EXITSERVE_LOG_LEVEL="warning",  # an access log line per request would cost CPU
-        **o.extra_env,
-    )
+    settings = {
+        "model_dir": o.model_dir,
+        "threads": threads,
+        "device": o.device,
+        "quantization": o.quantization,
+        "max_batch_size": o.max_batch_size,
+        "max_queue_size": o.max_queue_size,
+        "max_inputs_per_request": min(64, o.max_queue_size),
+        "drain_timeout_s": 10,
+        "log_level": "warning",  # the run's output stays the script's
+    }
+    env = exitserve_env(port, settings)
+    env.update(o.extra_env)
     return env
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +11,15 @@ from pathlib import Path
 
 import httpx
 
+from bench.http_bench import exitserve_env, free_port
+
+__all__ = ["ROOT", "ServerFailed", "free_port", "ready_process", "server_process"]
+
 ROOT = Path(__file__).parents[1]
 
 
 class ServerFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -37,9 +32,8 @@ def server_process(
     `settings` are EXITSERVE_* values without the prefix; the caller's own are dropped.
     """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXITSERVE_")}
-    env.update({f"EXITSERVE_{k.upper()}": v for k, v in settings.items()})
-    env.update(EXITSERVE_HOST="127.0.0.1", EXITSERVE_PORT=str(port), PYTHONUNBUFFERED="1")
+    env = exitserve_env(port, dict(settings))
+    env["PYTHONUNBUFFERED"] = "1"
     if entry == "uvicorn":
         cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning"]  # fmt: skip
