@@ -681,12 +681,18 @@ def server_env(o: Options, port: int, threads: int) -> dict[str, str]:
 
 @contextmanager
 def running_command(
-    argv: Sequence[str], env: dict[str, str], port: int, startup_timeout: float = 300.0
+    argv: Sequence[str],
+    env: dict[str, str],
+    port: int,
+    startup_timeout: float = 300.0,
+    log_path: Path | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process started from `argv`, once `GET /readyz` on `port` answers 200;
-    always terminated (SIGTERM, then SIGKILL) on exit."""
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    """A server process started from `argv` (in `cwd`), once `GET /readyz` on `port`
+    answers 200; always terminated (SIGTERM, then SIGKILL) on exit. Its output goes to
+    `log_path` when given (for the caller to read), else to a temporary file."""
+    with open(log_path, "w+b") if log_path else tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
         def log_tail() -> str:
             log.seek(0)

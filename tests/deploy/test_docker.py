@@ -19,7 +19,7 @@ import pytest
 
 from app.config import Settings
 from tests.deploy.conftest import DOCKER, ROOT, tool
-from tests.server import free_port, ready_process
+from tests.server import free_port, running_command
 
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}
 SETTINGS = Settings.model_fields
@@ -243,7 +243,7 @@ def test_cpu_image_recipe_installs_and_serves(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
     # Up to about two minutes to load and warm up.
-    with ready_process(json.loads(cmd), url, log, run_env, cwd=app_root) as proc:
+    with running_command(json.loads(cmd), run_env, port, 120, log, cwd=app_root) as proc:
         r = httpx.post(
             f"{url}/predict", json={"inputs": "a gripping, beautifully acted film"}, timeout=30
         )

@@ -4,6 +4,7 @@ like the model they serve (slow: each runs as a real process on a loopback port)
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from app.network.multi_exit import pad_batch
 from bench.peers.common import PredictRequest
 from bench.peers.onnx_export import ExportOptions, ensure_export
 from bench.peers.onnx_server import open_session, run_padded
-from tests.server import ROOT, free_port, ready_process
+from tests.server import ROOT, free_port, running_command
 from tests.tiny import make_tiny_model, random_texts
 
 # Measured on the seed-0 tiny model and 400 random texts: 98.5% (96.8% at worst over
@@ -106,9 +107,8 @@ def peer(script: str, model_dir: Path, log: Path, *args: str) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "bench" / "peers" / script), "--model-dir",
            str(model_dir), "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with ready_process(cmd, url, log):
-        yield url
+    with running_command(cmd, dict(os.environ), port, 120, log):
+        yield f"http://127.0.0.1:{port}"
 
 
 def predict(url: str, inputs: str | list[str]) -> list[dict[str, Any]]:
