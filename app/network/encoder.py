@@ -112,8 +112,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.attend(self.project(x), bias)
 
-    def attend(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Scaled dot-product attention over (B, T, 3H) projections -> (B, T, H)."""
+    def attend(self, qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention over (B, T, 3H) projections -> (B, T, H).
+
+        `bias` None: every position is a real token (no mask at all)."""
         B, T, H3 = qkv.shape
         H = H3 // 3
         d = H // self.num_heads
@@ -123,7 +125,9 @@ class SelfAttention(nn.Module):
 
         q, k, v = (heads(t) for t in qkv.split(H, dim=-1))
         p = self.dropout_p if self.training else 0.0
-        if q.is_cuda:
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        elif q.is_cuda:
             with sdpa_kernel(CUDA_ATTENTION):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         else:
@@ -174,37 +178,64 @@ class Layer(nn.Module):
         self.output = Output(cfg)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # Unpadded execution saves CPU FLOPs. On a GPU small batches are bound by kernel
-        # launches, not FLOPs, and `nonzero()` would force a host sync at every layer.
+        # On the CPU, inference never lets padding touch a real row: per-token ops run on
+        # the real tokens only and attention runs per length group without a mask, so a
+        # row computes exactly what it computes alone (and padding costs no FLOPs). On a
+        # GPU small batches are bound by kernel launches, not FLOPs, and `nonzero()` would
+        # force a host sync at every layer.
         if not self.training and x.device.type == "cpu":
             B, T = x.shape[:2]
-            real = (bias.reshape(B, T) == 0).reshape(-1)  # (B*T,) True for real tokens
-            if not bool(real.all()):
-                return self._unpadded(x, bias, real.nonzero().squeeze(1))
+            lengths = (bias.reshape(B, T) == 0).sum(1).tolist()  # right padding
+            if min(lengths) == T:
+                return self._feed_forward(self._attention_block(x, None))
+            real = (bias.reshape(B * T) == 0).nonzero().squeeze(1)  # (N,) real token slots
+            return self._unpadded(x, lengths, real)
         x = self.attention(x, bias)  # (B, T, H)
         return self._feed_forward(x)
+
+    def _attention_block(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        attn, out = self.attention.self, self.attention.output
+        y = attn.attend(attn.project(x), bias)  # (B, T, H)
+        return out.LayerNorm(x + out.dropout(out.dense(y)))
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.intermediate.dense(x))  # (..., 4H)
         y = self.output.dropout(self.output.dense(h))  # (..., H)
         return self.output.LayerNorm(x + y)
 
-    def _unpadded(self, x: torch.Tensor, bias: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _unpadded(self, x: torch.Tensor, lengths: list[int], idx: torch.Tensor) -> torch.Tensor:
         """Inference on a padded batch: every per-token op (the linears, GELU, residuals,
-        LayerNorms) runs on the N real tokens only; just attention sees the (B, T) layout.
-        Padding in a mixed-length batch is often as large as the real tokens themselves.
-        Padded positions come out as zeros, which attention masks and pooling ignore.
+        LayerNorms) runs on the N real tokens only, and attention runs once per distinct
+        length on exactly that many tokens. Padding in a mixed-length batch is often as
+        large as the real tokens themselves. Padded positions come out as zeros, which
+        the exit heads' pooling ignores.
         """
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         xp = flat.index_select(0, idx)  # (N, H)
         attn, out = self.attention.self, self.attention.output
         qkv_p = attn.project(xp)  # (N, 3H)
-        qkv = qkv_p.new_zeros(B * T, qkv_p.shape[1]).index_copy_(0, idx, qkv_p)
-        y = attn.attend(qkv.view(B, T, -1), bias).reshape(B * T, H).index_select(0, idx)
+        qkv = qkv_p.new_zeros(B * T, qkv_p.shape[1]).index_copy_(0, idx, qkv_p).view(B, T, -1)
+        y = qkv_p.new_zeros(B, T, H)
+        for n, rows in _length_groups(lengths).items():
+            if len(rows) == 1:
+                b = rows[0]
+                y[b : b + 1, :n] = attn.attend(qkv[b : b + 1, :n], None)  # (1, n, H)
+            else:
+                sel = torch.tensor(rows)
+                y[sel, :n] = attn.attend(qkv[sel, :n], None)  # (k, n, H)
+        y = y.view(B * T, H).index_select(0, idx)  # (N, H)
         h = out.LayerNorm(xp + out.dropout(out.dense(y)))  # (N, H)
         h = self._feed_forward(h)  # (N, H)
         return flat.new_zeros(B * T, H).index_copy_(0, idx, h).view(B, T, H)
+
+
+def _length_groups(lengths: list[int]) -> dict[int, list[int]]:
+    """Row indices by length: rows of one length share one attention call."""
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        groups.setdefault(n, []).append(b)
+    return groups
 
 
 class LayerStack(nn.Module):

@@ -1,28 +1,31 @@
-"""Quantization: int8 dynamic on CPU, fp16/bf16 on CUDA, and int8 fake-quant for training.
+"""Quantization: batch-invariant int8 on CPU, fp16/bf16 on CUDA, and int8-aware training.
 
-int8 uses PyTorch's dynamic quantization (fbgemm): weights int8 per output channel,
-activations quantized per call, per tensor. fbgemm's default keeps activations to 7
-bits (`reduce_range`) because its AVX2 kernels sum u8*s8 pairs in saturating int16;
-with AVX-512 VNNI the products accumulate straight into int32, so we use all 8 bits
-there (measured on the sentiment model: agreement with fp32 96.6% -> 98.3%, same
-speed). Only the encoder's linears are quantized; the exit heads are 0.3% of the
-FLOPs and keep fp32.
+int8 (`invariant.Int8Linear`): weights int8 per output channel, activations int8 per
+token, int32 sums. A row's answer is the same alone or in any batch (bit for bit), and
+per-token scales lose less than the per-tensor dynamic scheme this replaced (fbgemm via
+the deprecated `torch.ao`, whose scale spanned the whole batch). The exit heads are int8
+too: not for speed (they are 0.3% of the FLOPs) but because fp32 GEMMs split their sums
+differently by batch size and thread count, and exact integer sums do not.
+
+`fake_int8` simulates exactly the served rounding during training: the same two
+functions compute the scales and the rounded values.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from app.network.encoder import SelfAttention
+from app.network.invariant import Int8Linear, quantize_per_token, quantize_weight
 from app.network.multi_exit import MultiExitNetwork
+
+# What /info and the README call the CPU int8 scheme.
+INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accumulation"
 
 MODES = ("int8", "fp16", "bf16", "none")
 
@@ -43,53 +46,47 @@ def resolve(device: str, quantization: str) -> tuple[str, str]:
     if quantization not in MODES:
         raise ValueError(f"unknown quantization {quantization!r}; expected auto or one of {MODES}")
     if device == "cuda" and quantization == "int8":
-        raise ValueError("int8 dynamic quantization runs on the CPU only; use fp16 or bf16 on CUDA")
+        raise ValueError("int8 runs on the CPU only; use fp16 or bf16 on CUDA")
     return device, quantization
 
 
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """True when the CPU advertises AVX-512 VNNI (Linux; False when unknown)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags.split()
+def _linears(network: MultiExitNetwork) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every linear int8 serving replaces: the encoder's
+    and the exit heads'."""
+    return [
+        (module, name, child)
+        for part in (network.encoder.encoder, network.heads)
+        for module in part.modules()
+        for name, child in module.named_children()
+        if isinstance(child, nn.Linear)
+    ]
 
 
-def _dynamic_linear_class(reduce_range: bool) -> type[nn.Module]:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    class Int8Linear(DynamicLinear):
-        """fbgemm's dynamic int8 linear with the activation range chosen per machine."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.quantized.linear_dynamic(
-                x, self._packed_params._packed_params, reduce_range=reduce_range
-            )
-
-    return Int8Linear
+def quantize_int8(network: MultiExitNetwork, kernel: str = "auto") -> None:
+    """Swap every linear of the encoder and the exit heads for an `Int8Linear`, in place."""
+    for module, name, child in _linears(network):
+        setattr(module, name, Int8Linear(child, kernel))
 
 
-def quantize_int8(network: MultiExitNetwork, reduce_range: bool | None = None) -> None:
-    """Swap the encoder's linears for dynamic int8 ones, in place.
+def scheme(quantization: str) -> str:
+    """What /info, calibration and evaluation records call a quantization mode's numerics."""
+    return {
+        "int8": INT8_SCHEME,
+        "fp16": "fp16 weights and activations",
+        "bf16": "bf16 weights and activations",
+        "none": "fp32",
+    }[quantization]
 
-    reduce_range None: 7-bit activations unless the CPU has AVX-512 VNNI.
+
+def batch_invariant(device: str, quantization: str) -> bool:
+    """Whether a row's label, score and exit are bit-identical alone and in any batch.
+
+    int8 on the CPU: every op is per token or per row (see `invariant`). fp32 on the CPU
+    uses GEMMs whose summation order depends on the number of rows and threads
+    (differences of about 1e-7), and on a GPU cuBLAS picks kernels by shape, so neither is
+    promised.
     """
-    if reduce_range is None:
-        reduce_range = not cpu_has_vnni()
-    with warnings.catch_warnings():
-        # torch.ao marks dynamic quantization deprecated in favour of torchao, whose
-        # int8 CPU path measured slower here; see the README's results.
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        network.encoder.encoder = quantize_dynamic(
-            network.encoder.encoder,
-            {nn.Linear: per_channel_dynamic_qconfig},
-            dtype=torch.qint8,
-            mapping={nn.Linear: _dynamic_linear_class(reduce_range)},
-        )
+    return device == "cpu" and quantization == "int8"
 
 
 def prepare(network: MultiExitNetwork, device: str, quantization: str) -> MultiExitNetwork:
@@ -111,20 +108,15 @@ def prepare(network: MultiExitNetwork, device: str, quantization: str) -> MultiE
 
 # -- quantization-aware training ----------------------------------------------------------
 def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel, as fbgemm packs it; straight-through gradient."""
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-    q = (w / scale).round().clamp(-128, 127) * scale
-    return w + (q - w).detach()
+    """The served weight rounding (`quantize_weight`), with a straight-through gradient."""
+    q, scale = quantize_weight(w.detach())
+    return w + (q * scale[:, None] - w).detach()
 
 
 def _fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
-    """Asymmetric 7-bit per tensor (fbgemm's dynamic `reduce_range`); straight-through."""
-    lo = x.detach().amin().clamp(max=0.0)
-    hi = x.detach().amax().clamp(min=0.0)
-    scale = (hi - lo).clamp(min=1e-8) / 127.0
-    zero = (-lo / scale).round()
-    q = ((x / scale).round() + zero).clamp(0, 127)
-    return x + ((q - zero) * scale - x).detach()
+    """The served per-token rounding (`quantize_per_token`), with a straight-through gradient."""
+    q, scale = quantize_per_token(x.detach())
+    return x + (q * scale - x).detach()
 
 
 class _FakeQuantLinear(nn.Module):
@@ -140,17 +132,12 @@ class _FakeQuantLinear(nn.Module):
 
 @contextmanager
 def fake_int8(network: MultiExitNetwork) -> Iterator[None]:
-    """Within the block, the encoder's linears see int8 rounding of weights and inputs.
+    """Within the block, the encoder's and heads' linears see the served int8 rounding.
 
     The parameters stay the same fp32 tensors, so the optimizer and the saved state
     are unchanged; gradients pass straight through the rounding.
     """
-    swapped = [
-        (module, name, child)
-        for module in network.encoder.encoder.modules()
-        for name, child in module.named_children()
-        if isinstance(child, nn.Linear)
-    ]
+    swapped = _linears(network)
     for module, name, child in swapped:
         setattr(module, name, _FakeQuantLinear(child))
     try:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from app.network import artifact
+from app.network.invariant import Int8Linear, onednn_available, quantize_per_token
 from app.network.multi_exit import pad_batch
-from app.network.quantize import _FakeQuantLinear, fake_int8, prepare, resolve
+from app.network.quantize import _FakeQuantLinear, batch_invariant, fake_int8, prepare, resolve
 from tests.tiny import random_texts
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -42,7 +43,7 @@ def test_cuda_without_gpu_is_rejected() -> None:
         resolve("cuda", "fp16")
 
 
-def test_int8_replaces_encoder_linears_with_dynamic_quantized(tiny_model_dir: Path) -> None:
+def test_int8_replaces_encoder_linears_with_per_token_int8(tiny_model_dir: Path) -> None:
     net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
     layer = net.encoder.encoder.layer[0]
     linears = {
@@ -51,16 +52,15 @@ def test_int8_replaces_encoder_linears_with_dynamic_quantized(tiny_model_dir: Pa
         "intermediate": layer.intermediate.dense,
         "output": layer.output.dense,
     }
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     for name, module in linears.items():
-        assert isinstance(module, DynamicLinear), name
-        assert module.weight().dtype == torch.qint8, name
-    plain = [n for n, m in net.encoder.encoder.named_modules() if type(m) is nn.Linear]
-    assert plain == []
-    # The exit heads stay fp32.
-    assert all(type(h.classifier) is nn.Linear for h in net.heads)
+        assert isinstance(module, Int8Linear), name
+        assert module.weight_int8.dtype == torch.int8, name
+        assert int(module.weight_int8.abs().max()) == 127, name  # the range is used in full
+    plain = [n for n, m in net.named_modules() if type(m) is nn.Linear]
+    assert plain == []  # the exit heads too: int32 sums do not depend on batch or threads
+    assert all(type(h.classifier) is Int8Linear and type(h.dense) is Int8Linear for h in net.heads)
     assert not net.training
+    assert batch_invariant("cpu", "int8") and not batch_invariant("cpu", "none")
 
 
 def test_int8_final_exit_agrees_with_fp32(
@@ -69,9 +69,68 @@ def test_int8_final_exit_agrees_with_fp32(
     ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=5)))
     int8 = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
     with torch.inference_mode():
-        ref = tiny_loaded.network(ids, mask).logits[-1].argmax(-1)  # (B,)
-        got = int8(ids, mask).logits[-1].argmax(-1)
-    assert float((ref == got).float().mean()) >= 0.9
+        ref = tiny_loaded.network(ids, mask).logits  # (L, B, C)
+        got = int8(ids, mask).logits
+    # Measured: 64/64 labels, largest logit difference 0.17 over every exit (logits span
+    # about +-3; the heads' 32-wide int8 inputs round coarsest).
+    assert torch.equal(ref[-1].argmax(-1), got[-1].argmax(-1))
+    torch.testing.assert_close(got, ref, rtol=0, atol=0.3)
+
+
+def test_per_token_rounding_uses_each_rows_own_range() -> None:
+    x = torch.tensor([[0.5, -2.0, 1.0], [0.0, 0.0, 0.0], [300.0, 1.0, -0.001]])
+    q, scale = quantize_per_token(x)
+    assert q.abs().amax(-1).tolist() == [127.0, 0.0, 127.0]  # every nonzero row reaches 127
+    assert q[0].tolist() == [32.0, -127.0, 64.0]  # round(0.5 * 127 / 2) = 32
+    assert scale[0].item() == pytest.approx(2.0 / 127)
+    assert q[1].tolist() == [0.0, 0.0, 0.0] and scale[1].item() > 0  # padding rows stay zero
+    # Reconstruction is within half a step of each row's own scale.
+    assert bool(((q * scale - x).abs() <= scale / 2 + 1e-6).all())
+    # A row's values do not depend on the rows beside it.
+    assert torch.equal(quantize_per_token(x[2:])[0], q[2:])
+
+
+def test_int8_linear_is_exact_integer_arithmetic() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 24)
+    x = torch.randn(5, 48)
+    layer = Int8Linear(linear)
+    q, s = quantize_per_token(x)
+    w = layer.weight_int8.double()
+    with torch.no_grad():
+        want = (q.double() @ w.T) * layer.weight_scale.double() * s.double()
+        want += linear.bias.double()
+        got, ref = layer(x), linear(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    # Against fp32: per-token int8 keeps the output within ~1% of its range here.
+    assert float((got - ref).abs().max()) < 0.01 * float(ref.abs().max())
+
+
+@pytest.mark.skipif(
+    not onednn_available(), reason="oneDNN's int8 linear is not in this torch build"
+)
+def test_both_int8_kernels_give_identical_bits() -> None:
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 96)
+    x = torch.randn(37, 64) * 3
+    assert torch.equal(Int8Linear(linear, "onednn")(x), Int8Linear(linear, "int_mm")(x))
+
+
+def test_fake_int8_simulates_what_is_served(tiny_model_dir: Path, tiny_loaded) -> None:
+    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=5)))
+    served = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+    net = artifact.load(tiny_model_dir).network.eval()
+    with torch.no_grad():
+        fp32 = net(ids, mask).logits
+        with fake_int8(net):
+            simulated = net(ids, mask).logits
+        got = served(ids, mask).logits
+    # Same roundings; only the order of float products differs (fp32 sums of scaled values
+    # in training, exact int32 sums scaled once when served), which now and then moves a
+    # value across a rounding step. Measured 0.043 against an int8-vs-fp32 difference of
+    # 0.17: the simulation is four times closer to what is served than fp32 is.
+    torch.testing.assert_close(simulated, got, rtol=0, atol=0.1)
+    assert float((simulated - got).abs().max()) < float((fp32 - got).abs().max()) / 2
 
 
 def test_fake_int8_wraps_every_encoder_linear(tiny_model_dir: Path) -> None:
@@ -95,7 +154,7 @@ def test_fake_int8_wraps_every_encoder_linear(tiny_model_dir: Path) -> None:
             if isinstance(child, nn.Linear)
         }
         assert parents == {_FakeQuantLinear}
-        assert type(net.heads[0].classifier) is nn.Linear  # heads untouched
+        assert all(type(h.classifier) is _FakeQuantLinear for h in net.heads)  # as served
 
 
 def test_fake_int8_changes_outputs_slightly(tiny_model_dir: Path) -> None:
@@ -106,7 +165,8 @@ def test_fake_int8_changes_outputs_slightly(tiny_model_dir: Path) -> None:
         with fake_int8(net):
             fq = net(ids, mask).logits
     assert not torch.equal(fq, ref)
-    torch.testing.assert_close(fq, ref, rtol=0, atol=0.5)
+    # Measured 0.15: int8 rounding moves logits by about a tenth, not more.
+    torch.testing.assert_close(fq, ref, rtol=0, atol=0.3)
 
 
 def test_fake_int8_passes_gradients_to_the_original_weights(tiny_model_dir: Path) -> None:
@@ -170,6 +230,8 @@ def test_half_precision_path_runs_the_executor(tiny_model_dir: Path, mode: str) 
     rows = [Row(r, [1.0] * L, L) for r in ids]
     got = run_batch(half, rows).predictions
     want = run_batch(ref.network, rows).predictions
-    same = sum(g.label_index == w.label_index for g, w in zip(got, want, strict=True))
-    assert same >= 28
+    # Measured: 32/32 labels; scores within 0.021 (bf16, 8-bit mantissa) and 0.0014 (fp16).
+    assert [g.label_index for g in got] == [w.label_index for w in want]
+    tol = {"bf16": 0.05, "fp16": 0.005}[mode]
+    assert all(abs(g.score - w.score) <= tol for g, w in zip(got, want, strict=True))
     assert all(g.exit_layer == L for g in got)

@@ -1,0 +1,126 @@
+"""Batch-invariant CPU kernels: a row's result never depends on the other rows it runs with.
+
+Dynamic int8 as fbgemm and ONNX Runtime do it scales activations per tensor, so every
+token's rounding depends on the largest activation anywhere in the batch; fp32 GEMMs pick
+kernels by the number of rows (a matrix-vector kernel for one row sums in another order
+than a blocked GEMM). Either way the same text can get another answer in another batch.
+
+Here every quantity a row's result depends on comes from that row alone:
+- `Int8Linear`: int8 weights per output channel, int8 activations scaled per token
+  (symmetric, amax / 127), products summed in int32. Integer sums are exact, so the
+  kernel's blocking and the batch size cannot change them; the scaling after the sum is
+  elementwise. Per-token scales also round less than one scale over the whole batch.
+  The exit heads use it too: an fp32 GEMM sums in an order that depends on the number
+  of rows and of threads (measured: a one-row product over a batch of one-row products
+  differs in the last bit between one and two threads), an int32 sum cannot.
+Attention runs per length group without padding (see `encoder.Layer`); LayerNorm, GELU,
+softmax and the residual adds are per-token or per-row already.
+
+`quantize_per_token` and `quantize_weight` are the one definition of the rounding: the
+served kernels and the training-time simulation (`quantize.fake_int8`) both call them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+# A row of zeros (padding) would divide by zero; any positive floor maps it to zeros.
+SCALE_FLOOR = 1e-6
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: w (N, K) -> int8 values (N, K), scales (N,)."""
+    scale = w.abs().amax(dim=1).clamp(min=SCALE_FLOOR) / 127.0  # (N,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127)  # (N, K)
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dimension: values (..., K) as floats, scales (..., 1).
+
+    round(x * 127 / amax) lies in [-127, 127] by construction, so no clamp is needed.
+    """
+    # max(amax, -amin) is |x|'s max without writing |x| out: two reads instead of a copy.
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    amax = amax.clamp_(min=SCALE_FLOOR)  # (..., 1)
+    return torch.mul(x, 127.0 / amax).round_(), amax / 127.0
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """True when oneDNN's int8 linear runs here (x86 builds of torch); probed once."""
+    try:
+        w = torch.ones(8, 8, dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+        x = torch.ones(2, 8, dtype=torch.int8)
+        zeros, ones = torch.zeros(8, dtype=torch.long), torch.ones(8)
+        y = torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool((y == 8.0).all())
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with int8 weights (per channel) and int8 activations (per token).
+
+    Two kernels give bit-identical results (tested): oneDNN's int8 linear, which scales the
+    int32 sums by the weight scales in its epilogue, and `torch._int_mm` followed by the
+    same multiplication; the per-token scale and the bias are applied afterwards in one
+    `addcmul`. oneDNN is used where the torch build has it (x86), `_int_mm` elsewhere.
+    """
+
+    def __init__(self, linear: nn.Linear, kernel: str = "auto") -> None:
+        super().__init__()
+        if kernel == "auto":
+            kernel = "onednn" if onednn_available() else "int_mm"
+        if kernel not in ("onednn", "int_mm"):
+            raise ValueError(f"unknown int8 kernel {kernel!r}; expected auto, onednn or int_mm")
+        w = linear.weight.detach().float()
+        q, scale = quantize_weight(w)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = kernel
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(len(w))
+        q8 = q.to(torch.int8).contiguous()
+        self.weight_int8: torch.Tensor  # (N, K), for inspection
+        self.weight_scale: torch.Tensor  # (N,)
+        self.bias: torch.Tensor  # (N,)
+        self.register_buffer("weight_int8", q8)
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.register_buffer("bias", bias.contiguous())
+        self._wt = q8.t()  # (K, N) view, the layout `_int_mm` reads fastest
+        self._packed = torch.ops.onednn.qlinear_prepack(q8, None) if kernel == "onednn" else None
+        self._zeros = torch.zeros(self.out_features, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        values, scale = quantize_per_token(x2)  # (M, K), (M, 1)
+        xq = values.to(torch.int8)
+        if self._packed is not None:
+            y = torch.ops.onednn.qlinear_pointwise(
+                xq,
+                1.0,
+                0,
+                self._packed,
+                self.weight_scale,
+                self._zeros,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )  # (M, N): int32 sums x weight scales
+        else:
+            y = torch.mul(torch._int_mm(xq, self._wt), self.weight_scale)  # (M, N)
+        out = torch.addcmul(self.bias, y, scale)  # (M, N)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
