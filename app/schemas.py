@@ -96,6 +96,10 @@ class InfoResponse(BaseModel):
     evaluation: dict[str, object]
     device: str
     dtype: str
+    # The contract: with batch_invariant true, a text's label, exit layer and score are
+    # bit-identical alone or in any batch, with any workers, static or continuous batching.
+    batch_invariant: bool
+    scheme: str  # the numerics: how weights and activations are represented
     threads: int  # torch threads per worker
     workers: int  # engine workers, each running its own batches
     max_batch_size: int

@@ -26,6 +26,8 @@ async def info(engine: EngineDep, settings: SettingsDep) -> InfoResponse:
         evaluation=rt.evaluation,
         device=rt.device,
         dtype=rt.dtype,
+        batch_invariant=rt.batch_invariant,
+        scheme=rt.scheme,
         threads=rt.threads,
         workers=engine.workers,
         max_batch_size=engine.max_batch_size,

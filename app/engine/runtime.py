@@ -12,7 +12,7 @@ import torch
 from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.multi_exit import MultiExitNetwork
-from app.network.quantize import prepare, resolve
+from app.network.quantize import batch_invariant, prepare, resolve, scheme
 from app.network.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class ModelRuntime:
     threads: int
     network: MultiExitNetwork
     tokenizer: TextTokenizer
+    batch_invariant: bool = False  # a row's answer is bit-identical alone and in any batch
+    scheme: str = ""  # how the weights and activations are represented
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 
@@ -86,7 +88,20 @@ def load_runtime(
         tokenizer=loaded.tokenizer,
         calibration=spec.calibration,
         evaluation=spec.evaluation,
+        batch_invariant=batch_invariant(device, quantization),
+        scheme=scheme(quantization),
     )
+    calibrated_as = spec.calibration.get("scheme")
+    if spec.calibration and calibrated_as != rt.scheme and quantization == "int8":
+        # Thresholds calibrated on another numeric scheme still work, but their measured
+        # accuracy and depth were measured on something else than what is served now.
+        log.warning(
+            "%s was calibrated as %r, served as %r: run `exitserve calibrate %s` again",
+            rt.name,
+            calibrated_as or spec.calibration.get("quantization"),
+            rt.scheme,
+            model_dir,
+        )
     warm_up(rt)
     log.info("loaded %s v%s on %s (%s, %d threads)", rt.name, rt.version, device, rt.dtype, threads)
     return rt
@@ -98,3 +113,6 @@ def warm_up(rt: ModelRuntime) -> None:
     for batch, length in ((1, 8), (4, 32), (8, rt.max_seq_len)):
         ids = [[1] * min(length, rt.max_seq_len)] * batch
         run_batch(rt.network, [Row(r, [1.0] * L, L) for r in ids])
+    # Mixed lengths take the unpadded path (per-length attention groups).
+    mixed = [[1] * max(2, rt.max_seq_len >> k) for k in range(4)]
+    run_batch(rt.network, [Row(r, [1.0] * L, L) for r in mixed])

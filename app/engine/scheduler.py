@@ -228,8 +228,16 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued and nothing in flight."""
-        return not self._queue and not self._inflight
+        """Nothing queued, nothing in flight, and no worker still finishing a batch.
+
+        An input answered early leaves flight at once, before its batch's remaining layers
+        and metrics (batch sizes) are done: a busy worker is not idle yet.
+        """
+        return (
+            not self._queue
+            and not self._inflight
+            and all(t is None for t in self._busy_since)
+        )
 
     def state(self) -> str:
         """For readiness probes: ready, draining, stuck, failed or not ready."""
@@ -506,9 +514,9 @@ class Engine:
                         self._fail(p, e)
                 self._report_load()
             rows = batcher.step(answered, self._fail)
-            self._busy_since[i] = None
             if rows and self.observer is not None:
                 self.observer.layer_steps([rows])
+            self._busy_since[i] = None  # after the metrics: `idle` waits for both
             if rows:
                 self._report_load()
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from app.network import artifact
+from app.network.quantize import scheme
 from app.training.evaluate import all_exit_probs, load_served, split_data
 from app.training.stats import adaptive_outcome, binomial_upper_bound
 
@@ -169,6 +170,7 @@ def calibrate(
         "split": "calibration",
         "n": n,
         "quantization": served.quantization,
+        "scheme": scheme(served.quantization),
         "max_drop": max_drop,
         "max_disagreement": max_disagreement,
         "max_disagreements_observed": max(k, 0),

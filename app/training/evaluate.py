@@ -17,7 +17,7 @@ import torch
 from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.multi_exit import MultiExitNetwork, pad_batch
-from app.network.quantize import prepare, resolve
+from app.network.quantize import prepare, resolve, scheme
 from app.training.data import load_splits
 from app.training.stats import adaptive_outcome, binomial_upper_bound
 
@@ -53,6 +53,31 @@ def all_exit_probs(
             logits = network(ids, mask).logits.float()  # (L, B, C)
             out[:, idx] = torch.softmax(logits, -1).cpu().numpy()
     return out
+
+
+def batch_invariance(
+    net: MultiExitNetwork, ids: list[list[int]], thresholds: list[float], batch_size: int = 32
+) -> dict[str, float | int]:
+    """Every input answered alone and inside a random batch of `batch_size`: how many labels
+    and exit layers differ, and the largest score difference (all 0 when invariant)."""
+    L = net.num_layers
+    alone = [run_batch(net, [Row(r, thresholds, L)]).predictions[0] for r in ids]
+    order = np.random.default_rng(0).permutation(len(ids)).tolist()
+    labels = exits = 0
+    score = 0.0
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        res = run_batch(net, [Row(ids[i], thresholds, L) for i in idx])
+        for i, p in zip(idx, res.predictions, strict=True):
+            labels += p.label_index != alone[i].label_index
+            exits += p.exit_layer != alone[i].exit_layer
+            score = max(score, abs(p.score - alone[i].score))
+    return {
+        "batch_size": batch_size,
+        "label_changes": labels,
+        "exit_changes": exits,
+        "max_score_difference": score,
+    }
 
 
 def split_data(spec: artifact.ModelSpec, split: str) -> tuple[list[str], np.ndarray]:
@@ -103,6 +128,7 @@ def evaluate(
         "n": N,
         "num_layers": L,
         "quantization": served.quantization,
+        "scheme": scheme(served.quantization),
         "device": served.device,
         "per_exit_accuracy": [round(float(a), 4) for a in correct.mean(1)],
         "final_accuracy": round(float(correct[-1].mean()), 4),
@@ -117,6 +143,7 @@ def evaluate(
         "accuracy_drop_upper_95": round(binomial_upper_bound(breaks, N, 0.05), 4),
         "adaptive_seconds": round(adaptive_seconds, 2),
     }
+    report["batch_invariance"] = batch_invariance(net, ids, thresholds, batch_size)
     # Consistency: the executor's answers must match the full-depth exits they chose.
     chosen = pred[adaptive_exit - 1, np.arange(N)]
     report["executor_consistency"] = round(float((chosen == adaptive_pred).mean()), 4)

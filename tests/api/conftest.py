@@ -23,10 +23,11 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 
-# Small and deterministic: one torch thread (a training job shares the CPU), fp32.
+# Small and deterministic: one torch thread (a training job shares the CPU), and the
+# default CPU path (int8), so every batched-equals-alone check runs on what users get.
 BASE_SETTINGS: dict[str, Any] = {
     "device": "cpu",
-    "quantization": "none",
+    "quantization": "int8",
     "threads": 1,
     "max_queue_delay_ms": 1,
 }

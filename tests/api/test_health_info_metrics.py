@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.network.quantize import INT8_SCHEME
 from tests.api.helpers import (
     HeldEngine,
     assert_error,
@@ -77,7 +78,10 @@ def test_info(client: TestClient) -> None:
     assert len(info["exit_thresholds"]) == info["num_layers"]
     assert all(0.0 <= t <= 1.0 for t in info["exit_thresholds"])
     assert info["device"] == "cpu"
-    assert info["dtype"] == "fp32"
+    assert info["dtype"] == "int8"
+    # The stated contract (README "Same text, same answer").
+    assert info["batch_invariant"] is True
+    assert info["scheme"] == INT8_SCHEME
     assert info["threads"] == 1
     assert info["workers"] == 1
     assert info["max_batch_size"] == 32
@@ -98,7 +102,7 @@ def test_metrics_has_every_metric_of_the_design(client: TestClient) -> None:
         assert types.get(name) == kind, (name, types.get(name))
     m = metric_samples(r.text)
     assert (
-        sample(m, "exitserve_model_info", model="tiny", version="1", device="cpu", dtype="fp32")
+        sample(m, "exitserve_model_info", model="tiny", version="1", device="cpu", dtype="int8")
         == 1
     )
     for k in range(1, 5):  # every exit is listed before it is used

@@ -23,7 +23,8 @@ def same_answer(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["label"] == b["label"], (a, b)
     assert a["exit_layer"] == b["exit_layer"], (a, b)
     assert a["num_layers"] == b["num_layers"], (a, b)
-    assert a["score"] == pytest.approx(b["score"], abs=1e-4), (a, b)
+    # The int8 path is batch-invariant bit for bit; JSON carries the float exactly.
+    assert a["score"] == b["score"], (a, b)
 
 
 def test_single_string(client: TestClient, model_info: dict[str, Any]) -> None:
