@@ -42,7 +42,7 @@ bench: install
 
 bench-parts: install
 	$(BIN)/exitserve bench models/rt-sentiment-minilm --out bench/results
-	$(BIN)/python bench/quantization.py models/rt-sentiment-minilm --out bench/results
+	$(BIN)/python -m bench.quantization models/rt-sentiment-minilm --out bench/results
 	$(BIN)/python bench/http_bench.py models/rt-sentiment-minilm --concurrency 1 8 --out bench/results
 
 # Locust headless (locustfile.py) against a server it starts; 16 users for 60 s by default,

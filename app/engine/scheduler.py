@@ -233,11 +233,7 @@ class Engine:
         An input answered early leaves flight at once, before its batch's remaining layers
         and metrics (batch sizes) are done: a busy worker is not idle yet.
         """
-        return (
-            not self._queue
-            and not self._inflight
-            and all(t is None for t in self._busy_since)
-        )
+        return not self._queue and not self._inflight and all(t is None for t in self._busy_since)
 
     def state(self) -> str:
         """For readiness probes: ready, draining, stuck, failed or not ready."""
