@@ -54,7 +54,7 @@ def per_tensor_int8(net: MultiExitNetwork) -> None:
 
 
 def build(model_dir: Path, kind: str) -> MultiExitNetwork:
-    net = prepare(artifact.load(model_dir).network, "cpu", "none")  # fused QKV, row-wise heads
+    net = prepare(artifact.load(model_dir).network, "cpu", "none")  # fused QKV, eval
     if kind == "int8 per-tensor (torch.ao)":
         per_tensor_int8(net)
     elif kind == "int8 per-token (oneDNN)":

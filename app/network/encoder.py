@@ -109,7 +109,7 @@ class SelfAttention(nn.Module):
             return self.qkv(x)
         return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.attend(self.project(x), bias)
 
     def attend(self, qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -151,7 +151,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = AttentionOutput(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.output.dropout(self.output.dense(self.self(x, bias)))
         return self.output.LayerNorm(x + y)
 
@@ -185,18 +185,13 @@ class Layer(nn.Module):
         # force a host sync at every layer.
         if not self.training and x.device.type == "cpu":
             B, T = x.shape[:2]
-            lengths = (bias.reshape(B, T) == 0).sum(1).tolist()  # right padding
+            real = bias.reshape(B, T) == 0  # (B, T) True for real tokens (right padding)
+            lengths = real.sum(1).tolist()
             if min(lengths) == T:
-                return self._feed_forward(self._attention_block(x, None))
-            real = (bias.reshape(B * T) == 0).nonzero().squeeze(1)  # (N,) real token slots
-            return self._unpadded(x, lengths, real)
+                return self._feed_forward(self.attention(x, None))
+            return self._unpadded(x, lengths, real.reshape(-1).nonzero().squeeze(1))
         x = self.attention(x, bias)  # (B, T, H)
         return self._feed_forward(x)
-
-    def _attention_block(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        attn, out = self.attention.self, self.attention.output
-        y = attn.attend(attn.project(x), bias)  # (B, T, H)
-        return out.LayerNorm(x + out.dropout(out.dense(y)))
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.intermediate.dense(x))  # (..., 4H)
