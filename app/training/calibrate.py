@@ -30,15 +30,21 @@ choice. (A Learn-then-Test certificate of a 1-point drop would need a break rate
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from app.network import artifact
+from app.network.multi_exit import MultiExitNetwork, pad_batch
 from app.network.quantize import scheme
+from app.network.tokenizer import TextTokenizer
 from app.training.evaluate import all_exit_probs, load_served, split_data
 from app.training.stats import adaptive_outcome, binomial_upper_bound
+
+LADDER_STEPS = 6  # operating points below the calibrated one
 
 
 def greedy_thresholds(
@@ -112,6 +118,97 @@ def global_threshold(
     return best
 
 
+def layer_costs(
+    network: MultiExitNetwork,
+    tokenizer: TextTokenizer,
+    texts: list[str],
+    batch_size: int = 8,
+    batches: int = 8,
+) -> dict[str, float]:
+    """Seconds per batch of `batch_size` texts: tokenizing plus embedding, one layer plus
+    its exit head (mean over layers), and `fixed`, the first in units of the second: the
+    per-input work that no early exit saves.
+
+    Best of three passes: the machine's noise only ever adds time.
+    """
+    chunks = [texts[s : s + batch_size] for s in range(0, batch_size * batches, batch_size)]
+    chunks = [c for c in chunks if c]
+    if not chunks:
+        raise ValueError("no texts to time the layers on")
+    best_embed, best_layer = float("inf"), float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            embed = layer = 0.0
+            for chunk in chunks:
+                t0 = time.perf_counter()
+                ids, mask = pad_batch(tokenizer.encode(chunk), device=network.device)
+                x = network.embed(ids)
+                bias = network.attention_bias(mask)
+                t1 = time.perf_counter()
+                for i in range(network.num_layers):
+                    x = network.layer(i, x, bias)
+                    network.exit_logits(i, x, mask).float().cpu()
+                embed += t1 - t0
+                layer += (time.perf_counter() - t1) / network.num_layers
+            best_embed = min(best_embed, embed / len(chunks))
+            best_layer = min(best_layer, layer / len(chunks))
+    return {
+        "batch_size": batch_size,
+        "embedding_s": round(best_embed, 6),
+        "layer_s": round(best_layer, 6),
+        "fixed": round(best_embed / best_layer, 3),
+    }
+
+
+def operating_ladder(
+    conf: np.ndarray,
+    correct: np.ndarray,
+    agree: np.ndarray,
+    base: np.ndarray,
+    fixed_cost: float,
+    steps: int = LADDER_STEPS,
+    grid: int = 400,
+) -> list[dict[str, Any]]:
+    """Operating points from `base` (the calibrated thresholds, point 0) down to every
+    input leaving at the first exit.
+
+    The points are placed by compute, not by accuracy: point j's threshold is the
+    highest one (capped per exit by `base`) whose mean depth is at most
+    1 + (d0 - 1)(1 - j/steps), evenly spaced from point 0's depth d0 down to 1. Chosen
+    without looking at the labels, their measured accuracies carry no selection
+    optimism. conf, correct, agree: (L, N) as in `calibrate`.
+    """
+    L = conf.shape[0]
+    full = fixed_cost + L
+
+    def point(th: np.ndarray) -> dict[str, Any]:
+        acc, depth = adaptive_outcome(conf, correct, th)
+        return {
+            "thresholds": [round(float(t), 6) for t in th],
+            "accuracy": round(acc, 4),
+            "agreement_with_final": round(adaptive_outcome(conf, agree, th)[0], 4),
+            "mean_layers": round(depth, 3),
+            "relative_cost": round((fixed_cost + depth) / full, 3),
+        }
+
+    def capped(t: float) -> np.ndarray:
+        th = np.minimum(base, t)
+        th[-1] = 0.0
+        return th
+
+    points = [point(base)]
+    d0 = points[0]["mean_layers"]
+    cands = sorted({*np.quantile(conf[:-1], np.linspace(0, 1, grid + 1)).tolist(), 0.0})[::-1]
+    depths = [adaptive_outcome(conf, correct, capped(t))[1] for t in cands]
+    for j in range(1, steps + 1):
+        target = 1.0 + (d0 - 1.0) * (1.0 - j / steps)
+        t = next(c for c, d in zip(cands, depths, strict=True) if d <= target + 1e-9)
+        p = point(capped(t))
+        if p["mean_layers"] < points[-1]["mean_layers"] - 0.01:
+            points.append(p)
+    return points
+
+
 def allowed_disagreements(n: int, max_disagreement: float, alpha: float = 0.05) -> int:
     """Most disagreements among n whose (1 - alpha) upper bound stays <= max_disagreement.
 
@@ -163,7 +260,10 @@ def calibrate(
             "mean_layers": round(d, 3),
         }
     th = candidates[method]
+    th[-1] = 0.0
     acc, depth = adaptive_outcome(conf, correct, th)
+    costs = layer_costs(served.network, served.loaded.tokenizer, texts)
+    ladder = operating_ladder(conf, correct, agree, th, costs["fixed"])
     record = {
         "method": f"{method} max-softmax threshold(s) on the calibration split, bounded by"
         " accuracy drop and by a 95% upper bound on disagreement with the last exit",
@@ -180,6 +280,10 @@ def calibrate(
         "mean_layers": round(depth, 3),
         "per_exit_accuracy": [round(float(a), 4) for a in correct.mean(1)],
         "candidates": outcomes,
+        # What the load controller moves along under load (app.engine.adapt): point 0 is
+        # the thresholds above; `fixed` is the per-input work outside the layers, in
+        # layer units, measured on the model as served.
+        "ladder": {"fixed_cost": costs["fixed"], "layer_costs": costs, "points": ladder},
         "guarantee": (
             "on the calibration split: accuracy within max_drop of the last exit and the"
             " 95% upper bound on disagreement with it <= max_disagreement; on new data an"
@@ -187,7 +291,6 @@ def calibrate(
         ),
     }
     spec.thresholds = [round(float(t), 6) for t in th]
-    spec.thresholds[-1] = 0.0
     spec.calibration = record
     artifact.write_spec(model_dir, spec)
     return record

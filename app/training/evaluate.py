@@ -172,4 +172,27 @@ def evaluate(
             }
         )
     report["global_threshold_curve"] = curve
+    report["operating_ladder"] = ladder_on_split(spec.calibration, conf, correct)
     return report
+
+
+def ladder_on_split(
+    calibration: dict[str, Any], conf: np.ndarray, correct: np.ndarray
+) -> list[dict[str, Any]]:
+    """Each operating point of the calibrated ladder measured on this split, beside its
+    calibration-split figures (empty for a model calibrated without a ladder)."""
+    stored = calibration.get("ladder", {}).get("points", [])
+    out = []
+    for k, p in enumerate(stored):
+        acc, depth = adaptive_outcome(conf, correct, np.array(p["thresholds"]))
+        out.append(
+            {
+                "point": k,
+                "accuracy": round(acc, 4),
+                "mean_layers": round(depth, 3),
+                "calibration_accuracy": p["accuracy"],
+                "calibration_mean_layers": p["mean_layers"],
+                "relative_cost": p["relative_cost"],
+            }
+        )
+    return out

@@ -34,6 +34,27 @@ def write_report(model_dir: Path, evaluation: dict[str, Any], calibration: dict[
         ms=14,
         label="calibrated per-exit thresholds",
     )
+    ladder = evaluation.get("operating_ladder", [])
+    if ladder:
+        ax[0].plot(
+            [p["mean_layers"] for p in ladder],
+            [100 * p["accuracy"] for p in ladder],
+            "s",
+            color="tab:orange",
+            ms=7,
+            mfc="none",
+            label="operating ladder (points 0, 1, ...) under load",
+        )
+        for p in ladder:
+            ax[0].annotate(
+                str(p["point"]),
+                (p["mean_layers"], 100 * p["accuracy"]),
+                textcoords="offset points",
+                xytext=(0, -13),
+                ha="center",
+                fontsize=7,
+                color="tab:orange",
+            )
     ax[0].axhline(100 * evaluation["final_accuracy"], color="gray", ls="--", label="last exit")
     ax[0].set(
         xlabel="mean layers executed",
