@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.engine.adapt import Ladder
 from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.multi_exit import MultiExitNetwork
@@ -40,6 +42,12 @@ class ModelRuntime:
     @property
     def num_layers(self) -> int:
         return self.network.num_layers
+
+    @property
+    def ladder(self) -> Ladder:
+        """The operating points calibration measured (one point for a model calibrated
+        before ladders existed)."""
+        return Ladder.from_calibration(self.thresholds, self.calibration)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         # A token spans at most ~100 characters (WordPiece's longest word), so cutting the
@@ -116,3 +124,23 @@ def warm_up(rt: ModelRuntime) -> None:
     # Mixed lengths take the unpadded path (per-length attention groups).
     mixed = [[1] * max(2, rt.max_seq_len >> k) for k in range(4)]
     run_batch(rt.network, [Row(r, [1.0] * L, L) for r in mixed])
+
+
+def time_batches(
+    rt: ModelRuntime, batch_size: int, tokens: int = 24, reps: int = 3
+) -> list[tuple[int, int, float]]:
+    """(inputs, layers run, seconds) of a lone input and of a full batch at the calibrated
+    thresholds, best of `reps`: what the load controller's cost model starts from."""
+    row = [1] * min(tokens, rt.max_seq_len)
+    out = []
+    for n in sorted({1, batch_size}):
+        rows = [Row(row, rt.thresholds, rt.num_layers)] * n
+        best = float("inf")
+        layers = 0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            result = run_batch(rt.network, rows)
+            best = min(best, time.perf_counter() - t0)
+            layers = sum(result.rows_per_layer)
+        out.append((n, layers, best))
+    return out

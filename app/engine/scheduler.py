@@ -11,6 +11,13 @@ Each input's future resolves the moment its row leaves the network, so easy inpu
 are answered while the rest of their batch is still running. The event loop never
 runs the forward pass.
 
+Load: with a `LoadController` (app.engine.adapt), inputs that keep the model's default
+exits take the thresholds of the controller's operating point when their batch
+begins, and a request whose expected latency, even at the controller's floor,
+exceeds its budget is refused at once (Overloaded, with a retry delay). The worker
+reports every batch's busy time and work to the controller, and wakes it while it is
+below point 0 so that it climbs back even when no traffic comes.
+
 Deadlines: an input whose deadline passes while it waits in the queue is dropped when
 a worker next takes a batch, before any compute, and its request fails with
 DeadlineExceeded; the caller also stops waiting at the deadline. An input already in
@@ -31,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from app.engine.adapt import LoadController
 from app.engine.continuous import ContinuousBatcher
 from app.engine.executor import Prediction, Row, run_batch
 from app.engine.runtime import ModelRuntime
@@ -43,7 +51,17 @@ class EngineError(Exception):
 
 
 class Overloaded(EngineError):
-    """The admission queue cannot take the request's inputs now."""
+    """The engine cannot take the request's inputs now: its queue is full, or it could
+    not answer them within their budget."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # when a retry could be served in time
+
+
+class TooLate(Overloaded):
+    """The queue has room, but the load controller expects the request's inputs to be
+    answered only after its budget, even at the lowest operating point allowed."""
 
 
 class Draining(EngineError):
@@ -82,6 +100,9 @@ class Answer:
     scores: dict[str, float]
     queue_s: float
     inference_s: float
+    # The load controller's operating point the input was served at (0: calibrated);
+    # None when the request chose its own threshold or depth cap.
+    operating_point: int | None = 0
 
 
 @dataclass(frozen=True)
@@ -91,9 +112,24 @@ class ExitRule:
     threshold: float | None = None
     max_layers: int | None = None
 
+    @property
+    def default(self) -> bool:
+        """The request left its exits to the service (and so to the load controller)."""
+        return self.threshold is None and self.max_layers is None
+
 
 class _Pending:
-    __slots__ = ("admitted", "deadline", "future", "loop", "rule", "started", "taken", "text")
+    __slots__ = (
+        "admitted",
+        "deadline",
+        "future",
+        "loop",
+        "point",
+        "rule",
+        "started",
+        "taken",
+        "text",
+    )
 
     def __init__(
         self, text: str, rule: ExitRule, loop: asyncio.AbstractEventLoop, deadline: float
@@ -106,6 +142,7 @@ class _Pending:
         self.deadline = deadline  # perf_counter time; inf: none
         self.taken = False  # in a batch: it will run to its answer
         self.started = 0.0
+        self.point: int | None = 0  # operating point its batch ran it at
 
 
 def next_arrival_gap(average: float, gap: float, window: float) -> float:
@@ -160,6 +197,7 @@ class Engine:
         continuous: bool = False,
         workers: int = 1,
         stuck_after_s: float = 30.0,
+        controller: LoadController | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -186,6 +224,7 @@ class Engine:
         self._busy_since: list[float | None] = [None] * workers  # monotonic, per worker
         self._last_arrival = 0.0
         self._arrival_gap = float("inf")  # moving average of seconds between requests
+        self.controller = controller  # guarded by _cond, like the queue
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -286,13 +325,18 @@ class Engine:
         return len(self._queue) + self._inflight >= self.max_queue_size
 
     async def submit(
-        self, texts: Sequence[str], rule: ExitRule = ExitRule(), timeout_s: float | None = None
+        self,
+        texts: Sequence[str],
+        rule: ExitRule = ExitRule(),
+        timeout_s: float | None = None,
+        budget_s: float | None = None,
     ) -> list[Answer]:
         """Answer every text, in order.
 
-        Raises Overloaded, Draining or NotRunning at once; DeadlineExceeded when
-        `timeout_s` passes before every input got into a batch; InferenceFailed when
-        the batch holding an input failed.
+        `budget_s`: the latency the client asked for, against which the load controller
+        admits the request (None: the controller's target). Raises Overloaded, Draining
+        or NotRunning at once; DeadlineExceeded when `timeout_s` passes before every
+        input got into a batch; InferenceFailed when the batch holding an input failed.
         """
         L = self.runtime.num_layers
         if rule.max_layers is not None and not 1 <= rule.max_layers <= L:
@@ -311,8 +355,14 @@ class Engine:
         deadline = float("inf") if timeout_s is None else time.perf_counter() + timeout_s
         items = [_Pending(t, rule, loop, deadline) for t in texts]
         with self._cond:
-            if len(self._queue) + self._inflight + len(items) > self.max_queue_size:
+            load = len(self._queue) + self._inflight
+            if load + len(items) > self.max_queue_size:
                 raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
+            if self.controller is not None:
+                self.controller.update(load, time.monotonic())
+                late_s = self.controller.refusal(load + len(items), budget_s)
+                if late_s is not None:
+                    raise TooLate("expected wait exceeds the request's budget", late_s)
             now = items[0].admitted
             if self._last_arrival:
                 self._arrival_gap = next_arrival_gap(
@@ -372,7 +422,8 @@ class Engine:
         with self._cond:
             while True:
                 while not self._queue and not self._stopping:
-                    self._cond.wait()
+                    self._cond.wait(self._next_check())
+                    self._update_point()
                 if self._stopping:
                     return None
                 first = self._queue[0].admitted
@@ -390,6 +441,39 @@ class Engine:
                 batch = self._pop(self.max_batch_size)
                 if batch:
                     return batch
+
+    def _next_check(self) -> float | None:
+        """How long a worker may sleep before the controller wants an update; the
+        caller holds the lock."""
+        c = self.controller
+        return None if c is None else c.next_check(time.monotonic())
+
+    def _update_point(self) -> None:
+        """Let the controller choose its point for the current load; the caller holds
+        the lock."""
+        if self.controller is not None:
+            self.controller.update(len(self._queue) + self._inflight, time.monotonic())
+
+    def _measured(self, inputs: int, layers_run: int, seconds: float) -> None:
+        """A worker spent `seconds` on `inputs` new inputs and `layers_run` row-layers."""
+        c = self.controller
+        if c is None:
+            return
+        with self._cond:
+            c.observe(c.work(inputs, layers_run), seconds)
+            self._update_point()
+
+    def late_by(self, inputs: int = 1) -> float | None:
+        """Seconds past the latency target that `inputs` more inputs would be answered,
+        even at the controller's floor; None when in time (or with no controller). Read
+        without the lock: a hint for shedding before a request's body is parsed."""
+        c = self.controller
+        return None if c is None else c.refusal(len(self._queue) + self._inflight + inputs, None)
+
+    def adaptation(self) -> dict[str, float] | None:
+        """The controller's state for the metrics; None without a controller."""
+        c = self.controller
+        return None if c is None else c.state(len(self._queue) + self._inflight)
 
     def _take_ready(self, limit: int) -> list[_Pending]:
         """What is queued now, without waiting (the batcher has work in hand)."""
@@ -419,14 +503,30 @@ class Engine:
             self._cond.notify_all()  # stop() waits for the queue to empty
         return batch
 
+    def _point(self) -> tuple[int, Sequence[float]]:
+        """The operating point a batch starting now runs at, and its thresholds."""
+        c = self.controller
+        if c is None:
+            return 0, self.runtime.thresholds
+        with self._cond:
+            k = c.point
+        return k, c.ladder.points[k].thresholds
+
     def _rows(self, batch: list[_Pending]) -> list[Row]:
         rt = self.runtime
         L = rt.num_layers
+        point, point_thresholds = self._point()
         now = time.perf_counter()
         rows = []
         for p, tokens in zip(batch, rt.tokenize([p.text for p in batch]), strict=True):
             p.started = now
-            th = rt.thresholds if p.rule.threshold is None else [p.rule.threshold] * L
+            if p.rule.default:
+                p.point, th = point, point_thresholds
+            else:
+                # Its own rule, kept whatever the load: a depth cap alone keeps the
+                # calibrated thresholds.
+                p.point = None
+                th = rt.thresholds if p.rule.threshold is None else [p.rule.threshold] * L
             rows.append(Row(tokens, th, p.rule.max_layers or L))
         return rows
 
@@ -440,6 +540,7 @@ class Engine:
             scores=dict(zip(labels, pred.probs, strict=True)),
             queue_s=p.started - p.admitted,
             inference_s=now - p.started,
+            operating_point=p.point,
         )
         # Counted before the caller can hold the answer, so /metrics never lags it.
         if self.observer is not None:
@@ -492,6 +593,9 @@ class Engine:
             self._answer(p, pred)
             self._finish(1)
 
+        # The controller's cost model counts batches: L layer steps (about one batch's
+        # worth, and a batch's worth of per-step overhead) are reported as one.
+        steps, inputs, layers_run, busy = 0, 0, 0, 0.0
         while True:
             if len(batcher):
                 batch = self._take_ready(self.max_batch_size)
@@ -500,7 +604,7 @@ class Engine:
                 if taken is None:
                     return
                 batch = taken
-            self._busy_since[i] = time.monotonic()
+            began = self._busy_since[i] = time.monotonic()
             if batch:
                 try:
                     batcher.add(self._rows(batch), batch)
@@ -510,6 +614,11 @@ class Engine:
                         self._fail(p, e)
                 self._report_load()
             rows = batcher.step(answered, self._fail)
+            steps, inputs, layers_run = steps + 1, inputs + len(batch), layers_run + rows
+            busy += time.monotonic() - began
+            if steps >= self.runtime.num_layers or not len(batcher):
+                self._measured(inputs, layers_run, busy)
+                steps, inputs, layers_run, busy = 0, 0, 0, 0.0
             if rows and self.observer is not None:
                 self.observer.layer_steps([rows])
             self._busy_since[i] = None  # after the metrics: `idle` waits for both
@@ -521,11 +630,12 @@ class Engine:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._busy_since[i] = time.monotonic()
+            began = self._busy_since[i] = time.monotonic()
             answered = [0]  # inputs of this batch answered, and so already out of flight
             try:
                 self._report_load()
-                self._run_batch(batch, answered)
+                layers_run = self._run_batch(batch, answered)
+                self._measured(len(batch), layers_run, time.monotonic() - began)
             except Exception:
                 log.exception("batch of %d inputs failed", len(batch))
                 for p in batch:
@@ -535,7 +645,9 @@ class Engine:
                 self._finish(len(batch) - answered[0])
                 self._report_load()
 
-    def _run_batch(self, batch: list[_Pending], answered: list[int]) -> None:
+    def _run_batch(self, batch: list[_Pending], answered: list[int]) -> int:
+        """Run one batch to its last answer; how many row-layers it ran."""
+
         def on_answer(i: int, pred: Prediction) -> None:
             self._answer(batch[i], pred)
             # Out of flight at once: an input that left at layer 1 frees its place in
@@ -547,3 +659,4 @@ class Engine:
         result = run_batch(self.runtime.network, rows, on_answer)
         if self.observer is not None:
             self.observer.layer_steps(result.rows_per_layer)
+        return sum(result.rows_per_layer)

@@ -67,6 +67,28 @@ def test_rows_from_different_waves_share_a_layer_step(tiny_loaded: artifact.Load
     assert all(a.exit_layer == L for a in answers.values())
 
 
+def test_a_deep_row_runs_within_its_bound_under_a_stream_of_shallow_rows(
+    tiny_loaded: artifact.LoadedModel,
+) -> None:
+    # The shallowest group runs first, so a new shallow row at every step would keep a
+    # deep row waiting for ever; a group passed over for L steps runs next instead, so
+    # each of its L layers waits at most L other steps.
+    L = tiny_loaded.network.num_layers
+    ids = tiny_loaded.tokenizer.encode(random_texts(1 + L * L * 2, seed=5))
+    b: ContinuousBatcher[int] = ContinuousBatcher(tiny_loaded.network, max_batch_size=32)
+    answers: dict[int, Prediction] = {}
+    b.add([Row(ids[0], [1.0] * L, L)], [0])  # deep: full depth
+    steps = 0
+    for k, t in enumerate(ids[1:], start=1):
+        b.add([Row(t, [1.0] * L, 1)], [k])  # shallow: answered at the first exit
+        b.step(answers.__setitem__, lambda key, e: None)
+        steps += 1
+        if 0 in answers:
+            break
+    assert 0 in answers and answers[0].exit_layer == L
+    assert steps <= L * (L + 1)
+
+
 def test_groups_larger_than_the_batch_limit_are_split(tiny_loaded: artifact.LoadedModel) -> None:
     b: ContinuousBatcher[int] = ContinuousBatcher(tiny_loaded.network, max_batch_size=5)
     rows = make_rows(tiny_loaded, 12, seed=4)

@@ -17,13 +17,16 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
+from app.engine.adapt import Ladder, LoadController, OperatingPoint
 from app.engine.runtime import ModelRuntime, load_runtime
 from app.engine.scheduler import (
+    Answer,
     DeadlineExceeded,
     Engine,
     ExitRule,
     InferenceFailed,
     NotRunning,
+    TooLate,
 )
 
 T = TypeVar("T")
@@ -302,3 +305,103 @@ def test_an_early_answer_frees_its_place_while_its_batch_runs_on(
         assert [a.exit_layer for a in await later] == [1, 1]
 
     run(main())
+
+
+# -- the timings the load controller stands on ----------------------------------------
+HOLD_S = 0.3  # how long the test holds the worker inside a batch
+
+
+def test_holding_the_worker_grows_the_running_inputs_inference_and_the_queued_ones_wait(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lower bounds only: the hold is a sleep the test controls, so it is a floor on the
+    # time that grew, however slow the machine; which timing grew is the point.
+    engine = engine_of()
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> tuple[Answer, Answer]:
+        running = asyncio.ensure_future(engine.submit(["running"]))
+        await in_thread(held.entered)  # its batch began: its inference time runs
+        queued = asyncio.ensure_future(engine.submit(["queued"]))
+        await until(lambda: engine.queued() == 1)
+        await asyncio.sleep(HOLD_S)
+        held.release()
+        return (await running)[0], (await queued)[0]
+
+    running, queued = run(main())
+    assert running.inference_s >= HOLD_S > running.queue_s
+    assert queued.queue_s >= HOLD_S > queued.inference_s
+
+
+# -- the load controller in the engine -------------------------------------------------
+def two_point_ladder(runtime: ModelRuntime) -> Ladder:
+    """Point 0: full depth; point 1: every input leaves at the first exit."""
+    L = runtime.num_layers
+    return Ladder(
+        (
+            OperatingPoint((1.0,) * (L - 1) + (0.0,), 0.9, float(L)),
+            OperatingPoint((0.0,) * L, 0.8, 1.0),
+        ),
+        fixed_cost=0.0,
+    )
+
+
+def test_under_load_queued_inputs_take_the_lower_point_and_own_rules_keep_theirs(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    L = runtime.num_layers
+    c = LoadController(two_point_ladder(runtime), target_s=1.0, max_drop=0.5, hold_s=0.05)
+    c.observe(1.0, 0.1)  # measured: 0.1 s per layer unit, so 8 queued inputs at full
+    engine = engine_of(controller=c)  # depth are 4.8 s of work: far past the target
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)  # the worker holds "first" (at point 0)
+        waiting = [asyncio.ensure_future(engine.submit([f"queued {i}"])) for i in range(6)]
+        own = asyncio.ensure_future(engine.submit(["own"], ExitRule(threshold=1.0)))
+        await until(lambda: engine.queued() == 7)
+        assert c.point == 1  # the arrivals moved it down
+        held.release()
+        [a] = await first
+        assert (a.operating_point, a.exit_layer) == (0, L)
+        for w in waiting:
+            [a] = await w
+            assert (a.operating_point, a.exit_layer) == (1, 1)
+        [a] = await own
+        assert (a.operating_point, a.exit_layer) == (None, L)
+        # The queue is gone: the controller climbs back on its own, with no traffic.
+        await until(lambda: c.point == 0)
+        [a] = await engine.submit(["later"])
+        assert (a.operating_point, a.exit_layer) == (0, L)
+
+    run(main())
+    assert c.degraded_s > 0
+
+
+def test_a_request_that_cannot_be_served_in_its_budget_is_refused_at_once(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = LoadController(two_point_ladder(runtime), target_s=1.0, max_drop=0.5)
+    c.observe(1.0, 0.1)  # 0.1 s per input even at the floor (1 layer unit)
+    engine = engine_of(controller=c)
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)
+        # 1 in flight + 9 new: 1.0 s at the floor, within the target.
+        fits = asyncio.ensure_future(engine.submit([f"t{i}" for i in range(9)]))
+        await until(lambda: engine.queued() == 9)
+        # 10 + 5: 1.5 s, half a second past the target: refused, retry after 0.5 s.
+        with pytest.raises(TooLate) as refused:
+            await engine.submit([f"u{i}" for i in range(5)])
+        assert refused.value.retry_after_s == pytest.approx(0.5)
+        # Its own, longer budget admits it.
+        late_ok = asyncio.ensure_future(engine.submit(["v"], budget_s=2.0))
+        await until(lambda: engine.queued() == 10)
+        held.release()
+        assert len(await first) == 1 and len(await fits) == 9 and len(await late_ok) == 1
+
+    run(main())
+    assert "u0" not in held.seen
