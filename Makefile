@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
 TORCH   ?=
 
-.PHONY: install serve test lint models bench bench-parts loadtest soak clean
+.PHONY: install serve test lint models bench bench-parts loadtest soak overload clean
 
 $(BIN)/exitserve:
 	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
@@ -58,6 +58,12 @@ loadtest: install
 SOAK_ARGS ?=
 soak: install
 	$(BIN)/python -m bench.soak models/rt-sentiment-minilm --out bench/results $(SOAK_ARGS)
+
+# Adaptation to load: static, admission-only and adaptive servers at 1x, 2x and 5x their
+# measured capacity, 200 ms target (about 5 minutes). Results under bench/results/.
+OVERLOAD_ARGS ?=
+overload: install
+	$(BIN)/python -m bench.overload models/rt-sentiment-minilm --out bench/results $(OVERLOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     # the default. Inputs still queued at their deadline are dropped and answered 504.
     default_timeout_ms: int = Field(30_000, ge=1, le=3_600_000)
     max_timeout_ms: int = Field(60_000, ge=1, le=3_600_000)
+    # Adapt to load (app.engine.adapt): the latency a request without its own timeout_ms
+    # should get, queue wait plus service; under load the service moves down the model's
+    # operating ladder to keep it, and refuses at once (overload status, Retry-After)
+    # what it still could not answer in time. 0: no target, no adaptation, no refusal
+    # but a full queue's.
+    latency_target_ms: float = Field(500.0, ge=0.0, le=600_000.0)
+    # How far below the calibrated accuracy (calibration split, a fraction) the ladder
+    # may go under load; 0 keeps the calibrated thresholds always.
+    max_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
     # A batch running longer than this makes /readyz fail (the engine is stuck).
     stuck_after_s: float = Field(30.0, gt=0.0, le=3600.0)
     api_keys: SecretStr = SecretStr("")
@@ -93,6 +102,11 @@ class Settings(BaseSettings):
         """A request's deadline in seconds: its own `timeout_ms`, capped, or the default."""
         ms = self.default_timeout_ms if requested_ms is None else requested_ms
         return min(ms, self.max_timeout_ms) / 1000
+
+    def budget_s(self, requested_ms: int | None) -> float | None:
+        """The latency a request asked for (its own `timeout_ms`, capped), against which
+        it is admitted; None: it asked for none and the latency target applies."""
+        return None if requested_ms is None else self.timeout_s(requested_ms)
 
     @cached_property
     def keys(self) -> tuple[str, ...]:

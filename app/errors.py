@@ -8,6 +8,7 @@ from what the service knows (validation error locations, limits), never from
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,7 @@ from app.engine.scheduler import (
     InferenceFailed,
     NotRunning,
     Overloaded,
+    TooLate,
 )
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,20 @@ class ModelNotFound(ApiError):
 # setting (429 or 503), resolved when the handlers are installed.
 ENGINE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     Overloaded: (429, "overloaded", "server overloaded; retry later"),
+    TooLate: (429, "overloaded", "server cannot answer within the deadline now; retry later"),
     Draining: (503, "unavailable", "server is shutting down"),
     NotRunning: (503, "unavailable", "model not ready"),
     InferenceFailed: (500, "internal", "internal error"),
     DeadlineExceeded: (504, "timeout", "deadline passed before the request could run"),
 }
 RETRY_AFTER_S = "1"
+
+
+def retry_after(late: Exception | float) -> str:
+    """Retry-After in whole seconds (at least 1): when the engine expects to have room,
+    from a refusal or from the seconds the request would have been late."""
+    seconds = late if isinstance(late, float) else getattr(late, "retry_after_s", 1.0)
+    return str(max(1, math.ceil(seconds)))
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
@@ -91,6 +101,7 @@ REJECT_REASON: dict[type[Exception], str] = {
     Draining: "draining",
     TooLarge: "too_large",
     DeadlineExceeded: "deadline",
+    TooLate: "expected_wait",
 }
 
 
@@ -103,7 +114,8 @@ def _count_rejection(request: Request, exc: Exception) -> None:
 
 def install(app: FastAPI, overload_status: int) -> None:
     table = dict(ENGINE_ERRORS)
-    table[Overloaded] = (overload_status, "overloaded", "server overloaded; retry later")
+    for refused in (Overloaded, TooLate):
+        table[refused] = (overload_status, *ENGINE_ERRORS[refused][1:])
 
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -114,7 +126,7 @@ def install(app: FastAPI, overload_status: int) -> None:
     async def engine_error(request: Request, exc: Exception) -> JSONResponse:
         _count_rejection(request, exc)
         status, kind, message = table[type(exc)]
-        headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
+        headers = {"Retry-After": retry_after(exc)} if status in (429, 503) else None
         return JSONResponse(error_body(message, kind), status, headers=headers)
 
     async def invalid(_: Request, exc: Exception) -> JSONResponse:

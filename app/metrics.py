@@ -5,9 +5,11 @@ Each app gets its own registry, so tests can build many apps in one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # The `_created` timestamp series double the output and no dashboard reads them.
 disable_created_metrics()
@@ -15,7 +17,29 @@ disable_created_metrics()
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ENDPOINTS = ("predict", "v2_infer", "other")  # label values, kept few on purpose
-REJECT_REASONS = ("overloaded", "too_large", "draining", "deadline")
+# expected_wait: refused at admission, the load controller expecting it to miss its budget.
+REJECT_REASONS = ("overloaded", "expected_wait", "too_large", "draining", "deadline")
+
+
+# The load controller's state, read at every scrape: point, expected_accuracy,
+# expected_wait_s, degraded_s (see app.engine.adapt.LoadController.state).
+AdaptationState = Callable[[], dict[str, float] | None]
+
+
+class _DegradedSeconds(Collector):
+    """A counter whose value the controller keeps: seconds spent below point 0."""
+
+    def __init__(self) -> None:
+        self.read: AdaptationState = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.read()
+        family = CounterMetricFamily(
+            "exitserve_degraded_seconds",
+            "Seconds served below the calibrated operating point",
+        )
+        family.add_metric([], 0.0 if state is None else state["degraded_s"])
+        yield family
 
 
 class Metrics:
@@ -86,6 +110,24 @@ class Metrics:
             ["model", "version", "device", "dtype"],
             registry=r,
         )
+        self.operating_point = Gauge(
+            "exitserve_operating_point",
+            "Operating point of the load controller: 0 = calibrated thresholds, 1, 2, ..."
+            " down the ladder (less depth, less accuracy)",
+            registry=r,
+        )
+        self.expected_accuracy = Gauge(
+            "exitserve_expected_accuracy",
+            "Calibration-split accuracy of the current operating point",
+            registry=r,
+        )
+        self.expected_wait = Gauge(
+            "exitserve_expected_wait_seconds",
+            "Expected latency of a new input at the current operating point",
+            registry=r,
+        )
+        self._degraded = _DegradedSeconds()
+        r.register(self._degraded)
         for k in range(1, num_layers + 1):  # every exit shows up, even before traffic
             self.exits.labels(exit_layer=str(k))
         for reason in REJECT_REASONS:
@@ -95,6 +137,22 @@ class Metrics:
         """Read readiness at every scrape: it turns on drains and stuck batches, which no
         event of the engine's reports."""
         self.ready.set_function(lambda: float(ready()))
+
+    def watch_adaptation(self, state: AdaptationState) -> None:
+        """Read the load controller at every scrape (its point also moves with no
+        request: on the way back up, after the load is gone)."""
+
+        def read(key: str, default: float) -> Callable[[], float]:
+            def value() -> float:
+                s = state()
+                return default if s is None else s[key]
+
+            return value
+
+        self.operating_point.set_function(read("point", 0.0))
+        self.expected_accuracy.set_function(read("expected_accuracy", float("nan")))
+        self.expected_wait.set_function(read("expected_wait_s", 0.0))
+        self._degraded.read = state
 
     # -- the engine's observer interface --------------------------------------------------
     def answered(

@@ -100,6 +100,9 @@ class InfoResponse(BaseModel):
     # bit-identical alone or in any batch, with any workers, static or continuous batching.
     batch_invariant: bool
     scheme: str  # the numerics: how weights and activations are represented
+    # The load controller: latency target, accuracy floor, the ladder it moves along
+    # and where it is now (see app.engine.adapt).
+    adaptation: dict[str, object]
     threads: int  # torch threads per worker
     workers: int  # engine workers, each running its own batches
     max_batch_size: int

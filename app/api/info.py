@@ -7,9 +7,33 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
 from app.api.deps import EngineDep, MetricsDep, SettingsDep
+from app.config import Settings
+from app.engine.scheduler import Engine
 from app.schemas import InfoResponse
 
 router = APIRouter()
+
+
+def adaptation(engine: Engine, settings: Settings) -> dict[str, object]:
+    c = engine.controller
+    state = engine.adaptation() or {}
+    return {
+        "latency_target_ms": settings.latency_target_ms,
+        "max_accuracy_drop": settings.max_accuracy_drop,
+        "enabled": c is not None and c.enabled and c.floor > 0,
+        "floor": 0 if c is None else c.floor,
+        "point": int(state.get("point", 0)),
+        "expected_wait_ms": round(1000 * state.get("expected_wait_s", 0.0), 3),
+        "ladder": [
+            {
+                "thresholds": list(p.thresholds),
+                "accuracy": p.accuracy,
+                "mean_layers": p.mean_layers,
+                "relative_cost": p.relative_cost,
+            }
+            for p in engine.runtime.ladder.points
+        ],
+    }
 
 
 @router.get("/info", response_model=InfoResponse)
@@ -28,6 +52,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> InfoResponse:
         dtype=rt.dtype,
         batch_invariant=rt.batch_invariant,
         scheme=rt.scheme,
+        adaptation=adaptation(engine, settings),
         threads=rt.threads,
         workers=engine.workers,
         max_batch_size=engine.max_batch_size,

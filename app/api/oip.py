@@ -268,6 +268,7 @@ async def infer(
         texts,
         exit_rule(engine, params.threshold, params.max_layers),
         settings.timeout_s(params.timeout_ms),
+        settings.budget_s(params.timeout_ms),
     )
     response.headers.update(timing_headers(answers, time.perf_counter() - started))
     columns = {

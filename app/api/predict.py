@@ -36,11 +36,17 @@ def exit_rule(engine: Engine, threshold: float | None, max_layers: int | None) -
 
 
 def timing_headers(answers: list[Answer], total_s: float) -> dict[str, str]:
-    return {
+    """Timing in milliseconds, and the operating point the answers were served at (the
+    lowest of them; absent when the request chose its own threshold or depth cap)."""
+    headers = {
         "x-queue-time": f"{1000 * max((a.queue_s for a in answers), default=0.0):.3f}",
         "x-inference-time": f"{1000 * max((a.inference_s for a in answers), default=0.0):.3f}",
         "x-total-time": f"{1000 * total_s:.3f}",
     }
+    points = [a.operating_point for a in answers if a.operating_point is not None]
+    if points:
+        headers["x-operating-point"] = str(max(points))
+    return headers
 
 
 def prediction(a: Answer, num_layers: int, all_scores: bool) -> dict[str, Any]:
@@ -70,7 +76,10 @@ async def predict(body: PredictRequest, request: Request) -> Response:
         )
     p = body.parameters
     answers = await engine.submit(
-        texts, exit_rule(engine, p.threshold, p.max_layers), settings.timeout_s(p.timeout_ms)
+        texts,
+        exit_rule(engine, p.threshold, p.max_layers),
+        settings.timeout_s(p.timeout_ms),
+        settings.budget_s(p.timeout_ms),
     )
     rt = engine.runtime
     content = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.engine.adapt import CostModel
 from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape, wait_until_idle
 
 JSON = {"content-type": "application/json"}
@@ -276,3 +278,36 @@ def test_settings_refuse_nonsense(
 ) -> None:
     with pytest.raises(ValidationError):
         make_settings(**bad)
+
+
+def test_a_request_expected_to_miss_its_budget_is_refused_with_a_computed_retry_after(
+    serve: Callable[..., TestClient],
+) -> None:
+    client = serve(latency_target_ms=50)
+    c = client.app.state.engine.controller  # type: ignore[attr-defined]
+    c.costs = CostModel()
+    c.costs.observe(1.0, 2.0)  # as if the engine were measured at 2 s per layer unit
+    wait = c.expected_latency(1, c.floor)
+    assert wait > 1.0
+    for path, body in (
+        ("/predict", {"inputs": "good"}),
+        ("/v2/models/tiny/infer", oip_body("good")),
+    ):
+        r = client.post(path, json=body)
+        assert_error(r, 429, "overloaded")
+        assert r.headers["retry-after"] == str(math.ceil(wait - 0.05))
+    # With a deadline of its own, the request is judged against it (in the route, after
+    # parsing; the shedding above only knows the target).
+    r = client.post("/predict", json={"inputs": "good", "parameters": {"timeout_ms": 500}})
+    assert_error(r, 429, "overloaded")
+    assert r.headers["retry-after"] == str(math.ceil(wait - 0.5))
+    # A request that grants itself a longer deadline than the wait is served.
+    r = client.post("/predict", json={"inputs": "good", "parameters": {"timeout_ms": 30_000}})
+    assert r.status_code == 200
+    m = scrape(client)
+    assert sample(m, "exitserve_rejected_total", reason="expected_wait") == 3
+    assert sample(m, "exitserve_rejected_total", reason="overloaded") == 0
+
+
+def oip_body(text: str) -> dict[str, Any]:
+    return {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
