@@ -360,7 +360,7 @@ class Engine:
                 raise Overloaded(f"queue full ({self.max_queue_size} inputs)")
             if self.controller is not None:
                 self.controller.update(load, time.monotonic())
-                late_s = self.controller.refusal(load + len(items), budget_s)
+                late_s = self.controller.refusal(load, len(items), budget_s)
                 if late_s is not None:
                     raise TooLate("expected wait exceeds the request's budget", late_s)
             now = items[0].admitted
@@ -468,7 +468,7 @@ class Engine:
         even at the controller's floor; None when in time (or with no controller). Read
         without the lock: a hint for shedding before a request's body is parsed."""
         c = self.controller
-        return None if c is None else c.refusal(len(self._queue) + self._inflight + inputs, None)
+        return None if c is None else c.refusal(len(self._queue) + self._inflight, inputs, None)
 
     def adaptation(self) -> dict[str, float] | None:
         """The controller's state for the metrics; None without a controller."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -281,29 +282,47 @@ def test_settings_refuse_nonsense(
 
 
 def test_a_request_expected_to_miss_its_budget_is_refused_with_a_computed_retry_after(
-    serve: Callable[..., TestClient],
+    serve: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = serve(latency_target_ms=50)
     c = client.app.state.engine.controller  # type: ignore[attr-defined]
     c.costs = CostModel()
     c.costs.observe(1.0, 2.0)  # as if the engine were measured at 2 s per layer unit
-    wait = c.expected_latency(1, c.floor)
+    wait = c.expected_latency(2, c.floor)  # one input ahead, one new
     assert wait > 1.0
-    for path, body in (
-        ("/predict", {"inputs": "good"}),
-        ("/v2/models/tiny/infer", oip_body("good")),
-    ):
-        r = client.post(path, json=body)
-        assert_error(r, 429, "overloaded")
-        assert r.headers["retry-after"] == str(math.ceil(wait - 0.05))
-    # With a deadline of its own, the request is judged against it (in the route, after
-    # parsing; the shedding above only knows the target).
-    r = client.post("/predict", json={"inputs": "good", "parameters": {"timeout_ms": 500}})
-    assert_error(r, 429, "overloaded")
-    assert r.headers["retry-after"] == str(math.ceil(wait - 0.5))
-    # A request that grants itself a longer deadline than the wait is served.
-    r = client.post("/predict", json={"inputs": "good", "parameters": {"timeout_ms": 30_000}})
-    assert r.status_code == 200
+    held = HeldEngine(client, monkeypatch)
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            # With nothing ahead a request is admitted whatever the estimate: no wait.
+            first = pool.submit(client.post, "/predict", json={"inputs": "good"})
+            assert held.entered.wait(10), "the first request never reached the worker"
+            for path, body in (
+                ("/predict", {"inputs": "good"}),
+                ("/v2/models/tiny/infer", oip_body("good")),
+            ):
+                r = client.post(path, json=body)
+                assert_error(r, 429, "overloaded")
+                assert r.headers["retry-after"] == str(math.ceil(wait - c.admit_at * 0.05))
+            # With a deadline of its own, the request is judged against it (in the
+            # route, after parsing; the shedding above only knows the target).
+            r = client.post("/predict", json={"inputs": "good", "parameters": {"timeout_ms": 500}})
+            assert_error(r, 429, "overloaded")
+            assert r.headers["retry-after"] == str(math.ceil(wait - c.admit_at * 0.5))
+            # A request that grants itself a longer deadline than the wait is admitted.
+            later = pool.submit(
+                client.post,
+                "/predict",
+                json={"inputs": "good", "parameters": {"timeout_ms": 30_000}},
+            )
+            stop = time.monotonic() + 10
+            while engine.queued() != 1:  # admitted, behind the held input
+                assert time.monotonic() < stop, "the request with a long deadline was refused"
+                time.sleep(0.005)
+        finally:
+            held.release()
+        assert first.result(timeout=10).status_code == 200
+        assert later.result(timeout=10).status_code == 200
     m = scrape(client)
     assert sample(m, "exitserve_rejected_total", reason="expected_wait") == 3
     assert sample(m, "exitserve_rejected_total", reason="overloaded") == 0

@@ -48,6 +48,8 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(
         "max_queue_size": str(REQUESTS * PER_REQUEST),
         "drain_timeout_s": str(DRAIN_TIMEOUT_S),
         "log_level": "info",
+        # The backlog is the point here: no refusal by expected wait.
+        "latency_target_ms": "0",
     }
     texts = random_texts(PER_REQUEST, seed=3, min_words=20, max_words=30)
     body = {"inputs": texts, "parameters": {"threshold": 1.0}}
