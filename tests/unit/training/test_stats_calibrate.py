@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.engine.adapt import Ladder
 from app.network import artifact
-from app.training.calibrate import calibrate, greedy_thresholds
+from app.training.calibrate import LADDER_STEPS, calibrate, greedy_thresholds, operating_ladder
 from app.training.evaluate import all_exit_probs, evaluate
 from app.training.stats import adaptive_outcome, binomial_upper_bound, exit_layers
 from tests.tiny import make_tiny_model, random_texts
@@ -215,3 +216,31 @@ def test_calibrate_on_too_few_inputs_keeps_full_depth(labelled_tiny: Path, tmp_p
     th = json.loads((model_dir / "model.json").read_text())["exits"]["thresholds"]
     assert th[:-1] == [1.0] * (len(th) - 1)
     assert record["mean_layers"] == len(th)
+
+
+def test_the_operating_ladder_steps_down_in_depth_from_the_calibrated_point() -> None:
+    rng = np.random.default_rng(0)
+    L, N = 6, 2000
+    # Confidence grows with depth; deeper exits are right more often.
+    conf = np.clip(rng.uniform(0.5, 1.0, (L, N)) + np.linspace(0, 0.2, L)[:, None], 0.5, 1.0)
+    correct = rng.uniform(size=(L, N)) < np.linspace(0.75, 0.85, L)[:, None]
+    agree = rng.uniform(size=(L, N)) < np.linspace(0.8, 1.0, L)[:, None]
+    agree[-1] = True
+    base = np.array([0.95] * (L - 1) + [0.0])
+    ladder = operating_ladder(conf, correct, agree, base, fixed_cost=0.5)
+    assert ladder[0]["thresholds"] == [0.95] * (L - 1) + [0.0]
+    depths = [p["mean_layers"] for p in ladder]
+    assert all(b < a for a, b in itertools.pairwise(depths))
+    assert depths[-1] == 1.0  # the aggressive end: everything at the first exit
+    assert len(ladder) == LADDER_STEPS + 1
+    for p in ladder:
+        th = np.array(p["thresholds"])
+        assert np.all(th <= base + 1e-9) and th[-1] == 0.0
+        acc, depth = adaptive_outcome(conf, correct, th)
+        assert (p["accuracy"], p["mean_layers"]) == (round(acc, 4), round(depth, 3))
+        assert p["relative_cost"] == round((0.5 + depth) / (0.5 + L), 3)
+    # The serving side reads it back, point 0 being the model's thresholds.
+    served = Ladder.from_calibration(
+        ladder[0]["thresholds"], {"ladder": {"fixed_cost": 0.5, "points": ladder}}
+    )
+    assert len(served) == len(ladder) and served.cost(len(ladder) - 1) == 1.5
