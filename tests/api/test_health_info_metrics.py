@@ -40,6 +40,10 @@ METRICS = {
     "exitserve_rejected": "counter",
     "exitserve_model_info": "gauge",
     "exitserve_ready": "gauge",
+    "exitserve_operating_point": "gauge",
+    "exitserve_expected_accuracy": "gauge",
+    "exitserve_expected_wait_seconds": "gauge",
+    "exitserve_degraded_seconds": "counter",
 }
 
 
@@ -220,3 +224,21 @@ def test_promtool_accepts_the_metrics(serve: Callable[..., TestClient]) -> None:
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip() == "" and p.stderr.strip() == "", p.stdout + p.stderr
+
+
+def test_info_and_metrics_show_the_load_controller(serve: Callable[..., TestClient]) -> None:
+    client = serve(latency_target_ms=250, max_accuracy_drop=0.02)
+    a = client.get("/info").json()["adaptation"]
+    # The tiny model was calibrated without a ladder: one point, nothing to move along,
+    # but admission by expected wait still applies.
+    assert (a["latency_target_ms"], a["max_accuracy_drop"]) == (250, 0.02)
+    assert (a["admission"], a["moves"], a["floor"], a["point"]) == (True, False, 0, 0)
+    [point] = a["ladder"]
+    assert point["thresholds"] == client.get("/info").json()["exit_thresholds"]
+    m = scrape(client)
+    assert sample(m, "exitserve_operating_point") == 0
+    assert sample(m, "exitserve_expected_accuracy") == point["accuracy"]
+    assert sample(m, "exitserve_degraded_seconds_total") == 0
+    assert sample(m, "exitserve_rejected_total", reason="expected_wait") == 0
+    off = serve(latency_target_ms=0).get("/info").json()["adaptation"]
+    assert (off["admission"], off["moves"]) == (False, False)
