@@ -12,6 +12,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.api.predict import timing_headers
+from app.engine.scheduler import Answer
 from tests.api.conftest import async_client
 from tests.api.helpers import metric_samples, predict, predictions, sample
 from tests.tiny import random_texts
@@ -165,3 +167,30 @@ def test_concurrent_requests_each_get_their_own_answer(
             assert sample(m, "exitserve_batch_size_bucket", le="1.0") < steps
 
     asyncio.run(main())
+
+
+def answer(queue_s: float, inference_s: float, point: int | None) -> Answer:
+    return Answer("positive", 0.9, 1, {}, queue_s, inference_s, point)
+
+
+def test_timing_headers_carry_each_timing_under_its_own_name() -> None:
+    h = timing_headers([answer(0.010, 0.200, 0), answer(0.030, 0.100, 2)], total_s=0.25)
+    # The largest of each, in milliseconds: queue and inference are not interchangeable.
+    assert (h["x-queue-time"], h["x-inference-time"], h["x-total-time"]) == (
+        "30.000",
+        "200.000",
+        "250.000",
+    )
+    assert h["x-operating-point"] == "2"
+    # A request that chose its own threshold names no point.
+    assert "x-operating-point" not in timing_headers([answer(0.0, 0.0, None)], 0.0)
+
+
+def test_answers_say_the_operating_point_unless_the_request_set_its_own_rule(
+    client: TestClient,
+) -> None:
+    r = client.post("/predict", json={"inputs": "good"})
+    assert r.headers["x-operating-point"] == "0"
+    for params in ({"threshold": 0.5}, {"max_layers": 1}):
+        r = client.post("/predict", json={"inputs": "good", "parameters": params})
+        assert r.status_code == 200 and "x-operating-point" not in r.headers
