@@ -34,7 +34,7 @@ def adaptation(engine: Engine, settings: Settings) -> dict[str, object]:
                 "mean_layers": p.mean_layers,
                 "relative_cost": p.relative_cost,
             }
-            for p in engine.runtime.ladder.points
+            for p in (engine.runtime.ladder if c is None else c.ladder).points
         ],
     }
 

@@ -45,9 +45,16 @@ class ModelRuntime:
 
     @property
     def ladder(self) -> Ladder:
-        """The operating points calibration measured (one point for a model calibrated
-        before ladders existed)."""
-        return Ladder.from_calibration(self.thresholds, self.calibration)
+        """The operating points calibration measured: one point for a model calibrated
+        before ladders existed, or whose thresholds were changed after calibration (the
+        ladder's figures were measured from other thresholds)."""
+        try:
+            return Ladder.from_calibration(self.thresholds, self.calibration)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning(
+                "%s: operating ladder not used (%s); run `exitserve calibrate`", self.name, e
+            )
+            return Ladder.from_calibration(self.thresholds, {})
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         # A token spans at most ~100 characters (WordPiece's longest word), so cutting the

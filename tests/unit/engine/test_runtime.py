@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from app.engine.runtime import worker_plan
+from app.engine.runtime import load_runtime, worker_plan
 
 
 @pytest.mark.parametrize(
@@ -31,3 +33,21 @@ def test_auto_device_plans_for_the_cpu_when_no_gpu_is_visible() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     assert worker_plan("auto", 4, None) == (4, 1)
+
+
+def test_a_ladder_that_does_not_start_at_the_served_thresholds_is_not_used(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = load_runtime(tiny_model_dir, "cpu", "none", 1)
+    L = rt.num_layers
+    point = {"thresholds": [0.9] * (L - 1) + [0.0], "accuracy": 0.8, "mean_layers": 2.0}
+    lower = {"thresholds": [0.5] * (L - 1) + [0.0], "accuracy": 0.7, "mean_layers": 1.0}
+    rt.calibration = {"ladder": {"fixed_cost": 0.3, "points": [point, lower]}}
+    rt.thresholds = list(point["thresholds"])  # type: ignore[arg-type]
+    assert len(rt.ladder) == 2 and rt.ladder.fixed_cost == 0.3
+    # Thresholds edited by hand after calibration: the ladder's figures no longer hold.
+    rt.thresholds = [0.8] * (L - 1) + [0.0]
+    with caplog.at_level("WARNING"):
+        ladder = rt.ladder
+    assert len(ladder) == 1 and list(ladder.points[0].thresholds) == rt.thresholds
+    assert "operating ladder not used" in caplog.text
