@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
 TORCH   ?=
 
-.PHONY: install serve test lint models bench bench-parts loadtest soak overload clean
+.PHONY: install serve test lint models bench bench-parts loadtest soak overload image clean
 
 $(BIN)/exitserve:
 	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
@@ -64,6 +64,11 @@ soak: install
 OVERLOAD_ARGS ?=
 overload: install
 	$(BIN)/python -m bench.overload models/rt-sentiment-minilm --out bench/results $(OVERLOAD_ARGS)
+
+# The CPU image where no registry can be reached: a debootstrap base image and the local
+# torch wheel served to the build (scripts/docker-local.sh; root and a Docker engine).
+image:
+	scripts/docker-local.sh build exitserve:cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

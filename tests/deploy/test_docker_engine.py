@@ -1,0 +1,214 @@
+"""The CPU image built and run on a real Docker engine, and the compose stack under Compose v2.
+
+The image is built by `scripts/docker-local.sh build` (a debootstrap base and a local
+torch index: no registry needed). Without a Docker engine, debootstrap or root, the
+tests that need them are skipped with the reason; once the image is built, every check
+fails rather than skips. `.ci/run` installs and starts the engine, so CI runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.deploy.conftest import DOCKER, ROOT, tool
+from tests.server import free_port
+from tests.tiny import random_texts
+
+pytestmark = pytest.mark.slow
+
+TAG = "exitserve:cpu"
+GUARD_S = 180.0  # only reached when a check fails
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)}: {r.stderr.strip()[-2000:]}")
+    return r.stdout.strip()
+
+
+def logs(name: str) -> str:
+    """What the container printed, both streams (the server logs to stderr)."""
+    r = subprocess.run(["docker", "logs", name], capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+def why_no_engine() -> str | None:
+    """Why the image cannot be built here, or None when it can."""
+    if shutil.which("docker") is None:
+        return "no docker command"
+    try:
+        r = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 30 s"
+    if r.returncode != 0:
+        return f"no Docker engine answers: {r.stderr.strip()[:200]}"
+    if shutil.which("debootstrap") is None:
+        return "debootstrap is not installed (the base image is made with it)"
+    if os.geteuid() != 0:
+        return "not root (debootstrap and chroot need it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    reason = why_no_engine()
+    if reason is not None:
+        pytest.skip(f"no image built: {reason}")
+    # From here on a failure is a failure: the engine is there.
+    subprocess.run(
+        [str(ROOT / "scripts" / "docker-local.sh"), "build", TAG], check=True, timeout=900
+    )
+    return TAG
+
+
+def wait_ready(url: str, name: str) -> None:
+    stop = time.monotonic() + GUARD_S
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        state = docker("inspect", "--format", "{{.State.Status}}", name, check=False)
+        assert state in ("created", "running"), f"container {state}: {logs(name)[-3000:]}"
+        assert time.monotonic() < stop, f"never ready: {logs(name)[-3000:]}"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def container(image: str) -> Iterator[tuple[str, str]]:
+    """The image running as in production: read-only root, a tmpfs /tmp, no adaptation
+    (so that the drain below has a backlog to drain)."""
+    name = f"exitserve-test-{os.getpid()}-{free_port()}"
+    port = free_port()
+    docker(
+        "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
+        "-p", f"127.0.0.1:{port}:8000",
+        "-e", "EXITSERVE_LATENCY_TARGET_MS=0", "-e", "EXITSERVE_DRAIN_TIMEOUT_S=60",
+        image,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, name)
+        yield url, name
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_the_image_serves_as_a_read_only_non_root_healthy_container(
+    container: tuple[str, str],
+) -> None:
+    url, name = container
+    r = httpx.post(
+        f"{url}/predict",
+        json={"inputs": ["a gripping, beautifully acted film", "a dull, lifeless mess"]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "rt-sentiment-minilm"
+    assert [p["label"] for p in body["predictions"]] == ["positive", "negative"]
+    assert all(1 <= p["exit_layer"] <= 6 for p in body["predictions"])
+    info = httpx.get(f"{url}/info", timeout=10).json()
+    assert (info["device"], info["dtype"], info["batch_invariant"]) == ("cpu", "int8", True)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'exitserve_requests_total{endpoint="predict",status="200"} 1.0' in metrics
+    assert docker("exec", name, "id", "-u") == "10001"
+    # The root filesystem is read-only; /tmp is the one writable place.
+    denied = subprocess.run(
+        ["docker", "exec", name, "touch", "/app/x"], capture_output=True, text=True
+    )
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    docker("exec", name, "touch", "/tmp/x")
+    # The image's HEALTHCHECK turns healthy (its first probe runs after 15 s).
+    stop = time.monotonic() + GUARD_S
+    while (health := docker("inspect", "--format", "{{.State.Health.Status}}", name)) != "healthy":
+        assert health == "starting", f"health {health}: {docker('inspect', name)}"
+        assert time.monotonic() < stop, "the healthcheck never passed"
+        time.sleep(1)
+
+
+def test_docker_stop_answers_the_requests_in_flight_then_exits_0(
+    container: tuple[str, str],
+) -> None:
+    url, name = container
+    texts = random_texts(64, seed=9, min_words=20, max_words=40)
+    body = {"inputs": texts, "parameters": {"threshold": 1.0}}  # full depth: a backlog
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(httpx.post, f"{url}/predict", json=body, timeout=GUARD_S) for _ in range(4)
+        ]
+        stop = time.monotonic() + GUARD_S
+        while True:  # every input admitted, many still waiting
+            m = httpx.get(f"{url}/metrics", timeout=10).text
+            queued = next(
+                float(line.split()[1])
+                for line in m.splitlines()
+                if line.startswith("exitserve_queue_size ")
+            )
+            if queued >= 64:
+                break
+            assert not all(f.done() for f in futures), "the backlog ran out before the stop"
+            assert time.monotonic() < stop, "the requests were never admitted"
+            time.sleep(0.02)
+        docker("stop", "--time", "90", name, timeout=120)
+        replies = [f.result(timeout=GUARD_S) for f in futures]
+    assert [r.status_code for r in replies] == [200] * 4
+    assert all(len(r.json()["predictions"]) == 64 for r in replies)
+    state = json.loads(docker("inspect", "--format", "{{json .State}}", name))
+    assert (state["Status"], state["ExitCode"], state["OOMKilled"]) == ("exited", 0, False)
+    assert "engine stopped (drained)" in logs(name)
+
+
+# -- Compose v2 ---------------------------------------------------------------------------
+def compose(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_compose_v2_accepts_the_stack() -> None:
+    assert (
+        "v2."
+        in subprocess.run(
+            [tool("docker-compose"), "version"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    r = compose("config", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    services = json.loads(r.stdout)["services"]
+    assert set(services) == {"exitserve", "prometheus", "grafana"}
+    s = services["exitserve"]
+    assert (s["image"], s["read_only"], s["tmpfs"]) == ("exitserve:cpu", True, ["/tmp"])
+
+
+def test_compose_v2_brings_the_service_up_and_down(image: str) -> None:
+    # The stack's own port, 8000: skip rather than fight something else for it.
+    try:
+        httpx.get("http://127.0.0.1:8000/", timeout=1)
+        pytest.skip("port 8000 is taken on this machine")
+    except httpx.HTTPError:
+        pass
+    r = compose("up", "-d", "--no-build", "--no-deps", "exitserve")
+    try:
+        assert r.returncode == 0, r.stderr
+        name = compose("ps", "-q", "exitserve").stdout.strip()
+        wait_ready("http://127.0.0.1:8000", name)
+        r2 = httpx.post("http://127.0.0.1:8000/predict", json={"inputs": "great fun"}, timeout=30)
+        assert r2.status_code == 200 and r2.json()["predictions"][0]["label"] == "positive"
+    finally:
+        down = compose("down", "--timeout", "30")
+    assert down.returncode == 0, down.stderr
