@@ -139,7 +139,7 @@ class Ladder:
 class CostModel:
     """Seconds per batch = a + b x work, fitted on recent batches (see the module doc)."""
 
-    def __init__(self, memory_s: float = 2.0, prior_weight: float = 0.2) -> None:
+    def __init__(self, memory_s: float = 2.0, prior_weight: float = 1.0) -> None:
         self.memory_s = memory_s  # busy seconds after which a batch weighs 1/e
         self.prior_weight = prior_weight  # what the start-up anchors weigh, in batches
         # Decayed sums over batches of 1, w, w^2, y and w y (w: work, y: seconds).
@@ -316,12 +316,14 @@ class LoadController:
         seconds after which a retry could be served in time. The budget is the request's
         own deadline, else the target; without either, everything is admitted.
 
-        Nothing ahead: admitted whatever the estimate says. There is no wait to refuse
-        for, a retry would meet the same estimate, and only served batches correct it
-        (a fit left high by a burst's contention refused an idle server's every request).
+        Less than a full batch ahead: admitted whatever the estimate says. The wait is
+        then at most the batch already running, which no refusal shortens, and the
+        estimate is at its least reliable: a fit left high by a burst's contention
+        refused an idle server's every request, and an outlier batch just after start
+        refused a handful of concurrent requests on a loaded machine (both measured).
         """
         budget = budget_s if budget_s is not None else self.target_s
-        if not self.enabled or budget <= 0 or ahead <= 0:
+        if not self.enabled or budget <= 0 or ahead < self.batch_size:
             return None
         wait = self.expected_latency(ahead + new, self.floor)
         if wait <= self.admit_at * budget:

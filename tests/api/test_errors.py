@@ -284,7 +284,8 @@ def test_settings_refuse_nonsense(
 def test_a_request_expected_to_miss_its_budget_is_refused_with_a_computed_retry_after(
     serve: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = serve(latency_target_ms=50)
+    # Batches of one input, so that the one held below is a full batch ahead.
+    client = serve(latency_target_ms=50, max_batch_size=1)
     c = client.app.state.engine.controller  # type: ignore[attr-defined]
     c.costs = CostModel()
     c.costs.observe(1.0, 2.0)  # as if the engine were measured at 2 s per layer unit

@@ -36,7 +36,14 @@ def answers(url: str, texts: list[str], threshold: float | None) -> list[dict[st
 def test_concurrent_mixed_requests_get_their_single_answers(
     tiny_model_dir: Path, tmp_path: Path, settings: dict[str, str]
 ) -> None:
-    base = {"model_dir": str(tiny_model_dir), "device": "cpu", "max_queue_delay_ms": "5"}
+    # No latency target: every request must be answered to be compared, and a refusal
+    # by expected wait on a loaded machine is another test's subject.
+    base = {
+        "model_dir": str(tiny_model_dir),
+        "device": "cpu",
+        "max_queue_delay_ms": "5",
+        "latency_target_ms": "0",
+    }
     with server_process({**base, **settings}, tmp_path / "server.log") as (url, _):
         info = httpx.get(f"{url}/info", timeout=TIMEOUT_S).json()
         assert (info["dtype"], info["batch_invariant"]) == ("int8", True)

@@ -179,8 +179,11 @@ def test_refusal_uses_the_floor_and_the_budget() -> None:
     # The request's own deadline counts instead of the target, both ways.
     assert c.refusal(199, 1, 0.5) is None
     assert c.refusal(99, 1, 0.1) == pytest.approx(0.07)
-    # Nothing ahead: admitted however long the request itself is expected to take.
+    # Less than a full batch ahead: admitted however long the request itself is
+    # expected to take.
     assert c.refusal(0, 200, None) is None
+    assert c.refusal(31, 200, None) is None
+    assert c.refusal(32, 200, None) is not None
     # Without a target the controller refuses nothing.
     assert controller(target_s=0.0).refusal(10_000, 1, 0.001) is None
 
