@@ -173,7 +173,14 @@ async def offer(
             i = k % len(requests)
             sent = time.perf_counter()
             try:
-                r = await conn.roundtrip(requests[i])
+                try:
+                    r = await conn.roundtrip(requests[i])
+                except (OSError, ProtocolError, asyncio.IncompleteReadError):
+                    # The server closes a keep-alive connection left idle past its timeout
+                    # (uvicorn: 5 s), as at a low rate over many connections; a client
+                    # sends again on a new one. A second failure is a broken connection.
+                    conn.close()
+                    r = await conn.roundtrip(requests[i])
             except (OSError, ProtocolError, asyncio.IncompleteReadError):
                 conn.close()
                 samples.append(Sample(i, 0, time.perf_counter() - sent, None, False, None))

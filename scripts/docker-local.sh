@@ -5,6 +5,9 @@
 #
 # Usage: scripts/docker-local.sh base [BASE]         make the base image (once; kept)
 #        scripts/docker-local.sh build [TAG [BASE]]  the base if missing, then the image
+#        scripts/docker-local.sh prometheus [NAME]   Prometheus from Debian's package, for
+#                     the compose stack (PROMETHEUS_IMAGE=NAME; default
+#                     exitserve-prometheus:bookworm)
 #   BASE         the base image's name (default: exitserve-base:bookworm)
 #   TAG          the image's tag (default: exitserve:cpu)
 #   MIRROR       (environment) the Debian mirror (default: the first deb.debian.org-style
@@ -15,7 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+# What to undo on any exit, a failed step included: temporary folders, the index server.
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do $c 2>/dev/null || true; done' EXIT
+
+usage() { sed -n '2,17s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 mirror() {
     if [[ -n "${MIRROR:-}" ]]; then echo "$MIRROR"; return; fi
@@ -27,20 +34,21 @@ mirror() {
 }
 
 make_base() {
-    local base="$1"
+    local base="$1" packages="${2:-python3,python3-venv,ca-certificates}"
     if docker image inspect "$base" >/dev/null 2>&1; then
-        echo "docker-local: base $base exists"
+        echo "docker-local: $base exists"
         return
     fi
     local root
     root=$(mktemp -d)
-    trap 'rm -rf "$root"' RETURN
+    cleanup+=("rm -rf $root")
     echo "docker-local: debootstrap bookworm from $(mirror)"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    debootstrap --variant=minbase --include="$packages" \
         bookworm "$root/rootfs" "$(mirror)" >"$root/debootstrap.log" 2>&1 ||
         { tail -n 20 "$root/debootstrap.log" >&2; return 1; }
     # pip inside the build must trust what this machine trusts (a proxy's own CA, say).
-    if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    if [[ -d "$root/rootfs/usr/local/share/ca-certificates" ]] &&
+        compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
         cp /usr/local/share/ca-certificates/*.crt "$root/rootfs/usr/local/share/ca-certificates/"
         chroot "$root/rootfs" update-ca-certificates >/dev/null
     fi
@@ -54,6 +62,7 @@ build_image() {
     make_base "$base"
     local index
     index=$(mktemp -d)
+    cleanup+=("rm -rf $index")
     # A simple index (PEP 503) of torch and what it depends on: the Dockerfile installs
     # torch with --index-url, so its dependencies must come from the same index.
     python3 -m pip download --quiet --dest "$index/wheels" ${TORCH_WHEEL:+"$TORCH_WHEEL"} torch==2.13.0
@@ -68,8 +77,7 @@ build_image() {
     local port
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     python3 -m http.server --bind 127.0.0.1 --directory "$index" "$port" >/dev/null 2>&1 &
-    local server=$!
-    trap 'kill "$server" 2>/dev/null; rm -rf "$index"' RETURN
+    cleanup+=("kill $!")
     docker build --quiet --network host \
         --build-arg PYTHON_IMAGE="$base" \
         --build-arg TORCH_INDEX="http://127.0.0.1:$port/simple" \
@@ -79,6 +87,7 @@ build_image() {
 
 case "${1:-}" in
     base) make_base "${2:-exitserve-base:bookworm}" ;;
+    prometheus) make_base "${2:-exitserve-prometheus:bookworm}" prometheus ;;
     build) build_image "${2:-exitserve:cpu}" "${3:-exitserve-base:bookworm}" ;;
     *) usage ;;
 esac

@@ -171,12 +171,15 @@ def test_docker_stop_answers_the_requests_in_flight_then_exits_0(
 
 
 # -- Compose v2 ---------------------------------------------------------------------------
-def compose(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def compose(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -195,20 +198,60 @@ def test_compose_v2_accepts_the_stack() -> None:
     assert (s["image"], s["read_only"], s["tmpfs"]) == ("exitserve:cpu", True, ["/tmp"])
 
 
-def test_compose_v2_brings_the_service_up_and_down(image: str) -> None:
-    # The stack's own port, 8000: skip rather than fight something else for it.
-    try:
-        httpx.get("http://127.0.0.1:8000/", timeout=1)
-        pytest.skip("port 8000 is taken on this machine")
-    except httpx.HTTPError:
-        pass
-    r = compose("up", "-d", "--no-build", "--no-deps", "exitserve")
+PROMETHEUS = "exitserve-prometheus:bookworm"
+
+
+@pytest.fixture(scope="module")
+def prometheus_image(image: str) -> str:
+    """Prometheus from Debian's package, for the compose stack (no registry here)."""
+    subprocess.run(
+        [str(ROOT / "scripts" / "docker-local.sh"), "prometheus", PROMETHEUS],
+        check=True,
+        timeout=900,
+    )
+    return PROMETHEUS
+
+
+def prometheus_value(query: str) -> float | None:
+    r = httpx.get("http://127.0.0.1:9090/api/v1/query", params={"query": query}, timeout=10)
+    result = r.json()["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_compose_v2_brings_the_service_and_prometheus_up_and_down(
+    image: str, prometheus_image: str
+) -> None:
+    # The stack's own ports: skip rather than fight something else for them.
+    for port in (8000, 9090):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            pytest.skip(f"port {port} is taken on this machine")
+        except httpx.HTTPError:
+            pass
+    env = {**os.environ, "PROMETHEUS_IMAGE": prometheus_image}
+    r = compose("up", "-d", "--no-build", "exitserve", "prometheus", env=env)
     try:
         assert r.returncode == 0, r.stderr
-        name = compose("ps", "-q", "exitserve").stdout.strip()
+        name = compose("ps", "-q", "exitserve", env=env).stdout.strip()
         wait_ready("http://127.0.0.1:8000", name)
         r2 = httpx.post("http://127.0.0.1:8000/predict", json={"inputs": "great fun"}, timeout=30)
         assert r2.status_code == 200 and r2.json()["predictions"][0]["label"] == "positive"
+        # Prometheus scrapes the service (every 15 s) with the stack's own config and
+        # rules, and answers queries on what it scraped.
+        stop = time.monotonic() + GUARD_S
+        while True:
+            try:
+                up = prometheus_value('up{job="exitserve"}')
+                served = prometheus_value('exitserve_requests_total{endpoint="predict"}')
+            except (httpx.HTTPError, KeyError, ValueError):
+                up = served = None
+            if up == 1.0 and served is not None and served >= 1:
+                break
+            assert time.monotonic() < stop, f"Prometheus never scraped the service: {up}"
+            time.sleep(1)
+        rules = httpx.get("http://127.0.0.1:9090/api/v1/rules", timeout=10).json()
+        names = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
+        assert {"ExitserveDegraded", "ExitserveNotReady"} <= names
     finally:
-        down = compose("down", "--timeout", "30")
+        down = compose("down", "--timeout", "30", env=env)
     assert down.returncode == 0, down.stderr
