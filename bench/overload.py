@@ -63,7 +63,7 @@ from bench.http_bench import (
     http_get,
     percentile,
 )
-from bench.soak import closed_loop, connect, due_count
+from bench.soak import _fmt, closed_loop, connect, due_count
 
 CONFIGS = ("static", "admission", "adaptive", "default")
 
@@ -353,18 +353,15 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def f(v: Any, spec: str = "") -> str:
-        return "—" if v is None else format(v, spec)
-
     for r in result["rows"]:
         acc = None if r["served_accuracy"] is None else 100 * r["served_accuracy"]
         share = None if r["share_at_point_0"] is None else 100 * r["share_at_point_0"]
         lines.append(
             f"| {r['config']} | {r['load']:g}x | {r['offered_rps']:.0f} |"
             f" {r['throughput_rps']:.0f} | {r['goodput_rps']:.0f} | {r['refused']} |"
-            f" {f(r['p50_ms'], '.0f')} | {f(r['p99_ms'], '.0f')} | {f(acc, '.2f')}% |"
-            f" {f(r['mean_point_served'], '.2f')} | {f(share, '.0f')}% |"
-            f" {f(r['recovery_s'], '.1f')} |"
+            f" {_fmt(r['p50_ms'], '.0f')} | {_fmt(r['p99_ms'], '.0f')} | {_fmt(acc, '.2f')}% |"
+            f" {_fmt(r['mean_point_served'], '.2f')} | {_fmt(share, '.0f')}% |"
+            f" {_fmt(r['recovery_s'], '.1f')} |"
         )
     lines += ["", "Bars:", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["bars"].items()]

@@ -145,6 +145,7 @@ class CostModel:
         # Decayed sums over batches of 1, w, w^2, y and w y (w: work, y: seconds).
         self._n = self._w = self._ww = self._y = self._wy = 0.0
         self._prior = (0.0, 0.0, 0.0, 0.0, 0.0)
+        self._refit()
 
     def anchor(self, batches: list[tuple[float, float]]) -> None:
         """(work, seconds) of batches timed at start-up: they never decay, and keep the
@@ -157,6 +158,7 @@ class CostModel:
             k * sum(y for _, y in batches),
             k * sum(w * y for w, y in batches),
         )
+        self._refit()
 
     def observe(self, work: float, seconds: float) -> None:
         if work <= 0 or seconds < 0:
@@ -167,21 +169,24 @@ class CostModel:
         self._ww = keep * self._ww + work * work
         self._y = keep * self._y + seconds
         self._wy = keep * self._wy + work * seconds
+        self._refit()
 
-    @property
-    def fitted(self) -> tuple[float, float] | None:
-        """(a, b), both >= 0; None before any batch or anchor."""
+    def _refit(self) -> None:
+        """(a, b), both >= 0, into `fitted`; None before any batch or anchor. Once per
+        batch, not per estimate: admission asks for several estimates per request."""
         pn, pw, pww, py, pwy = self._prior
         n, w, ww, y, wy = self._n + pn, self._w + pw, self._ww + pww, self._y + py, self._wy + pwy
+        self.fitted: tuple[float, float] | None = None
         if w <= 0:
-            return None
+            return
         det = n * ww - w * w
         if det > 1e-9 * n * ww:  # batches of more than one size: both terms
             b = (n * wy - w * y) / det
             a = (y - b * w) / n
             if a >= 0 and b > 0:
-                return a, b
-        return 0.0, y / w  # one size only, or a fit outside reason: all per unit of work
+                self.fitted = (a, b)
+                return
+        self.fitted = (0.0, y / w)  # one size only, or a fit outside reason: all per work
 
 
 class LoadController:

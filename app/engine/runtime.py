@@ -54,7 +54,9 @@ class ModelRuntime:
             log.warning(
                 "%s: operating ladder not used (%s); run `exitserve calibrate`", self.name, e
             )
-            return Ladder.from_calibration(self.thresholds, {})
+            # The calibrated point alone, with its figures.
+            figures = {k: v for k, v in self.calibration.items() if k != "ladder"}
+            return Ladder.from_calibration(self.thresholds, figures)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         # A token spans at most ~100 characters (WordPiece's longest word), so cutting the
