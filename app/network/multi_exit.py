@@ -7,7 +7,7 @@ whichever rows are still running; training calls `forward` for all exits at once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ class MultiExitConfig:
     labels: tuple[str, ...]
     max_seq_len: int = 128
     head_dropout: float = 0.1
+    # The last exit's pooling: "mean" for exitserve's own heads, "cls" for a fine-tuned
+    # classifier's pooler + classifier kept as the last exit (`add-exits`).
+    final_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2:
@@ -44,6 +47,7 @@ class MultiExitConfig:
             "labels": list(self.labels),
             "max_seq_len": self.max_seq_len,
             "head_dropout": self.head_dropout,
+            "final_pooling": self.final_pooling,
         }
 
     @classmethod
@@ -53,6 +57,7 @@ class MultiExitConfig:
             labels=tuple(d["labels"]),
             max_seq_len=int(d["max_seq_len"]),
             head_dropout=float(d.get("head_dropout", 0.1)),
+            final_pooling=str(d.get("final_pooling", "mean")),
         )
 
 
@@ -69,9 +74,15 @@ class MultiExitNetwork(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg.encoder)
+        L = cfg.num_layers
         self.heads = nn.ModuleList(
-            ExitHead(cfg.encoder.hidden_size, len(cfg.labels), cfg.head_dropout)
-            for _ in range(cfg.num_layers)
+            ExitHead(
+                cfg.encoder.hidden_size,
+                len(cfg.labels),
+                cfg.head_dropout,
+                cfg.final_pooling if i == L - 1 else "mean",
+            )
+            for i in range(L)
         )
 
     @property
@@ -98,6 +109,9 @@ class MultiExitNetwork(nn.Module):
 
     def exit_logits(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.heads[i](x, mask)  # (B, C)
+
+    def head(self, i: int) -> ExitHead:
+        return cast(ExitHead, self.heads[i])
 
     # -- all exits at once (training, evaluation) --------------------------------------
     def forward(

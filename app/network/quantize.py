@@ -30,8 +30,13 @@ INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accum
 MODES = ("int8", "fp16", "bf16", "none")
 
 
-def resolve(device: str, quantization: str) -> tuple[str, str]:
-    """Turn `auto` settings into a concrete (device, quantization) pair."""
+def resolve(
+    device: str, quantization: str, preferred: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """Turn `auto` settings into a concrete (device, quantization) pair.
+
+    `preferred`: the model's measured choice per device (model.json `serving`), e.g.
+    {"cpu": "none"} for a classifier whose int8 answers differ from its own."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -42,7 +47,7 @@ def resolve(device: str, quantization: str) -> tuple[str, str]:
         if device == "cuda":
             quantization = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            quantization = "int8"
+            quantization = (preferred or {}).get("cpu", "int8")
     if quantization not in MODES:
         raise ValueError(f"unknown quantization {quantization!r}; expected auto or one of {MODES}")
     if device == "cuda" and quantization == "int8":

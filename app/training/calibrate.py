@@ -41,7 +41,7 @@ from app.network import artifact
 from app.network.multi_exit import MultiExitNetwork, pad_batch
 from app.network.quantize import scheme
 from app.network.tokenizer import TextTokenizer
-from app.training.evaluate import all_exit_probs, load_served, split_data
+from app.training.evaluate import all_exit_probs, judged, load_served, split_data
 from app.training.stats import adaptive_outcome, binomial_upper_bound
 
 LADDER_STEPS = 6  # operating points below the calibrated one
@@ -240,6 +240,8 @@ def calibrate(
     texts, y = split_data(spec, "calibration")
     probs = all_exit_probs(served.network, served.loaded.tokenizer.encode(texts))  # (L, N, C)
     pred = probs.argmax(-1)  # (L, N)
+    unlabelled = int((y < 0).sum())
+    y = judged(y, pred[-1])
     conf, correct, agree = probs.max(-1), pred == y[None], pred == pred[-1][None]
     n = conf.shape[1]
     k = allowed_disagreements(n, max_disagreement)
@@ -269,6 +271,7 @@ def calibrate(
         " accuracy drop and by a 95% upper bound on disagreement with the last exit",
         "split": "calibration",
         "n": n,
+        "unlabelled": unlabelled,  # judged against the last exit's answer
         "quantization": served.quantization,
         "scheme": scheme(served.quantization),
         "max_drop": max_drop,

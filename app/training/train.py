@@ -49,6 +49,7 @@ class TrainConfig:
     distill: float = 0.0
     distill_temperature: float = 2.0
     limit: int | None = None  # use at most this many training examples (tests, trials)
+    base: Path | None = None  # a BERT checkpoint directory; None: the MiniLM-L6 package
 
     def __post_init__(self) -> None:
         if not 0 <= self.qat_epochs <= self.epochs:
@@ -98,11 +99,15 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     splits = load_splits(tc.data, seed=tc.seed)
-    base = artifact.minilm_base()
+    base = artifact.directory_base(tc.base, tc.out) if tc.base else artifact.minilm_base()
+    encoder = artifact.load_base_encoder_config(base)
+    if tc.max_seq_len > encoder.max_position_embeddings:
+        log.info("max_seq_len %d capped at the encoder's %d positions", tc.max_seq_len,
+                 encoder.max_position_embeddings)  # fmt: skip
     cfg = MultiExitConfig(
-        encoder=artifact.load_base_encoder_config(base),
+        encoder=encoder,
         labels=splits.labels,
-        max_seq_len=tc.max_seq_len,
+        max_seq_len=min(tc.max_seq_len, encoder.max_position_embeddings),
     )
     net = MultiExitNetwork(cfg)
     missing, unexpected = net.load_state_dict(artifact.load_base_state(base), strict=False)
@@ -111,7 +116,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     for p in net.encoder.embeddings.parameters():
         p.requires_grad_(False)
 
-    tok = TextTokenizer(base.path("tokenizer.json"), tc.max_seq_len)
+    tok = TextTokenizer(base.path_of("tokenizer.json"), cfg.max_seq_len)
     train_set = splits.train[: tc.limit] if tc.limit else splits.train
     ids = tok.encode([e.text for e in train_set])
     label_index = {name: i for i, name in enumerate(cfg.labels)}
@@ -162,7 +167,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     record = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tc).items()},
         "data": splits.summary(),
-        "base": base.package,
+        "base": base.package or base.where,
         "history": history,
         "seconds": round(elapsed, 1),
         "samples_per_second": round(seen / elapsed, 1),

@@ -42,7 +42,7 @@ def test_fixture_was_made_from_the_installed_weights(
 
 
 def test_tokenizer_matches_reference_ids(reference: dict, base: artifact.BaseWeights) -> None:
-    tok = TextTokenizer(base.path("tokenizer.json"), max_length=128)
+    tok = TextTokenizer(base.path_of("tokenizer.json"), max_length=128)
     ids = tok.encode(reference["sentences"])
     mask = reference["attention_mask"]
     for b, row in enumerate(ids):

@@ -170,3 +170,22 @@ def test_other_suffixes_are_rejected(tmp_path: Path, name: str) -> None:
     path.write_text("text,label\ngood,positive\n", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"unsupported data file '{name}'"):
         read_file(path)
+
+
+def test_labels_may_be_optional_and_unlabelled_rows_stay_out_of_the_label_set(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = ['{"text": "good"}', '{"text": "bad", "label": 0}', '{"text": "fine", "label": null}']
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"every row needs 'text' and 'label'; row 1 lacks one"):
+        read_file(path)
+    examples = read_file(path, require_labels=False)
+    assert [(e.text, e.label) for e in examples] == [("good", ""), ("bad", "0"), ("fine", "")]
+    texts = [f"text number {i}" for i in range(30)]
+    mixed = [Example(t, "" if i % 3 else "a") for i, t in enumerate(texts)]
+    assert split(mixed, labels=("a", "b")).labels == ("a", "b")
+    assert split(mixed).labels == ("a",)
+    (tmp_path / "e.csv").write_text("sentence\nx\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"every row needs 'text'; row 1 lacks one"):
+        read_file(tmp_path / "e.csv", require_labels=False)
