@@ -54,7 +54,7 @@ def build_encoder() -> tuple[Encoder, TextTokenizer]:
     state = {k.removeprefix("encoder."): v for k, v in artifact.load_base_state(base).items()}
     enc.load_state_dict(state)
     enc.eval()
-    return enc, TextTokenizer(base.path("tokenizer.json"), max_length=MAX_LEN)
+    return enc, TextTokenizer(base.path_of("tokenizer.json"), max_length=MAX_LEN)
 
 
 def extract(enc: Encoder, rows: list[list[int]]) -> dict[str, torch.Tensor]:

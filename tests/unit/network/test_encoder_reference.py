@@ -1,4 +1,5 @@
-"""The plain-PyTorch encoder reproduces the Hugging Face BertModel on the real weights.
+"""The plain-PyTorch encoder, loaded through the generic checkpoint path, reproduces the
+Hugging Face BertModel on the real weights.
 
 The reference comes from `tests/fixtures/make_encoder_reference.py`, run once with
 `transformers` in a separate environment; exitserve itself never imports it.
@@ -63,3 +64,15 @@ def test_hidden_states_match_reference(reference: dict, base: artifact.BaseWeigh
     for layer, (got, want) in enumerate(zip(states, expected, strict=True)):
         diff = (got - want).abs()[real].max().item()
         assert diff < 1e-4, f"layer {layer}: max abs diff {diff:.2e}"
+
+
+def test_the_minilm_directory_given_by_path_loads_the_same_tensors(
+    base: artifact.BaseWeights, tmp_path: Path
+) -> None:
+    """`train --base DIR` on the package's own directory takes the generic path by path:
+    the same config and bit-identical tensors as the package reference."""
+    by_path = artifact.directory_base(base.directory(), tmp_path / "model")
+    assert by_path.files == base.files
+    assert artifact.load_base_encoder_config(by_path) == artifact.load_base_encoder_config(base)
+    a, b = artifact.load_base_state(base), artifact.load_base_state(by_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
