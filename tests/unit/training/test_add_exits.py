@@ -130,3 +130,16 @@ def test_auto_quantization_follows_the_models_measured_choice() -> None:
     assert resolve("cpu", "auto", {"cpu": "none"}) == ("cpu", "none")
     assert resolve("cpu", "auto", {}) == ("cpu", "int8")
     assert resolve("cpu", "int8", {"cpu": "none"}) == ("cpu", "int8")  # an explicit choice wins
+
+
+def test_a_model_whose_classifier_moved_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cls = write_checkpoint(tmp_path / "classifier", num_layers=2, labels=LABELS, seed=5)
+    data = write_data(tmp_path / "data.csv", n=200)
+    out = tmp_path / "model"
+    assert main(["add-exits", str(cls), "--data", str(data), "--out", str(out),
+                 "--epochs", "2"]) == 0  # fmt: skip
+    cls.rename(tmp_path / "elsewhere")
+    with pytest.raises(artifact.ArtifactError, match=r"base checkpoint directory .*classifier"):
+        artifact.load(out)
