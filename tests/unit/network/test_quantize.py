@@ -114,6 +114,18 @@ def test_both_int8_kernels_give_identical_bits() -> None:
     linear = nn.Linear(64, 96)
     x = torch.randn(37, 64) * 3
     assert torch.equal(Int8Linear(linear, "onednn")(x), Int8Linear(linear, "int_mm")(x))
+    narrow = nn.Linear(64, 2)  # an exit head's classifier: few outputs, one row per input
+    for rows in (1, 32):
+        x = torch.randn(rows, 64)
+        assert torch.equal(Int8Linear(narrow, "onednn")(x), Int8Linear(narrow, "int_mm")(x))
+
+
+def test_auto_gives_the_exit_heads_int_mm(tiny_model_dir: Path) -> None:
+    net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+    heads = {m.kernel for m in net.heads.modules() if isinstance(m, Int8Linear)}
+    encoder = {m.kernel for m in net.encoder.modules() if isinstance(m, Int8Linear)}
+    assert heads == {"int_mm"}
+    assert encoder == {"onednn" if onednn_available() else "int_mm"}
 
 
 def test_fake_int8_simulates_what_is_served(tiny_model_dir: Path, tiny_loaded) -> None:
