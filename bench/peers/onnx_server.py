@@ -1,12 +1,17 @@
 """Peer (d), the strong one: ONNX Runtime int8, full depth, with dynamic batching.
 
 An asyncio server (FastAPI on uvicorn) that gathers concurrent requests' texts into
-batches of up to `--max-batch-size`, waiting at most `--max-delay-ms` for a batch to
-fill, pads each batch to its longest text and runs `InferenceSession.run` in one worker
-thread, off the event loop. The session uses as many intra-op threads as the process
-has CPUs, with all graph optimizations, and idle threads sleep instead of spinning
-(`--spin` restores ONNX Runtime's default). Texts are tokenized with the model's
-tokenizer, truncated to its `max_seq_len` as exitserve does.
+batches of up to `--max-batch-size`, pads each batch to its longest text and runs
+`InferenceSession.run` off the event loop. It batches as Triton's dynamic batcher does
+by default (`max_queue_delay_microseconds: 0`): a free worker takes whatever is queued
+at once and never waits for more, so a lone request pays no batching delay and requests
+arriving while a batch runs form the next one. `--max-delay-ms` adds a wait for a batch
+to fill. `--instances` workers (Triton's instance count) share the session, each run on
+`--threads` intra-op threads (default: the process's CPUs shared out among the
+instances); `bench/harness.py` measures the settings and serves with the best. All graph
+optimizations are on, and idle threads sleep instead of spinning (`--spin` restores
+ONNX Runtime's default). Texts are tokenized with the model's tokenizer, truncated to
+its `max_seq_len` as exitserve does.
 
 The int8 graph comes from `bench/peers/onnx_export.py`; without `--onnx` the server
 exports it (or reuses the export) under bench/.cache/onnx/<model>/ first.
@@ -19,8 +24,8 @@ exports it (or reuses the export) under bench/.cache/onnx/<model>/ first.
 Usage:
   .venv/bin/python bench/peers/onnx_server.py --model-dir models/rt-sentiment-minilm
       [--onnx bench/.cache/onnx/rt-sentiment-minilm/model.int8.onnx]
-      [--max-batch-size 32] [--max-delay-ms 2] [--spin] [--host 127.0.0.1] [--port 8000]
-      [--log-level warning]
+      [--max-batch-size 32] [--max-delay-ms 0] [--instances 1] [--threads N] [--spin]
+      [--host 127.0.0.1] [--port 8000] [--log-level warning]
 """
 
 from __future__ import annotations
@@ -80,15 +85,22 @@ def run_padded(session: ort.InferenceSession, rows: list[list[int]], pad_id: int
 
 
 class Batcher:
-    """Gathers single rows from concurrent requests into batches for one worker thread."""
+    """Gathers single rows from concurrent requests into batches for `instances` worker
+    threads (`run` once per instance)."""
 
     def __init__(
-        self, session: ort.InferenceSession, pad_id: int, max_batch_size: int, max_delay_s: float
+        self,
+        session: ort.InferenceSession,
+        pad_id: int,
+        max_batch_size: int,
+        max_delay_s: float,
+        instances: int = 1,
     ) -> None:
         self.session, self.pad_id = session, pad_id
         self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_s
         self.queue: asyncio.Queue[tuple[list[int], asyncio.Future[np.ndarray]]] = asyncio.Queue()
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="onnx")
+        self.worker = ThreadPoolExecutor(instances, thread_name_prefix="onnx")
+        self.instances = instances
         self.batch_sizes: Counter[int] = Counter()  # rows per batch -> batches run
 
     async def submit(self, rows: list[list[int]]) -> list[np.ndarray]:
@@ -137,6 +149,7 @@ def create_app(
     max_batch_size: int,
     max_delay_ms: float,
     spin: bool = False,
+    instances: int = 1,
 ) -> FastAPI:
     spec = artifact.read_spec(model_dir)
     labels, num_layers = spec.labels, spec.config.num_layers
@@ -154,16 +167,17 @@ def create_app(
         # Warm up at the largest shape, so the first requests do not pay for allocations.
         longest = tokenizer.encode(["warm up " * spec.config.max_seq_len])[0]
         run_padded(session, [longest] * max_batch_size, pad_id)
-        batcher = Batcher(session, pad_id, max_batch_size, max_delay_ms / 1000)
-        task = asyncio.create_task(batcher.run())
+        batcher = Batcher(session, pad_id, max_batch_size, max_delay_ms / 1000, instances)
+        tasks = [asyncio.create_task(batcher.run()) for _ in range(instances)]
         app.state.tokenizer, app.state.batcher = tokenizer, batcher
         app.state.ready = True
         try:
             yield
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             batcher.worker.shutdown(wait=True)
 
     app = FastAPI(title="onnx runtime peer", lifespan=lifespan)
@@ -188,6 +202,7 @@ def create_app(
         """How the batcher has batched: rows per batch -> number of batches."""
         sizes: Counter[int] = request.app.state.batcher.batch_sizes
         return {
+            "instances": request.app.state.batcher.instances,
             "batches": sum(sizes.values()),
             "inputs": sum(k * v for k, v in sizes.items()),
             "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
@@ -200,12 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     p = arg_parser("onnx_server.py", __doc__)
     p.add_argument("--onnx", type=Path, default=None, help="int8 ONNX file (default: export)")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument(
+        "--max-delay-ms", type=float, default=0.0, help="wait for a batch to fill (0: never)"
+    )
+    p.add_argument("--instances", type=int, default=1, help="worker threads sharing the session")
+    p.add_argument("--threads", type=int, help="intra-op threads per run (default: CPUs/instances)")
     p.add_argument("--spin", action="store_true", help="let idle pool threads busy-wait")
     a = p.parse_args(argv)
-    if a.max_batch_size < 1 or a.max_delay_ms < 0:
-        p.error("--max-batch-size must be >= 1 and --max-delay-ms >= 0")
-    app = create_app(a.model_dir, a.onnx, usable_cpus(), a.max_batch_size, a.max_delay_ms, a.spin)
+    if a.max_batch_size < 1 or a.max_delay_ms < 0 or a.instances < 1:
+        p.error("--max-batch-size and --instances must be >= 1, --max-delay-ms >= 0")
+    threads = a.threads or max(1, usable_cpus() // a.instances)
+    app = create_app(
+        a.model_dir, a.onnx, threads, a.max_batch_size, a.max_delay_ms, a.spin, a.instances
+    )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     return 0
 

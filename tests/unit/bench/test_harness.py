@@ -83,6 +83,9 @@ def test_check_bars_reports_met_missed_and_missing() -> None:
     assert bars["(a)-(b) accuracy, points"]["status"] == "met"
     assert bars["(a)/(c) throughput"]["status"] == "missed"  # 3.33x < 4x
     assert bars["(a)/(d) throughput"]["status"] == "no data"  # onnx has no c16 row
+    assert bars["(a)/(d) throughput, 1 client"]["value"] == 1.25  # 100 / 80
+    assert bars["(a)/(d) throughput, 1 client"]["status"] == "missed"
+    assert "(a)/(d) throughput, 4 clients" not in bars  # no c4 rows at all
     assert bars["(a)-(d) accuracy, points"]["status"] == "missed"  # 3 points
     failed = bars["failed requests, every configuration"]
     assert failed["status"] == "missed" and failed["per_config"]["onnx_int8"] == 2
@@ -138,3 +141,10 @@ def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
         png = path.with_name(path.stem + suffix)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.with_suffix(".md").read_text() == markdown(result)
+
+
+def test_peer_d_candidates_use_the_cpus_and_include_one_thread() -> None:
+    from bench.harness import peer_d_candidates
+
+    assert peer_d_candidates(2) == [(1, 2), (2, 1), (1, 1)]
+    assert peer_d_candidates(1) == [(1, 1)]

@@ -3,6 +3,7 @@ like the model they serve (slow: each runs as a real process on a loopback port)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -193,9 +194,48 @@ def test_onnx_server_int8_agrees_with_fp32(
 ) -> None:
     texts = random_texts(40, seed=13)
     want = [label for label, _ in expected(tiny_loaded, texts)]
-    args = ("--onnx", export["int8_path"])
+    args = ("--onnx", export["int8_path"], "--instances", "2", "--threads", "1")
     with peer("onnx_server.py", tiny_model_dir, tmp_path / "int8.log", *args) as url:
         preds = burst(url, texts[:20]) + predict(url, texts[20:])
+        stats = httpx.get(f"{url}/stats", timeout=30).json()
+    assert stats["instances"] == 2 and stats["inputs"] == 40
     assert {p["exit_layer"] for p in preds} == {tiny_loaded.network.num_layers}
     agree = np.mean([p["label"] == w for p, w in zip(preds, want, strict=True)])
     assert agree >= INT8_MIN_AGREEMENT
+
+
+class _CountingSession:
+    """Stands in for an InferenceSession: records each batch's rows, answers zeros."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.batches.append(len(feeds["input_ids"]))
+        return [np.zeros((len(feeds["input_ids"]), 2), np.float32)]
+
+
+def test_batcher_takes_what_is_queued_and_never_waits_by_default() -> None:
+    """Triton's default (`max_queue_delay_microseconds: 0`): requests already queued
+    form one batch; a lone request runs at once, with no batching window to wait out."""
+    from bench.peers.onnx_server import Batcher
+
+    async def main() -> list[int]:
+        session = _CountingSession()
+        batcher = Batcher(session, 0, max_batch_size=4, max_delay_s=0.0, instances=2)  # type: ignore[arg-type]
+        queued = asyncio.ensure_future(batcher.submit([[1, 2]] * 6))  # 6 rows before any run
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(batcher.run()) for _ in range(2)]
+        assert len(await queued) == 6
+        # Alone: answered without another request to fill the batch. The timeout only
+        # guards against a hang; no speed is asserted.
+        assert len(await asyncio.wait_for(batcher.submit([[3]]), timeout=30)) == 1
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        batcher.worker.shutdown(wait=True)
+        return session.batches
+
+    batches = asyncio.run(main())
+    assert sorted(batches[:2]) == [2, 4]  # the queued 6, capped at 4 per batch
+    assert batches[2:] == [1]
