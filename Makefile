@@ -42,7 +42,7 @@ own-classifier: install
 	$(BIN)/python bench/byo_classifier.py compare build/byo/rt-classifier-minilm build/byo/rt-classifier-exits --out bench/results
 
 # Speed, raw numbers, tables and plots under bench/results/. `bench`: exitserve against
-# full depth and two peer servers over HTTP (about 8 minutes on 2 cores); `bench-parts`:
+# full depth and two peer servers over HTTP (about 9 minutes on 2 cores); `bench-parts`:
 # the engine alone, the int8 candidates, and the HTTP calibrated/full-depth pair.
 bench: install
 	$(BIN)/python bench/harness.py models/rt-sentiment-minilm --out bench/results

@@ -31,7 +31,7 @@ Usage:
   .venv/bin/python bench/harness.py MODEL_DIR [--duration 15] [--concurrency 1 4 16 64]
       [--rounds 1] [--warmup 2] [--systems exitserve naive onnx] [--out bench/results]
 `--duration` is the measured seconds per (configuration, concurrency), split over the
-rounds. `make bench` runs it on the default model (about 8 minutes on 2 cores).
+rounds. `make bench` runs it on the default model (about 9 minutes on 2 cores).
 """
 
 from __future__ import annotations

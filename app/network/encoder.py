@@ -41,23 +41,6 @@ class EncoderConfig:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
 
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> EncoderConfig:
-        """Build from a Hugging Face `config.json` dict."""
-        if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"unsupported activation {cfg['hidden_act']!r}, expected 'gelu'")
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=cfg["max_position_embeddings"],
-            type_vocab_size=cfg["type_vocab_size"],
-            layer_norm_eps=cfg["layer_norm_eps"],
-            pad_token_id=cfg.get("pad_token_id", 0),
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
