@@ -75,7 +75,9 @@ def _add_exits(a: argparse.Namespace) -> int:
             }
         )
     )
-    cal = calibrate(out, max_drop=a.max_drop, max_disagreement=a.max_disagreement)
+    cal = calibrate(
+        out, max_drop=a.max_drop, max_disagreement=a.max_disagreement, exit_layers=a.exit_layers
+    )
     keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
     print(json.dumps({"calibration": {k: cal[k] for k in keys}}))
     result = evaluate(out, "test")
@@ -97,6 +99,7 @@ def _calibrate(a: argparse.Namespace) -> int:
         method=a.method,
         device=a.device,
         quantization=a.quantization,
+        exit_layers=a.exit_layers,
     )
     keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
     print(json.dumps({k: record[k] for k in keys}))
@@ -150,6 +153,16 @@ def _serve(a: argparse.Namespace) -> int:
     return serve(create_app(settings), settings)
 
 
+def _add_exit_layers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exit-layers",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="the only layers (1-based) whose exits may answer; the last always does",
+    )
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--quantization", default="auto", help="auto | int8 | fp16 | bf16 | none")
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     x.add_argument("--max-drop", type=float, default=0.01, help="as for calibrate")
     x.add_argument("--max-disagreement", type=float, default=0.03, help="as for calibrate")
+    _add_exit_layers_arg(x)
     x.set_defaults(func=_add_exits)
 
     c = sub.add_parser("calibrate", help="choose per-exit thresholds on the calibration split")
@@ -211,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         help="bound on the share of answers that differ from the last exit's",
     )
     c.add_argument("--method", default="global", choices=("global", "per-exit"))
+    _add_exit_layers_arg(c)
     _add_runtime_args(c)
     c.set_defaults(func=_calibrate)
 

@@ -54,10 +54,12 @@ def greedy_thresholds(
     agree: np.ndarray | None = None,
     max_disagreement: float = 1.0,
     grid: int = 100,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict[str, float]]]:
     """Per-exit thresholds (L,) and the path taken.
 
-    conf, correct: (L, N); agree (L, N): each exit's answer equals the last exit's.
+    conf, correct: (L, N); agree (L, N): each exit's answer equals the last exit's;
+    allowed (L,) bool: exits that may take answers (the others stay at 1.0).
     """
     L = conf.shape[0]
     target = float(correct[-1].mean()) - max_drop
@@ -75,6 +77,8 @@ def greedy_thresholds(
     while True:
         best: tuple[float, int, float, float, float] | None = None
         for i in range(L - 1):
+            if allowed is not None and not allowed[i]:
+                continue
             for c in cands[i][cands[i] < th[i]]:
                 trial = th.copy()
                 trial[i] = c
@@ -101,15 +105,18 @@ def global_threshold(
     agree: np.ndarray | None = None,
     max_disagreement: float = 1.0,
     grid: int = 400,
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The lowest-depth single threshold for all intermediate exits meeting both bounds."""
+    """The lowest-depth single threshold for the intermediate exits (those `allowed`; the
+    others stay at 1.0) meeting both bounds."""
     L = conf.shape[0]
+    mask = np.ones(L, bool) if allowed is None else allowed
     target = float(correct[-1].mean()) - max_drop
     best = np.ones(L)
     best[-1] = 0.0
     best_depth = float(L)
     for t in np.unique(np.quantile(conf[:-1], np.linspace(0, 1, grid + 1))):
-        th = np.full(L, float(t))
+        th = np.where(mask, float(t), 1.0)
         th[-1] = 0.0
         a, d = adaptive_outcome(conf, correct, th)
         agreed = 1.0 if agree is None else adaptive_outcome(conf, agree, th)[0]
@@ -168,17 +175,21 @@ def operating_ladder(
     fixed_cost: float,
     steps: int = LADDER_STEPS,
     grid: int = 400,
+    allowed: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Operating points from `base` (the calibrated thresholds, point 0) down to every
     input leaving at the first exit.
 
     The points are placed by compute, not by accuracy: point j's threshold is the
     highest one (capped per exit by `base`) whose mean depth is at most
-    1 + (d0 - 1)(1 - j/steps), evenly spaced from point 0's depth d0 down to 1. Chosen
+    f + (d0 - f)(1 - j/steps), evenly spaced from point 0's depth d0 down to f, the first
+    exit that may answer (1 unless `allowed` closes it). Chosen
     without looking at the labels, their measured accuracies carry no selection
-    optimism. conf, correct, agree: (L, N) as in `calibrate`.
+    optimism. conf, correct, agree: (L, N) as in `calibrate`; exits not `allowed` stay
+    closed at every point.
     """
     L = conf.shape[0]
+    mask = np.ones(L, bool) if allowed is None else allowed
     full = fixed_cost + L
 
     def point(th: np.ndarray) -> dict[str, Any]:
@@ -192,7 +203,7 @@ def operating_ladder(
         }
 
     def capped(t: float) -> np.ndarray:
-        th = np.minimum(base, t)
+        th = np.where(mask, np.minimum(base, t), 1.0)
         th[-1] = 0.0
         return th
 
@@ -200,9 +211,10 @@ def operating_ladder(
     d0 = points[0]["mean_layers"]
     cands = sorted({*np.quantile(conf[:-1], np.linspace(0, 1, grid + 1)).tolist(), 0.0})[::-1]
     depths = [adaptive_outcome(conf, correct, capped(t))[1] for t in cands]
+    floor = float(np.argmax(mask) + 1)  # every input at the first exit that may answer
     for j in range(1, steps + 1):
-        target = 1.0 + (d0 - 1.0) * (1.0 - j / steps)
-        t = next(c for c, d in zip(cands, depths, strict=True) if d <= target + 1e-9)
+        target = floor + (d0 - floor) * (1.0 - j / steps)
+        t = next((c for c, d in zip(cands, depths, strict=True) if d <= target + 1e-9), 0.0)
         p = point(capped(t))
         if p["mean_layers"] < points[-1]["mean_layers"] - 0.01:
             points.append(p)
@@ -220,6 +232,19 @@ def allowed_disagreements(n: int, max_disagreement: float, alpha: float = 0.05) 
     return k
 
 
+def exit_mask(exit_layers: list[int] | None, num_layers: int) -> np.ndarray:
+    """(L,) bool: which exits may take answers; None: all. The last always does."""
+    if exit_layers is None:
+        return np.ones(num_layers, bool)
+    bad = [e for e in exit_layers if not 1 <= e <= num_layers]
+    if bad:
+        raise ValueError(f"exit layers must be in 1..{num_layers}, got {bad}")
+    mask = np.zeros(num_layers, bool)
+    mask[[e - 1 for e in exit_layers]] = True
+    mask[-1] = True
+    return mask
+
+
 def calibrate(
     model_dir: Path,
     max_drop: float = 0.01,
@@ -227,8 +252,13 @@ def calibrate(
     method: str = "global",
     device: str = "cpu",
     quantization: str = "auto",
+    exit_layers: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Choose thresholds, write them into model.json, and return the calibration record."""
+    """Choose thresholds, write them into model.json, and return the calibration record.
+
+    `exit_layers` (1-based, the last always included): the only intermediate exits that
+    may take answers; the others keep threshold 1.0, so their heads never run when served.
+    """
     if not 0.0 <= max_drop < 1.0:
         raise ValueError(f"max_drop must be in [0, 1), got {max_drop}")
     if not 0.0 <= max_disagreement <= 1.0:
@@ -237,6 +267,8 @@ def calibrate(
         raise ValueError(f"unknown method {method!r}; expected 'global' or 'per-exit'")
     served = load_served(model_dir, device, quantization)
     spec = served.loaded.spec
+    L = spec.config.num_layers
+    allowed = exit_mask(exit_layers, L)
     texts, y = split_data(spec, "calibration")
     probs = all_exit_probs(served.network, served.loaded.tokenizer.encode(texts))  # (L, N, C)
     pred = probs.argmax(-1)  # (L, N)
@@ -249,8 +281,8 @@ def calibrate(
     # may leave early and every input runs to the end).
     rate = (k + 0.5) / n
     candidates = {
-        "global": global_threshold(conf, correct, max_drop, agree, rate),
-        "per-exit": greedy_thresholds(conf, correct, max_drop, agree, rate)[0],
+        "global": global_threshold(conf, correct, max_drop, agree, rate, allowed=allowed),
+        "per-exit": greedy_thresholds(conf, correct, max_drop, agree, rate, allowed=allowed)[0],
     }
     outcomes = {}
     for name, cand in candidates.items():
@@ -265,7 +297,7 @@ def calibrate(
     th[-1] = 0.0
     acc, depth = adaptive_outcome(conf, correct, th)
     costs = layer_costs(served.network, served.loaded.tokenizer, texts)
-    ladder = operating_ladder(conf, correct, agree, th, costs["fixed"])
+    ladder = operating_ladder(conf, correct, agree, th, costs["fixed"], allowed=allowed)
     record = {
         "method": f"{method} max-softmax threshold(s) on the calibration split, bounded by"
         " accuracy drop and by a 95% upper bound on disagreement with the last exit",
@@ -277,6 +309,7 @@ def calibrate(
         "max_drop": max_drop,
         "max_disagreement": max_disagreement,
         "max_disagreements_observed": max(k, 0),
+        "exit_layers": [i + 1 for i in range(L) if allowed[i]],
         "agreement_with_final": round(adaptive_outcome(conf, agree, th)[0], 4),
         "final_accuracy": round(float(correct[-1].mean()), 4),
         "adaptive_accuracy": round(acc, 4),

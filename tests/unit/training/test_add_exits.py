@@ -143,3 +143,30 @@ def test_a_model_whose_classifier_moved_is_refused_naming_it(
     cls.rename(tmp_path / "elsewhere")
     with pytest.raises(artifact.ArtifactError, match=r"base checkpoint directory .*classifier"):
         artifact.load(out)
+
+
+def test_exits_can_be_limited_to_chosen_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--exit-layers 2`: of a 4-layer classifier's exits only 2 and the last answer; the
+    heads after layers 1 and 3 never even run when served with the calibrated thresholds."""
+    cls = write_checkpoint(tmp_path / "classifier", num_layers=4, labels=LABELS, seed=6)
+    data = write_data(tmp_path / "data.csv", n=600)
+    out = tmp_path / "model"
+    assert main(["add-exits", str(cls), "--data", str(data), "--out", str(out),
+                 "--exit-layers", "2", "--max-disagreement", "0.3", "--max-drop", "0.2"]) == 0  # fmt: skip
+    spec = artifact.read_spec(out)
+    assert spec.thresholds[0] == spec.thresholds[2] == 1.0 and spec.thresholds[1] < 1.0
+    assert spec.calibration["exit_layers"] == [2, 4]
+    assert all(p["thresholds"][0] == p["thresholds"][2] == 1.0
+               for p in spec.calibration["ladder"]["points"])  # fmt: skip
+    histogram = spec.evaluation["exit_histogram"]
+    assert histogram[0] == histogram[2] == 0 and histogram[1] > 0
+    rt = load_runtime(out, "cpu")
+    ran = [0] * 4
+    for i, head in enumerate(rt.network.heads):
+        head.register_forward_hook(lambda *_, i=i: ran.__setitem__(i, ran[i] + 1))
+    texts, _ = split_data(spec, "test")
+    rows = [Row(r, rt.thresholds, 4) for r in rt.tokenize(texts)]
+    run_batch(rt.network, rows)
+    assert ran[0] == ran[2] == 0 and ran[1] == 1

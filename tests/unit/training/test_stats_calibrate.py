@@ -244,3 +244,33 @@ def test_the_operating_ladder_steps_down_in_depth_from_the_calibrated_point() ->
         ladder[0]["thresholds"], {"ladder": {"fixed_cost": 0.5, "points": ladder}}
     )
     assert len(served) == len(ladder) and served.cost(len(ladder) - 1) == 1.5
+
+
+def test_closed_exits_stay_at_one_in_every_search_and_ladder_point() -> None:
+    """`--exit-layers 2 4`: only exits 2, 4 and the last may answer; the others keep
+    threshold 1.0, so their heads never run when served."""
+    from app.training.calibrate import exit_mask, global_threshold
+
+    rng = np.random.default_rng(1)
+    L, N = 6, 1500
+    conf = np.clip(rng.uniform(0.5, 1.0, (L, N)) + np.linspace(0, 0.2, L)[:, None], 0.5, 1.0)
+    correct = rng.uniform(size=(L, N)) < np.linspace(0.75, 0.85, L)[:, None]
+    agree = rng.uniform(size=(L, N)) < np.linspace(0.8, 1.0, L)[:, None]
+    agree[-1] = True
+    allowed = exit_mask([2, 4], L)
+    assert allowed.tolist() == [False, True, False, True, False, True]
+    closed = ~allowed
+    g = global_threshold(conf, correct, 0.05, agree, 0.2, allowed=allowed)
+    p, _ = greedy_thresholds(conf, correct, 0.05, agree, 0.2, allowed=allowed)
+    for th in (g, p):
+        assert np.all(th[closed] == 1.0) and np.any(th[allowed][:-1] < 1.0)
+        assert set(np.unique(exit_layers(conf, th))) <= {1, 3, 5}
+    base = np.where(allowed, 0.97, 1.0)
+    base[-1] = 0.0
+    ladder = operating_ladder(conf, correct, agree, base, fixed_cost=0.5, allowed=allowed)
+    assert len(ladder) > 2
+    for point in ladder:
+        assert np.all(np.array(point["thresholds"])[closed] == 1.0)
+    assert ladder[-1]["mean_layers"] == 2.0  # the cheapest point: everything at exit 2
+    with pytest.raises(ValueError, match=r"exit layers must be in 1\.\.6, got \[7\]"):
+        exit_mask([2, 7], L)
