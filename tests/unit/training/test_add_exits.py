@@ -153,8 +153,9 @@ def test_exits_can_be_limited_to_chosen_layers(
     cls = write_checkpoint(tmp_path / "classifier", num_layers=4, labels=LABELS, seed=6)
     data = write_data(tmp_path / "data.csv", n=600)
     out = tmp_path / "model"
+    loose = ["--max-disagreement", "0.3", "--max-drop", "0.2"]
     assert main(["add-exits", str(cls), "--data", str(data), "--out", str(out),
-                 "--exit-layers", "2", "--max-disagreement", "0.3", "--max-drop", "0.2"]) == 0  # fmt: skip
+                 "--exit-layers", "2", *loose]) == 0  # fmt: skip
     spec = artifact.read_spec(out)
     assert spec.thresholds[0] == spec.thresholds[2] == 1.0 and spec.thresholds[1] < 1.0
     assert spec.calibration["exit_layers"] == [2, 4]
