@@ -35,6 +35,7 @@ from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
 from app.network.quantize import prepare
 from app.network.tokenizer import TextTokenizer
 from app.training.data import load_splits
+from app.training.evaluate import all_exit_probs
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +104,10 @@ def build(tc: AddExitsConfig) -> tuple[MultiExitNetwork, artifact.BaseWeights]:
     return net.eval(), base
 
 
-def full_depth_labels(net: MultiExitNetwork, ids: list[list[int]]) -> torch.Tensor:
-    """The last exit's labels at full depth, in batches of similar length: (N,)."""
-    out = torch.zeros(len(ids), dtype=torch.long)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    with torch.inference_mode():
-        for s in range(0, len(order), 32):
-            idx = order[s : s + 32]
-            x, mask = pad_batch([ids[i] for i in idx])
-            out[idx] = net(x, mask).logits[-1].argmax(-1)
-    return out
-
-
 def serving(net: MultiExitNetwork, ids: list[list[int]]) -> dict[str, Any]:
     """fp32 on the CPU, with the full-depth answers int8 would change among `ids`."""
-    original = full_depth_labels(net, ids)
-    int8 = full_depth_labels(prepare(copy.deepcopy(net), "cpu", "int8"), ids)
+    original = all_exit_probs(net, ids)[-1].argmax(-1)  # (N,)
+    int8 = all_exit_probs(prepare(copy.deepcopy(net), "cpu", "int8"), ids)[-1].argmax(-1)
     return {
         "cpu": "none",
         "why": "fp32 keeps the classifier's own full-depth answers; int8 changes some",
