@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models/rt-sentiment-minilm")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantization: Literal["auto", "int8", "fp16", "bf16", "none"] = "auto"
+    # What runs int8 layers on the CPU: onnxruntime (one graph call per layer, fewer ops
+    # and GIL hand-offs), torch (eager ops); auto: onnxruntime when installed. Same scheme.
+    int8_kernel: Literal["auto", "onnxruntime", "torch"] = "auto"
     threads: int = Field(default_factory=usable_cpus, ge=1, le=256)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_queue_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)

@@ -55,7 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     workers, threads = worker_plan(s.device, s.threads, s.workers, s.batching == "continuous")
     try:
         runtime = await asyncio.to_thread(
-            load_runtime, s.model_dir, s.device, s.quantization, threads
+            load_runtime, s.model_dir, s.device, s.quantization, threads, s.int8_kernel
         )
     except Exception as e:
         # One line that says why (a tampered file names itself); the server then exits

@@ -85,12 +85,16 @@ def worker_plan(
 
 
 def load_runtime(
-    model_dir: Path, device: str = "auto", quantization: str = "auto", threads: int = 1
+    model_dir: Path,
+    device: str = "auto",
+    quantization: str = "auto",
+    threads: int = 1,
+    int8_kernel: str = "auto",
 ) -> ModelRuntime:
     torch.set_num_threads(threads)
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
-    net = prepare(loaded.network, device, quantization)
+    net = prepare(loaded.network, device, quantization, int8_kernel)
     spec = loaded.spec
     rt = ModelRuntime(
         name=spec.name,

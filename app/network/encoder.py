@@ -7,7 +7,7 @@ pretrained MiniLM weights load with a plain `load_state_dict`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -153,12 +153,25 @@ class Output(nn.Module):
         self.dropout = nn.Dropout(0.1)
 
 
+class FastBlocks(Protocol):
+    """A quantized layer run as compiled graphs on real tokens (`ort_layers.OrtLayer`)."""
+
+    def project(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, T, H) -> (B, T, 3H)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor: ...  # (k, n, 3H) -> (k, n, H)
+
+    def finish(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...  # -> (B, T, H)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, T, H), one length
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.attention = Attention(cfg)
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
+        self.fast: FastBlocks | None = None  # set for int8 serving by `quantize.prepare`
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # On the CPU, inference never lets padding touch a real row: per-token ops run on
@@ -171,10 +184,18 @@ class Layer(nn.Module):
             real = bias.reshape(B, T) == 0  # (B, T) True for real tokens (right padding)
             lengths = real.sum(1).tolist()
             if min(lengths) == T:
+                if self.fast is not None:
+                    return self.fast.whole(x)
                 return self._feed_forward(self.attention(x, None))
             return self._unpadded(x, lengths, real.reshape(-1).nonzero().squeeze(1))
         x = self.attention(x, bias)  # (B, T, H)
         return self._feed_forward(x)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention without a mask over rows of one length: (k, n, 3H) -> (k, n, H)."""
+        if self.fast is not None:
+            return self.fast.attend(qkv)
+        return self.attention.self.attend(qkv, None)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.intermediate.dense(x))  # (..., 4H)
@@ -192,19 +213,23 @@ class Layer(nn.Module):
         flat = x.reshape(B * T, H)
         xp = flat.index_select(0, idx)  # (N, H)
         attn, out = self.attention.self, self.attention.output
-        qkv_p = attn.project(xp)  # (N, 3H)
+        fast = self.fast
+        qkv_p = attn.project(xp) if fast is None else fast.project(xp[None])[0]  # (N, 3H)
         qkv = qkv_p.new_zeros(B * T, qkv_p.shape[1]).index_copy_(0, idx, qkv_p).view(B, T, -1)
         y = qkv_p.new_zeros(B, T, H)
         for n, rows in _length_groups(lengths).items():
             if len(rows) == 1:
                 b = rows[0]
-                y[b : b + 1, :n] = attn.attend(qkv[b : b + 1, :n], None)  # (1, n, H)
+                y[b : b + 1, :n] = self._attend(qkv[b : b + 1, :n])  # (1, n, H)
             else:
                 sel = torch.tensor(rows)
-                y[sel, :n] = attn.attend(qkv[sel, :n], None)  # (k, n, H)
+                y[sel, :n] = self._attend(qkv[sel, :n])  # (k, n, H)
         y = y.view(B * T, H).index_select(0, idx)  # (N, H)
-        h = out.LayerNorm(xp + out.dropout(out.dense(y)))  # (N, H)
-        h = self._feed_forward(h)  # (N, H)
+        if fast is not None:
+            h = fast.finish(y[None], xp[None])[0]  # (N, H)
+        else:
+            h = out.LayerNorm(xp + out.dropout(out.dense(y)))  # (N, H)
+            h = self._feed_forward(h)  # (N, H)
         return flat.new_zeros(B * T, H).index_copy_(0, idx, h).view(B, T, H)
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.network.encoder import SelfAttention
+from app.network import ort_layers
+from app.network.encoder import Layer, SelfAttention
 from app.network.invariant import Int8Linear, quantize_per_token, quantize_weight
 from app.network.multi_exit import MultiExitNetwork
 
@@ -28,6 +30,7 @@ from app.network.multi_exit import MultiExitNetwork
 INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accumulation"
 
 MODES = ("int8", "fp16", "bf16", "none")
+INT8_KERNELS = ("auto", "onnxruntime", "torch")
 
 
 def resolve(
@@ -102,14 +105,36 @@ def batch_invariant(device: str, quantization: str) -> bool:
     return device == "cpu" and quantization == "int8"
 
 
-def prepare(network: MultiExitNetwork, device: str, quantization: str) -> MultiExitNetwork:
-    """Move and quantize an fp32 network for serving; returns it in eval mode."""
+def int8_kernel(kernel: str = "auto") -> str:
+    """What runs the int8 encoder layers: `onnxruntime` (one graph call per layer, see
+    `ort_layers`) where it is installed, else `torch` (eager `Int8Linear`s)."""
+    if kernel not in INT8_KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; expected one of {INT8_KERNELS}")
+    if kernel == "auto":
+        return "onnxruntime" if ort_layers.available() else "torch"
+    if kernel == "onnxruntime" and not ort_layers.available():
+        raise ValueError("int8 kernel 'onnxruntime' needs the onnx and onnxruntime packages")
+    return kernel
+
+
+def prepare(
+    network: MultiExitNetwork, device: str, quantization: str, kernel: str = "auto"
+) -> MultiExitNetwork:
+    """Move and quantize an fp32 network for serving; returns it in eval mode.
+
+    int8: `kernel` picks what runs the encoder layers (`int8_kernel`); the ONNX Runtime
+    graphs take as many intra-op threads as torch has now (set before this is called).
+    """
     network = network.eval()
     for module in list(network.modules()):
         if isinstance(module, SelfAttention) and module.qkv is None:
             module.fuse()
     if quantization == "int8":
         quantize_int8(network)
+        if int8_kernel(kernel) == "onnxruntime":
+            threads = torch.get_num_threads()
+            for layer in network.encoder.encoder.layer:
+                cast(Layer, layer).fast = ort_layers.OrtLayer(cast(Layer, layer), threads)
         return network
     network = network.to(device)
     if quantization == "fp16":

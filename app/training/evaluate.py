@@ -33,10 +33,12 @@ class ServedModel:
         return self.loaded.network
 
 
-def load_served(model_dir: Path, device: str = "cpu", quantization: str = "auto") -> ServedModel:
+def load_served(
+    model_dir: Path, device: str = "cpu", quantization: str = "auto", int8_kernel: str = "auto"
+) -> ServedModel:
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
-    loaded.network = prepare(loaded.network, device, quantization)
+    loaded.network = prepare(loaded.network, device, quantization, int8_kernel)
     return ServedModel(loaded, device, quantization)
 
 

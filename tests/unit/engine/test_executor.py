@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from app.engine.executor import BatchResult, Prediction, Row, run_batch, uniform_thresholds
 from app.network import artifact
-from app.network.quantize import prepare
+from app.network.quantize import int8_kernel, prepare
 from app.training.evaluate import all_exit_probs
 from app.training.stats import exit_layers
 from tests.tiny import random_texts
@@ -260,9 +260,22 @@ def test_network_runs_in_inference_mode(net, ids) -> None:
 
 
 # -- batch invariance of the served int8 path -------------------------------------------
-@pytest.fixture(scope="module")
-def int8(tiny_model_dir):
-    return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+@pytest.fixture(
+    scope="module",
+    params=[("onnxruntime", 1), ("onnxruntime", 2), ("torch", None)],
+    ids=["onnxruntime-1-thread", "onnxruntime-2-threads", "torch"],
+)
+def int8(request, tiny_model_dir):
+    """Both int8 kernels; ONNX Runtime's graphs take their intra-op threads when built."""
+    kernel, threads = request.param
+    if kernel == "onnxruntime" and int8_kernel() != "onnxruntime":
+        pytest.skip("onnxruntime is not installed")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", kernel)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

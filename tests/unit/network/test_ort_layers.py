@@ -1,0 +1,82 @@
+"""Encoder layers as ONNX Runtime graphs: the same scheme as the eager int8 layers, the
+same bits whichever way a row goes through them, and the kernel setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import pytest
+import torch
+
+from app.network import artifact
+from app.network.encoder import Layer
+from app.network.multi_exit import MultiExitNetwork, pad_batch
+from app.network.ort_layers import OrtLayer
+from app.network.quantize import int8_kernel, prepare
+from tests.tiny import random_texts
+
+pytestmark = pytest.mark.skipif(
+    int8_kernel() != "onnxruntime", reason="onnx and onnxruntime are not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model_dir: Path) -> MultiExitNetwork:
+    return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "torch")
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_model_dir: Path) -> MultiExitNetwork:
+    return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime")
+
+
+def test_the_kernel_setting(tiny_model_dir: Path) -> None:
+    def fast(quantization: str, kernel: str = "auto") -> list[object]:
+        net = prepare(artifact.load(tiny_model_dir).network, "cpu", quantization, kernel)
+        return [cast(Layer, x).fast for x in net.encoder.encoder.layer]
+
+    assert all(isinstance(f, OrtLayer) for f in fast("int8"))  # auto: ONNX Runtime
+    assert fast("int8", "torch") == [None] * 4
+    assert fast("none") == [None] * 4
+    with pytest.raises(ValueError, match=r"unknown int8 kernel 'tvm'"):
+        int8_kernel("tvm")
+
+
+def test_a_layer_computes_what_the_eager_int8_layer_computes(eager: MultiExitNetwork) -> None:
+    layer = cast(Layer, eager.encoder.encoder.layer[0])
+    ort = OrtLayer(layer)
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 32) * 2
+    with torch.inference_mode():
+        want = layer._feed_forward(layer.attention(x, None))
+        got = ort.whole(x)
+    # Same roundings; the float epilogues multiply in another order, so a value can land
+    # on the other side of a rounding step now and then. Measured 1e-6 on the MiniLM
+    # layers (real activations), 2e-2 here at most where a step flips.
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    assert float((got - want).abs().median()) < 1e-5
+
+
+def test_whole_equals_project_attend_finish_bit_for_bit(eager: MultiExitNetwork) -> None:
+    ort = OrtLayer(cast(Layer, eager.encoder.encoder.layer[1]))
+    torch.manual_seed(1)
+    x = torch.randn(4, 7, 32)
+    whole = ort.whole(x)
+    split = ort.finish(ort.attend(ort.project(x)), x)
+    assert torch.equal(whole, split)
+    # A row alone, or its tokens among other rows' tokens: the same bits.
+    assert torch.equal(ort.whole(x[2:3]), whole[2:3])
+    flat = ort.project(x.reshape(1, 28, 32)).reshape(4, 7, 96)
+    assert torch.equal(flat, ort.project(x))
+
+
+def test_served_answers_agree_with_the_eager_kernel(
+    eager: MultiExitNetwork, fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+) -> None:
+    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=21)))
+    with torch.inference_mode():
+        a = torch.softmax(eager(ids, mask).logits, -1)
+        b = torch.softmax(fast(ids, mask).logits, -1)
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95  # measured 1.0
+    assert float((a - b).abs().median()) < 1e-4
