@@ -4,8 +4,11 @@ Candidates, all on the same fine-tuned weights:
   fp32                         the reference (torch, our executor)
   int8 per-tensor (torch.ao)   fbgemm dynamic int8, activations scaled over the whole batch:
                                what exitserve served before (deprecated in torch 2.13)
-  int8 per-token (oneDNN)      what exitserve serves: `app.network.invariant.Int8Linear`
+  int8 per-token (oneDNN)      the eager kernel: `app.network.invariant.Int8Linear`
   int8 per-token (_int_mm)     the same numerics on torch's portable int8 matmul
+  int8 per-token (ONNX Runtime layers)
+                               the same scheme, each layer as ONNX Runtime graphs
+                               (`app.network.ort_layers`): what exitserve serves now
   ONNX Runtime int8            the same network exported at full depth and quantized by
                                ONNX Runtime (dynamic, per tensor), padded batches: the peer
 For each: sentences/s at full depth with batches of 1, 8 and 32 (interleaved repetitions,
@@ -54,6 +57,8 @@ def per_tensor_int8(net: MultiExitNetwork) -> None:
 
 
 def build(model_dir: Path, kind: str) -> MultiExitNetwork:
+    if kind == "int8 per-token (ONNX Runtime layers)":
+        return prepare(artifact.load(model_dir).network, "cpu", "int8", "onnxruntime")
     net = prepare(artifact.load(model_dir).network, "cpu", "none")  # fused QKV, eval
     if kind == "int8 per-tensor (torch.ao)":
         per_tensor_int8(net)
@@ -95,6 +100,7 @@ def main() -> None:
         "int8 per-tensor (torch.ao)",
         "int8 per-token (oneDNN)",
         "int8 per-token (_int_mm)",
+        "int8 per-token (ONNX Runtime layers)",
     ]
     loaded = artifact.load(a.model_dir)
     texts, y = split_data(loaded.spec, "test")
