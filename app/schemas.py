@@ -100,6 +100,7 @@ class InfoResponse(BaseModel):
     # bit-identical alone or in any batch, with any workers, static or continuous batching.
     batch_invariant: bool
     scheme: str  # the numerics: how weights and activations are represented
+    kernel: str  # what runs the layers: "onnxruntime" graphs or "torch" ops (same numerics)
     # The load controller: latency target, accuracy floor, the ladder it moves along
     # and where it is now (see app.engine.adapt).
     adaptation: dict[str, object]

@@ -55,6 +55,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> InfoResponse:
         dtype=rt.dtype,
         batch_invariant=rt.batch_invariant,
         scheme=rt.scheme,
+        kernel=rt.kernel,
         adaptation=adaptation(engine, settings),
         threads=rt.threads,
         workers=engine.workers,

@@ -15,6 +15,7 @@ from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.multi_exit import MultiExitNetwork
 from app.network.quantize import batch_invariant, prepare, resolve, scheme
+from app.network.quantize import int8_kernel as resolve_int8_kernel
 from app.network.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class ModelRuntime:
     tokenizer: TextTokenizer
     batch_invariant: bool = False  # a row's answer is bit-identical alone and in any batch
     scheme: str = ""  # how the weights and activations are represented
+    kernel: str = "torch"  # what runs the layers: "onnxruntime" graphs or torch ops
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 
@@ -94,7 +96,8 @@ def load_runtime(
     torch.set_num_threads(threads)
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
-    net = prepare(loaded.network, device, quantization, int8_kernel)
+    kernel = resolve_int8_kernel(int8_kernel) if quantization == "int8" else "torch"
+    net = prepare(loaded.network, device, quantization, kernel)
     spec = loaded.spec
     rt = ModelRuntime(
         name=spec.name,
@@ -111,6 +114,7 @@ def load_runtime(
         evaluation=spec.evaluation,
         batch_invariant=batch_invariant(device, quantization),
         scheme=scheme(quantization),
+        kernel=kernel,
     )
     calibrated_as = spec.calibration.get("scheme")
     if spec.calibration and calibrated_as != rt.scheme and quantization == "int8":
@@ -124,7 +128,10 @@ def load_runtime(
             model_dir,
         )
     warm_up(rt)
-    log.info("loaded %s v%s on %s (%s, %d threads)", rt.name, rt.version, device, rt.dtype, threads)
+    log.info(
+        "loaded %s v%s on %s (%s on %s, %d threads)",
+        rt.name, rt.version, device, rt.dtype, rt.kernel, threads,
+    )  # fmt: skip
     return rt
 
 

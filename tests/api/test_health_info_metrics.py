@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.network.quantize import INT8_SCHEME
+from app.network.quantize import INT8_SCHEME, int8_kernel
 from tests.api.helpers import (
     HeldEngine,
     assert_error,
@@ -86,6 +86,7 @@ def test_info(client: TestClient) -> None:
     # The stated contract (README "Same text, same answer").
     assert info["batch_invariant"] is True
     assert info["scheme"] == INT8_SCHEME
+    assert info["kernel"] == int8_kernel()  # onnxruntime: a runtime dependency
     assert info["threads"] == 1
     assert info["workers"] == 1
     assert info["max_batch_size"] == 32
