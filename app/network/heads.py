@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,12 +40,15 @@ class ExitHead(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.pooling = pooling
+        # Set for int8 serving by `quantize.prepare`: pooled rows -> logits in one call.
+        self.fast: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.pool(x, mask))
+        pooled = self.pool(x, mask)
+        return self.classify(pooled) if self.fast is None else self.fast(pooled)
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) token states -> (B, H)."""

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from app.network.encoder import Layer
+from app.network.heads import ExitHead
 from app.network.invariant import SCALE_FLOOR, Int8Linear
 
 OPSET = 20  # Gelu is an ONNX op from opset 20
@@ -109,12 +110,19 @@ class _Builder:
             epsilon=float(ln.eps),
         )
 
-    def session(self, inputs: list[str], width: dict[str, int], output: str, threads: int) -> Any:
+    def session(
+        self,
+        inputs: list[str],
+        width: dict[str, int],
+        output: str,
+        threads: int,
+        leading: tuple[str, ...] = ("B", "T"),
+    ) -> Any:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
         def value(name: str, w: int) -> Any:
-            return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "T", w])
+            return helper.make_tensor_value_info(name, TensorProto.FLOAT, [*leading, w])
 
         graph = helper.make_graph(
             self.nodes,
@@ -202,6 +210,28 @@ class OrtLayer:
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
         return self._run("whole", x=x)
+
+
+class OrtHead:
+    """An int8 exit head's classifier as one graph: pooled rows (B, H) -> logits (B, C).
+
+    The dense layer, tanh and the classifier with the scheme's per-row rounding; the
+    pooling stays in torch (`ExitHead.pool`), the same for every batch.
+    """
+
+    def __init__(self, head: ExitHead, threads: int = 1) -> None:
+        dense, classifier = head.dense, head.classifier
+        if not (isinstance(dense, Int8Linear) and isinstance(classifier, Int8Linear)):
+            raise TypeError("OrtHead needs an int8-quantized exit head")
+        g = _Builder()
+        y: str = g.linear(g.op("Tanh", g.linear("pooled", dense)), classifier)
+        width = {"pooled": dense.in_features, y: classifier.out_features}
+        self._session: Any = g.session(["pooled"], width, y, threads, leading=("B",))
+        self._out: str = y
+
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
+        (y,) = self._session.run([self._out], {"pooled": _np(pooled)})
+        return torch.from_numpy(y)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

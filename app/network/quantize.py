@@ -135,6 +135,8 @@ def prepare(
             threads = torch.get_num_threads()
             for layer in network.encoder.encoder.layer:
                 cast(Layer, layer).fast = ort_layers.OrtLayer(cast(Layer, layer), threads)
+            for i in range(network.num_layers):
+                network.head(i).fast = ort_layers.OrtHead(network.head(i), threads)
         return network
     network = network.to(device)
     if quantization == "fp16":

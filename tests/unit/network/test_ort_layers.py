@@ -80,3 +80,20 @@ def test_served_answers_agree_with_the_eager_kernel(
         b = torch.softmax(fast(ids, mask).logits, -1)
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95  # measured 1.0
     assert float((a - b).abs().median()) < 1e-4
+
+
+def test_exit_heads_run_as_one_graph_each(eager: MultiExitNetwork, fast: MultiExitNetwork) -> None:
+    from app.network.ort_layers import OrtHead
+
+    assert all(isinstance(fast.head(i).fast, OrtHead) for i in range(4))
+    assert all(eager.head(i).fast is None for i in range(4))
+    torch.manual_seed(2)
+    pooled = torch.randn(6, 32)
+    head = OrtHead(eager.head(2))
+    with torch.inference_mode():
+        want = eager.head(2).classify(pooled)
+    got = head(pooled)
+    # The same roundings; the epilogue multiplies in another order (see the layers above).
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    # Per row: a row alone gets the same bits as among others.
+    assert torch.equal(head(pooled[3:4]), got[3:4])
