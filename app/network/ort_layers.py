@@ -1,4 +1,5 @@
-"""Encoder layers as ONNX Runtime graphs: the same int8 scheme in a few calls per layer.
+"""Encoder layers and exit heads as ONNX Runtime graphs: the same int8 scheme in a few
+calls per layer.
 
 In eager PyTorch a layer is some forty small ops (an int8 linear with per-token scales
 alone is about ten: two reductions, the scale, the rounding, the cast, the GEMM, the
@@ -17,7 +18,8 @@ tokens:
 
 A batch of one length (every batch of one) takes one `whole` call per layer; a mixed
 batch projects and finishes all its real tokens together and attends once per length,
-without padding (`encoder.Layer`).
+without padding (`encoder.Layer`). Each exit head is one more graph (`OrtHead`): pooled
+rows to logits; the pooling stays in torch.
 
 Same scheme, same contract. Activations are quantized per token with the rounding of
 `invariant.quantize_per_token` (reciprocal of amax, times 127, round half to even),
