@@ -14,6 +14,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+# What calibrate and add-exits print of a calibration or evaluation.
+SUMMARY = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -45,7 +49,6 @@ def _add_exits(a: argparse.Namespace) -> int:
     from app.training.add_exits import AddExitsConfig, add_exits
     from app.training.calibrate import calibrate
     from app.training.evaluate import evaluate
-    from app.training.report import write_report
 
     out = Path(a.out)
     record = add_exits(
@@ -78,14 +81,10 @@ def _add_exits(a: argparse.Namespace) -> int:
     cal = calibrate(
         out, max_drop=a.max_drop, max_disagreement=a.max_disagreement, exit_layers=a.exit_layers
     )
-    keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
-    print(json.dumps({"calibration": {k: cal[k] for k in keys}}))
+    print(json.dumps({"calibration": {k: cal[k] for k in SUMMARY}}))
     result = evaluate(out, "test")
-    spec = artifact.read_spec(out)
-    spec.evaluation = {k: v for k, v in result.items() if k != "global_threshold_curve"}
-    artifact.write_spec(out, spec)
-    write_report(out, result, spec.calibration)
-    print(json.dumps({"test": {k: result[k] for k in (*keys, "n", "unlabelled")}}))
+    _write_evaluation(out, result)
+    print(json.dumps({"test": {k: result[k] for k in (*SUMMARY, "n", "unlabelled")}}))
     return 0
 
 
@@ -101,23 +100,28 @@ def _calibrate(a: argparse.Namespace) -> int:
         quantization=a.quantization,
         exit_layers=a.exit_layers,
     )
-    keys = ("final_accuracy", "adaptive_accuracy", "agreement_with_final", "mean_layers")
-    print(json.dumps({k: record[k] for k in keys}))
+    print(json.dumps({k: record[k] for k in SUMMARY}))
     return 0
 
 
-def _evaluate(a: argparse.Namespace) -> int:
+def _write_evaluation(model_dir: Path, result: dict[str, Any]) -> None:
+    """Store an evaluation's figures in model.json and write report.json/png beside it."""
     from app.network import artifact
-    from app.training.evaluate import evaluate
     from app.training.report import write_report
+
+    spec = artifact.read_spec(model_dir)
+    spec.evaluation = {k: v for k, v in result.items() if k != "global_threshold_curve"}
+    artifact.write_spec(model_dir, spec)
+    write_report(model_dir, result, spec.calibration)
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from app.training.evaluate import evaluate
 
     model_dir = Path(a.model_dir)
     result = evaluate(model_dir, a.split, a.device, a.quantization, a.batch_size)
     if a.write:
-        spec = artifact.read_spec(model_dir)
-        spec.evaluation = {k: v for k, v in result.items() if k != "global_threshold_curve"}
-        artifact.write_spec(model_dir, spec)
-        write_report(model_dir, result, spec.calibration)
+        _write_evaluation(model_dir, result)
     if a.json:
         print(json.dumps({k: v for k, v in result.items() if k != "global_threshold_curve"}))
     else:

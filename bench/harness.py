@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -374,9 +375,7 @@ def tune_peer_d(
                 load({"onnx": (port, proc.pid)}, {"onnx_int8": request_set}, labels, short, log)
             )
         rps = {w.concurrency: w.summary()["throughput_rps"] for w in windows}
-        score = 1.0
-        for v in rps.values():
-            score *= max(v, 1e-9) ** (1 / len(rps))
+        score = statistics.geometric_mean(max(v, 1e-9) for v in rps.values())
         trials.append({"instances": instances, "threads": threads,
                        "throughput_rps": rps, "geomean_rps": round(score, 2)})  # fmt: skip
         log(f"peer (d) {instances} instance(s) x {threads} thread(s): {rps}")

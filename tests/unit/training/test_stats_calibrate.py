@@ -218,14 +218,20 @@ def test_calibrate_on_too_few_inputs_keeps_full_depth(labelled_tiny: Path, tmp_p
     assert record["mean_layers"] == len(th)
 
 
-def test_the_operating_ladder_steps_down_in_depth_from_the_calibrated_point() -> None:
-    rng = np.random.default_rng(0)
-    L, N = 6, 2000
-    # Confidence grows with depth; deeper exits are right more often.
+def synthetic_exits(seed: int, L: int, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """conf, correct, agree (L, N): confidence grows with depth, deeper exits are right
+    more often and agree with the last one more often."""
+    rng = np.random.default_rng(seed)
     conf = np.clip(rng.uniform(0.5, 1.0, (L, N)) + np.linspace(0, 0.2, L)[:, None], 0.5, 1.0)
     correct = rng.uniform(size=(L, N)) < np.linspace(0.75, 0.85, L)[:, None]
     agree = rng.uniform(size=(L, N)) < np.linspace(0.8, 1.0, L)[:, None]
     agree[-1] = True
+    return conf, correct, agree
+
+
+def test_the_operating_ladder_steps_down_in_depth_from_the_calibrated_point() -> None:
+    L = 6
+    conf, correct, agree = synthetic_exits(seed=0, L=L, N=2000)
     base = np.array([0.95] * (L - 1) + [0.0])
     ladder = operating_ladder(conf, correct, agree, base, fixed_cost=0.5)
     assert ladder[0]["thresholds"] == [0.95] * (L - 1) + [0.0]
@@ -251,12 +257,8 @@ def test_closed_exits_stay_at_one_in_every_search_and_ladder_point() -> None:
     threshold 1.0, so their heads never run when served."""
     from app.training.calibrate import exit_mask, global_threshold
 
-    rng = np.random.default_rng(1)
-    L, N = 6, 1500
-    conf = np.clip(rng.uniform(0.5, 1.0, (L, N)) + np.linspace(0, 0.2, L)[:, None], 0.5, 1.0)
-    correct = rng.uniform(size=(L, N)) < np.linspace(0.75, 0.85, L)[:, None]
-    agree = rng.uniform(size=(L, N)) < np.linspace(0.8, 1.0, L)[:, None]
-    agree[-1] = True
+    L = 6
+    conf, correct, agree = synthetic_exits(seed=1, L=L, N=1500)
     allowed = exit_mask([2, 4], L)
     assert allowed.tolist() == [False, True, False, True, False, True]
     closed = ~allowed
