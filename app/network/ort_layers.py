@@ -86,16 +86,20 @@ class _Builder:
         """`Int8Linear` on (..., K) -> (..., N_out), per-token int8 activations."""
         from onnx import TensorProto
 
-        amax = self.op("ReduceMax", self.op("Abs", x), self.const([-1], np.int64), keepdims=1)
-        scale = self.op("Div", self.op("Max", amax, self.const([SCALE_FLOOR])), self.const([127.0]))
-        # One block of K values per token: QuantizeLinear rounds x / scale half to even,
-        # as `quantize_per_token` does; zero point 128 makes the int8 values uint8.
-        zero = self.op("Expand", self.const(128, np.uint8), self.op("Shape", scale))
-        xq = self.op("QuantizeLinear", x, scale, zero, axis=-1, block_size=lin.in_features)
+        xq, scale = self.quantize(x, lin.in_features)
         weight = lin.weight_int8.t().contiguous().numpy()  # (K, N_out)
         acc = self.op("MatMulInteger", xq, self.const(weight, np.int8), self.const(128, np.uint8))
         y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), self.const(lin.weight_scale))
         return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
+
+    def quantize(self, x: str, k: int) -> tuple[str, str]:
+        """`quantize_per_token` on (..., k): uint8 values (int8 + 128), scales (..., 1)."""
+        amax = self.op("ReduceMax", self.op("Abs", x), self.const([-1], np.int64), keepdims=1)
+        scale = self.op("Div", self.op("Max", amax, self.const([SCALE_FLOOR])), self.const([127.0]))
+        # One block of k values per token: QuantizeLinear rounds x / scale half to even,
+        # as `quantize_per_token` does; zero point 128 makes the int8 values uint8.
+        zero = self.op("Expand", self.const(128, np.uint8), self.op("Shape", scale))
+        return self.op("QuantizeLinear", x, scale, zero, axis=-1, block_size=k), scale
 
     def layer_norm(self, x: str, ln: nn.LayerNorm) -> str:
         return self.op(

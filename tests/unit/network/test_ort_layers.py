@@ -11,6 +11,7 @@ import torch
 
 from app.network import artifact
 from app.network.encoder import Layer
+from app.network.invariant import quantize_per_token
 from app.network.multi_exit import MultiExitNetwork, pad_batch
 from app.network.ort_layers import OrtLayer
 from app.network.quantize import int8_kernel, prepare
@@ -56,6 +57,44 @@ def test_a_layer_computes_what_the_eager_int8_layer_computes(eager: MultiExitNet
     # layers (real activations), 2e-2 here at most where a step flips.
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)
     assert float((got - want).abs().median()) < 1e-5
+
+
+def test_the_graphs_round_activations_exactly_as_quantize_per_token() -> None:
+    """The graphs' per-token QuantizeLinear against the torch definition that training
+    simulates and the eager kernel runs, on values chosen where the rounding's form
+    shows: x * (127 / amax) rounds differently from x / (amax / 127) about once in a
+    million values, and exact halves must go to even."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from app.network.ort_layers import OPSET, _Builder
+
+    torch.manual_seed(3)
+    k = 64
+    x = torch.randn(40_000, k) * torch.logspace(-3, 3, 40_000)[:, None]
+    amax = x.abs().amax(-1, keepdim=True)
+    other = torch.mul(x, 127.0 / amax).round()
+    differs = (other != quantize_per_token(x)[0]).any(-1)
+    ties = torch.cat([torch.tensor([127.0]), torch.arange(1 - k, k - 1, 2) / 2])  # scale 1.0
+    x = torch.cat([x[differs], ties[None]])
+    assert int(differs.sum()) >= 3  # the data tells the two forms apart (4 rows here)
+
+    g = _Builder()
+    xq, scale = g.quantize("x", k)
+    out = [helper.make_tensor_value_info(xq, TensorProto.UINT8, ["N", k]),
+           helper.make_tensor_value_info(scale, TensorProto.FLOAT, ["N", 1])]  # fmt: skip
+    graph = helper.make_graph(
+        g.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])], out, g.inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString())
+    got_q, got_scale = session.run(None, {"x": x.numpy()})
+    want_q, want_scale = quantize_per_token(x)
+    assert np.array_equal(got_q.astype(np.int32) - 128, want_q.to(torch.int32).numpy())
+    assert np.array_equal(got_scale, want_scale.numpy())
+    assert want_q[-1, 0] == 127 and bool((want_q[-1, 1:] % 2 == 0).all())  # halves to even
 
 
 def test_whole_equals_project_attend_finish_bit_for_bit(eager: MultiExitNetwork) -> None:
