@@ -83,9 +83,8 @@ def test_the_graphs_round_activations_exactly_as_quantize_per_token() -> None:
     xq, scale = g.quantize("x", k)
     out = [helper.make_tensor_value_info(xq, TensorProto.UINT8, ["N", k]),
            helper.make_tensor_value_info(scale, TensorProto.FLOAT, ["N", 1])]  # fmt: skip
-    graph = helper.make_graph(
-        g.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])], out, g.inits
-    )
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])
+    graph = helper.make_graph(g.nodes, "q", [x_in], out, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     import onnxruntime
 
