@@ -21,13 +21,13 @@ batch projects and finishes all its real tokens together and attends once per le
 without padding (`encoder.Layer`). Each exit head is one more graph (`OrtHead`): pooled
 rows to logits; the pooling stays in torch.
 
-Same scheme, same contract. Activations are quantized per token by `QuantizeLinear`
-with one block per token, the very rounding of `invariant.quantize_per_token` (x over
-amax / 127, half to even; one op where the elementwise form took seven, 15% of a
-layer at 27 tokens), weights are the int8 per-channel values `Int8Linear` holds, and
-`MatMulInteger` sums the products in int32 (uint8 activations with zero point 128
-against int8 weights: exactly the signed sums). Every other op works per token, per
-row or per (row, head), and graph fusions are off so that `whole` and the three graphs apart run the very same
+Same scheme, same contract. Activations are quantized per token by `QuantizeLinear` with
+one block per token, the very rounding of `invariant.quantize_per_token` (x over amax /
+127, half to even; one op where the elementwise form took seven, 15% of a layer at 27
+tokens), weights are the int8 per-channel values `Int8Linear` holds, and `MatMulInteger`
+sums the products in int32 (uint8 activations with zero point 128 against int8 weights:
+exactly the signed sums). Every other op works per token, per row or per (row, head),
+and graph fusions are off so that `whole` and the three graphs apart run the very same
 kernels: a row gets the same bits alone or in any batch (tested). The float epilogue
 rounds in another order than oneDNN's, so scores differ from the eager int8 path by up
 to a few hundredths after six layers, where a rounding step flips (labels agreed on
