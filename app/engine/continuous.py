@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from app.engine.executor import Prediction, Row, decide
-from app.network.multi_exit import MultiExitNetwork, pad_batch
+from app.network.multi_exit import MultiExitNetwork, RunningBatch
 
 K = TypeVar("K")
 log = logging.getLogger(__name__)
@@ -33,28 +32,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Group(Generic[K]):
     depth: int  # layers already run on these rows
-    x: torch.Tensor  # (B, T, H)
-    mask: torch.Tensor  # (B, T)
+    batch: RunningBatch
     rows: list[Row]
     keys: list[K]
     waited: int = 0  # steps this group has been passed over
-
-
-def _merge(a: _Group[K], b: _Group[K]) -> _Group[K]:
-    T = max(a.x.shape[1], b.x.shape[1])
-
-    def pad(t: torch.Tensor) -> torch.Tensor:  # right-pad the T axis to length T
-        extra = T - t.shape[1]
-        return F.pad(t, (0, 0, 0, extra)) if t.dim() == 3 else F.pad(t, (0, extra))
-
-    return _Group(
-        depth=a.depth,
-        x=torch.cat([pad(a.x), pad(b.x)]),
-        mask=torch.cat([pad(a.mask), pad(b.mask)]),
-        rows=a.rows + b.rows,
-        keys=a.keys + b.keys,
-        waited=max(a.waited, b.waited),
-    )
 
 
 @dataclass
@@ -77,13 +58,22 @@ class ContinuousBatcher(Generic[K]):
             if len(r.thresholds) != L or not 1 <= r.max_layers <= L:
                 raise ValueError(f"row needs {L} thresholds and max_layers in 1..{L}")
         with torch.inference_mode():
-            ids, mask = pad_batch([list(r.token_ids) for r in rows], device=self.network.device)
-            group = _Group(0, self.network.embed(ids), mask, list(rows), list(keys))
-        self._place(group)
+            batch = self.network.begin([r.token_ids for r in rows])
+        self._place(_Group(0, batch, list(rows), list(keys)))
 
     def _place(self, group: _Group[K]) -> None:
         held = self.groups.get(group.depth)
-        self.groups[group.depth] = group if held is None else _merge(held, group)
+        if held is not None:
+            with torch.inference_mode():
+                batch = self.network.join(held.batch, group.batch)
+            group = _Group(
+                group.depth,
+                batch,
+                held.rows + group.rows,
+                held.keys + group.keys,
+                max(held.waited, group.waited),
+            )
+        self.groups[group.depth] = group
 
     def _pick(self) -> _Group[K]:
         # The shallowest group runs: it catches up with the groups waiting deeper and
@@ -96,10 +86,12 @@ class ContinuousBatcher(Generic[K]):
             depth = max(starved, key=lambda d: self.groups[d].waited)
         group = self.groups.pop(depth)
         if len(group.rows) > self.max_batch_size:  # run a full batch, keep the rest waiting
-            n = self.max_batch_size
-            rest = _Group(depth, group.x[n:], group.mask[n:], group.rows[n:], group.keys[n:])
-            self.groups[depth] = rest
-            group = _Group(depth, group.x[:n], group.mask[:n], group.rows[:n], group.keys[:n])
+            n, net = self.max_batch_size, self.network
+            with torch.inference_mode():
+                first = net.keep(group.batch, range(n))
+                rest = net.keep(group.batch, range(n, len(group.rows)))
+            self.groups[depth] = _Group(depth, rest, group.rows[n:], group.keys[n:])
+            group = _Group(depth, first, group.rows[:n], group.keys[:n])
         for g in self.groups.values():
             g.waited += 1
         group.waited = 0
@@ -129,15 +121,10 @@ class ContinuousBatcher(Generic[K]):
     def _advance(self, g: _Group[K], on_answer: Callable[[K, Prediction], None]) -> None:
         net, i = self.network, g.depth
         with torch.inference_mode():
-            # Trim padding no remaining row needs (rows are right-padded).
-            T = max(len(r.token_ids) for r in g.rows)
-            x, mask = g.x[:, :T], g.mask[:, :T]
-            x = net.layer(i, x, net.attention_bias(mask))
-            keep = decide(net, i, x, mask, g.rows, lambda j, p: on_answer(g.keys[j], p))
+            batch = net.step(i, g.batch)
+            keep = decide(net, i, batch, g.rows, lambda j, p: on_answer(g.keys[j], p))
             if keep:
                 if len(keep) < len(g.rows):
-                    idx = torch.tensor(keep, device=x.device)
-                    x, mask = x.index_select(0, idx), mask.index_select(0, idx)
-                self._place(
-                    _Group(i + 1, x, mask, [g.rows[j] for j in keep], [g.keys[j] for j in keep])
-                )
+                    batch = net.keep(batch, keep)
+                rows, keys = [g.rows[j] for j in keep], [g.keys[j] for j in keep]
+                self._place(_Group(i + 1, batch, rows, keys))

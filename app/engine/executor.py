@@ -2,8 +2,9 @@
 
 After every layer each still-running row is scored by that layer's exit head; rows
 that are confident enough (or reached their depth cap) are answered at once through
-`on_answer`, and the batch is compacted: finished rows are dropped and padding is
-trimmed to the longest remaining row, so deeper layers only pay for what is left.
+`on_answer`, and the batch is compacted: finished rows are dropped (and, padded on a
+GPU, padding is trimmed to the longest remaining row), so deeper layers only pay for
+what is left.
 This module knows the network's stage interface and nothing about HTTP or JSON.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.network.multi_exit import MultiExitNetwork, pad_batch
+from app.network.multi_exit import MultiExitNetwork, RunningBatch
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Prediction:
 class BatchResult:
     predictions: list[Prediction]
     rows_per_layer: list[int] = field(default_factory=list)  # rows that ran each layer step
-    tokens_per_layer: list[int] = field(default_factory=list)  # padded tokens per layer step
+    tokens_per_layer: list[int] = field(default_factory=list)  # token positions per layer step
 
 
 def run_batch(
@@ -63,16 +64,15 @@ def run_batch(
     result = BatchResult(predictions=[])
     if not rows:
         return result
-    device = network.device
     with torch.inference_mode():
-        ids, mask = pad_batch([list(r.token_ids) for r in rows], device=device)  # (B, T)
-        alive = list(range(len(rows)))  # original index of each running row
-        x = network.embed(ids)  # (B, T, H)
-        bias = network.attention_bias(mask)
+        # Longest first: rows of one length sit together, and attention runs once per
+        # length (packed on the CPU); leaving rows keep the rest in this order.
+        alive = sorted(range(len(rows)), key=lambda b: -len(rows[b].token_ids))
+        batch = network.begin([rows[a].token_ids for a in alive])
         for i in range(L):
-            result.rows_per_layer.append(int(x.shape[0]))
-            result.tokens_per_layer.append(int(x.shape[0] * x.shape[1]))
-            x = network.layer(i, x, bias)
+            result.rows_per_layer.append(batch.rows)
+            result.tokens_per_layer.append(batch.tokens)
+            batch = network.step(i, batch)
             running = [rows[a] for a in alive]
 
             def answered(j: int, p: Prediction, alive: list[int] = alive) -> None:
@@ -80,15 +80,12 @@ def run_batch(
                 if on_answer is not None:
                     on_answer(alive[j], p)
 
-            keep = decide(network, i, x, mask, running, answered)
+            keep = decide(network, i, batch, running, answered)
             if not keep:
                 break
             if len(keep) < len(alive):
                 alive = [alive[j] for j in keep]
-                idx = torch.tensor(keep, device=device)
-                T = max(len(rows[a].token_ids) for a in alive)  # right padding: trim to longest
-                x, mask = x.index_select(0, idx)[:, :T], mask.index_select(0, idx)[:, :T]
-                bias = network.attention_bias(mask)
+                batch = network.keep(batch, keep)
     result.predictions = [p for p in out if p is not None]
     if len(result.predictions) != len(rows):
         raise RuntimeError("executor left rows unanswered")
@@ -98,21 +95,20 @@ def run_batch(
 def decide(
     network: MultiExitNetwork,
     i: int,
-    x: torch.Tensor,
-    mask: torch.Tensor,
+    batch: RunningBatch,
     rows: Sequence[Row],
     on_exit: Callable[[int, Prediction], None],
 ) -> list[int]:
     """After layer i (0-based): answer the rows that leave, return the positions that go on.
 
-    x (B, T, H) and mask (B, T) hold `rows` in order. The decisions run on Python lists:
-    for the few rows of a batch that is cheaper than a dozen tiny tensor ops per layer,
-    which dominate at batch 1.
+    `batch` holds `rows` in order. The decisions run on Python lists: for the few rows
+    of a batch that is cheaper than a dozen tiny tensor ops per layer, which dominate
+    at batch 1.
     """
     last = i == network.num_layers - 1
     if not last and not any(r.thresholds[i] < 1.0 or r.max_layers <= i + 1 for r in rows):
         return list(range(len(rows)))  # no row may leave here: skip the exit head
-    logits = network.exit_logits(i, x, mask)  # (B, C)
+    logits = network.head_logits(i, batch)  # (B, C)
     probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
     keep: list[int] = []
     for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):

@@ -6,6 +6,7 @@ pretrained MiniLM weights load with a plain `load_state_dict`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -61,6 +62,16 @@ class Embeddings(nn.Module):
             self.word_embeddings(input_ids)  # (B, T, H)
             + self.position_embeddings(positions)[None]  # (1, T, H)
             + self.token_type_embeddings.weight[0]  # single-segment inputs: type 0
+        )
+        return self.dropout(self.LayerNorm(x))
+
+    def packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Tokens without padding: ids and positions (N,) -> (N, H), each token exactly
+        what `forward` gives it in a padded batch (the same sums in the same order)."""
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings.weight[0]
         )
         return self.dropout(self.LayerNorm(x))
 
@@ -181,13 +192,10 @@ class Layer(nn.Module):
         # force a host sync at every layer.
         if not self.training and x.device.type == "cpu":
             B, T = x.shape[:2]
-            real = bias.reshape(B, T) == 0  # (B, T) True for real tokens (right padding)
-            lengths = real.sum(1).tolist()
+            lengths = (bias.reshape(B, T) == 0).sum(1).tolist()  # right padding
             if min(lengths) == T:
-                if self.fast is not None:
-                    return self.fast.whole(x)
-                return self._feed_forward(self.attention(x, None))
-            return self._unpadded(x, lengths, real.reshape(-1).nonzero().squeeze(1))
+                return self.packed(x.reshape(B * T, -1), [(T, B)]).view(x.shape)
+            return self._unpadded(x, lengths)
         x = self.attention(x, bias)  # (B, T, H)
         return self._feed_forward(x)
 
@@ -202,43 +210,53 @@ class Layer(nn.Module):
         y = self.output.dropout(self.output.dense(h))  # (..., H)
         return self.output.LayerNorm(x + y)
 
-    def _unpadded(self, x: torch.Tensor, lengths: list[int], idx: torch.Tensor) -> torch.Tensor:
-        """Inference on a padded batch: every per-token op (the linears, GELU, residuals,
-        LayerNorms) runs on the N real tokens only, and attention runs once per distinct
-        length on exactly that many tokens. Padding in a mixed-length batch is often as
-        large as the real tokens themselves. Padded positions come out as zeros, which
-        the exit heads' pooling ignores.
+    def packed(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Inference on packed rows: x (N, H) holds the real tokens of every row, row
+        after row, and `runs` (length, rows) describes them as stretches of rows of one
+        length. Every per-token op (the linears, GELU, residuals, LayerNorms) runs on all
+        N tokens at once and attention runs once per stretch, on exactly its tokens: no
+        padding anywhere, and a row computes exactly what it computes alone.
         """
-        B, T, H = x.shape
-        flat = x.reshape(B * T, H)
-        xp = flat.index_select(0, idx)  # (N, H)
-        attn, out = self.attention.self, self.attention.output
-        fast = self.fast
-        qkv_p = attn.project(xp) if fast is None else fast.project(xp[None])[0]  # (N, 3H)
-        qkv = qkv_p.new_zeros(B * T, qkv_p.shape[1]).index_copy_(0, idx, qkv_p).view(B, T, -1)
-        y = qkv_p.new_zeros(B, T, H)
-        for n, rows in _length_groups(lengths).items():
-            if len(rows) == 1:
-                b = rows[0]
-                y[b : b + 1, :n] = self._attend(qkv[b : b + 1, :n])  # (1, n, H)
-            else:
-                sel = torch.tensor(rows)
-                y[sel, :n] = self._attend(qkv[sel, :n])  # (k, n, H)
-        y = y.view(B * T, H).index_select(0, idx)  # (N, H)
+        H = x.shape[-1]
+        if len(runs) == 1:  # one length (every batch of one): one call for the layer
+            n, k = runs[0]
+            rows = x.view(k, n, H)
+            if self.fast is not None:
+                return self.fast.whole(rows).view(k * n, H)
+            return self._feed_forward(self.attention(rows, None)).view(k * n, H)
+        attn, out, fast = self.attention.self, self.attention.output, self.fast
+        qkv = attn.project(x) if fast is None else fast.project(x[None])[0]  # (N, 3H)
+        parts, start = [], 0
+        for n, k in runs:
+            stretch = qkv[start : start + n * k].view(k, n, -1)  # (k, n, 3H), no copy
+            parts.append(self._attend(stretch).view(n * k, H))
+            start += n * k
+        y = torch.cat(parts)  # (N, H)
         if fast is not None:
-            h = fast.finish(y[None], xp[None])[0]  # (N, H)
+            return fast.finish(y[None], x[None])[0]
+        return self._feed_forward(out.LayerNorm(x + out.dropout(out.dense(y))))
+
+    def _unpadded(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """A padded batch run packed: its real tokens gathered longest row first (so rows
+        of one length sit together), `packed`, and scattered back. Padded positions
+        come out as zeros, which the exit heads' pooling ignores."""
+        B, T, H = x.shape
+        order = sorted(range(B), key=lambda b: -lengths[b])
+        idx = torch.cat([torch.arange(b * T, b * T + lengths[b]) for b in order])
+        tokens = x.reshape(B * T, H).index_select(0, idx)  # (N, H)
+        y = self.packed(tokens, runs_of([lengths[b] for b in order]))
+        return x.new_zeros(B * T, H).index_copy_(0, idx, y).view(B, T, H)
+
+
+def runs_of(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """(length, rows) of each stretch of consecutive rows with one length."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
         else:
-            h = out.LayerNorm(xp + out.dropout(out.dense(y)))  # (N, H)
-            h = self._feed_forward(h)  # (N, H)
-        return flat.new_zeros(B * T, H).index_copy_(0, idx, h).view(B, T, H)
-
-
-def _length_groups(lengths: list[int]) -> dict[int, list[int]]:
-    """Row indices by length: rows of one length share one attention call."""
-    groups: dict[int, list[int]] = {}
-    for b, n in enumerate(lengths):
-        groups.setdefault(n, []).append(b)
-    return groups
+            runs.append((n, 1))
+    return runs
 
 
 class LayerStack(nn.Module):
@@ -267,6 +285,15 @@ class Encoder(nn.Module):
 
     def layer(self, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.encoder.layer[i](x, bias)  # (B, T, H)
+
+    def embed_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embeddings.packed(input_ids, positions)  # (N, H)
+
+    def layer_packed(
+        self, i: int, x: torch.Tensor, runs: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        layer: Layer = self.encoder.layer[i]  # type: ignore[assignment]
+        return layer.packed(x, runs)  # (N, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states after the embeddings and after every layer: N + 1 tensors (B, T, H)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -47,12 +47,26 @@ class ExitHead(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(x, mask)
+        return self.logits(self.pool(x, mask))
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H) pooled states -> (B, C), as served (`fast` when set)."""
         return self.classify(pooled) if self.fast is None else self.fast(pooled)
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) token states -> (B, H)."""
         return mean_pool(x, mask) if self.pooling == "mean" else x[:, 0]
+
+    def pool_packed(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Packed rows (N, H), stretches of (length, rows) -> (B, H): the same bits as
+        `pool` gives each row in any padded batch (the sum over its real tokens, then
+        one division; padding adds exact zeros)."""
+        pooled, start = [], 0
+        for n, k in runs:
+            rows = x[start : start + n * k].view(k, n, -1)  # (k, n, H), no copy
+            pooled.append(rows.sum(1) / n if self.pooling == "mean" else rows[:, 0])
+            start += n * k
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled states -> (B, C) logits."""

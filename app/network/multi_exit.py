@@ -1,18 +1,23 @@
 """The multi-exit network: an encoder with an exit head after every layer.
 
-The engine drives it one stage at a time (`embed`, `layer`, `exit_logits`) on
-whichever rows are still running; training calls `forward` for all exits at once.
+The engine drives a batch through it one layer at a time (`begin`, `step`,
+`head_logits`, `keep`, `join` on a `RunningBatch`) and drops rows as they leave;
+training and evaluation call `forward` for all exits at once, on padded batches
+(`embed`, `layer`, `exit_logits` are its stages).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from app.network.encoder import Encoder, EncoderConfig, attention_bias
+from app.network.encoder import Encoder, EncoderConfig, attention_bias, runs_of
 from app.network.heads import ExitHead
 
 
@@ -69,6 +74,36 @@ class MultiExitOutput:
     hidden: list[torch.Tensor] = field(default_factory=list)  # L x (B, T, H) when asked for
 
 
+@dataclass(frozen=True)
+class RunningBatch:
+    """The states of a batch of rows between two layers, in one of two layouts.
+
+    packed (CPU inference): `x` (N, H) holds the real tokens of every row, row after
+      row, and `runs` the (length, rows) stretches attention runs on; nothing is padded.
+    padded (a GPU, where launches cost more than padding): `x` (B, T, H) right-padded,
+      with its `mask` (B, T) and additive attention `bias` (B, 1, 1, T).
+    """
+
+    x: torch.Tensor
+    lengths: tuple[int, ...]  # real tokens of each row
+    runs: tuple[tuple[int, int], ...] = ()  # packed
+    mask: torch.Tensor | None = None  # padded
+    bias: torch.Tensor | None = None  # padded
+
+    @property
+    def packed(self) -> bool:
+        return self.mask is None
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        """Token positions a layer runs on: real tokens packed, padded ones padded."""
+        return int(self.x.shape[0]) if self.packed else int(self.x.shape[0] * self.x.shape[1])
+
+
 class MultiExitNetwork(nn.Module):
     def __init__(self, cfg: MultiExitConfig) -> None:
         super().__init__()
@@ -112,6 +147,74 @@ class MultiExitNetwork(nn.Module):
 
     def head(self, i: int) -> ExitHead:
         return cast(ExitHead, self.heads[i])
+
+    # -- a batch in flight (serving) -----------------------------------------------------
+    @property
+    def packs(self) -> bool:
+        """Whether batches in flight run packed: inference on the CPU."""
+        return self.device.type == "cpu" and not self.training
+
+    def begin(self, token_ids: Sequence[Sequence[int]]) -> RunningBatch:
+        """Embed rows of token ids (their order is kept; rows of one length side by side
+        make fewer attention calls when packed)."""
+        lengths = tuple(len(r) for r in token_ids)
+        if not lengths or min(lengths) < 1:
+            raise ValueError("every row needs at least one token")
+        if not self.packs:
+            ids, mask = pad_batch([list(r) for r in token_ids], device=self.device)
+            return RunningBatch(self.embed(ids), lengths, mask=mask, bias=self.attention_bias(mask))
+        runs = tuple(runs_of(lengths))
+        ids = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.long)
+        positions = torch.cat([torch.arange(n).repeat(k) for n, k in runs])
+        return RunningBatch(self.encoder.embed_packed(ids, positions), lengths, runs)
+
+    def step(self, i: int, batch: RunningBatch) -> RunningBatch:
+        """Run layer i (0-based) on every row of `batch`."""
+        if batch.packed:
+            x = self.encoder.layer_packed(i, batch.x, batch.runs)
+            return RunningBatch(x, batch.lengths, batch.runs)
+        assert batch.bias is not None
+        x = self.layer(i, batch.x, batch.bias)
+        return RunningBatch(x, batch.lengths, mask=batch.mask, bias=batch.bias)
+
+    def head_logits(self, i: int, batch: RunningBatch) -> torch.Tensor:
+        """Exit head i on every row of `batch`: (B, C)."""
+        head = self.head(i)
+        if batch.packed:
+            return head.logits(head.pool_packed(batch.x, batch.runs))
+        assert batch.mask is not None
+        return head(batch.x, batch.mask)
+
+    def keep(self, batch: RunningBatch, rows: Sequence[int]) -> RunningBatch:
+        """The rows at positions `rows` (increasing) of `batch`, in that order."""
+        lengths = tuple(batch.lengths[j] for j in rows)
+        if batch.packed:
+            chosen = torch.zeros(batch.rows, dtype=torch.bool)
+            chosen[list(rows)] = True
+            tokens = chosen.repeat_interleave(torch.tensor(batch.lengths))  # (N,)
+            return RunningBatch(batch.x[tokens], lengths, tuple(runs_of(lengths)))
+        assert batch.mask is not None
+        idx = torch.tensor(list(rows), device=batch.x.device)
+        T = max(lengths)  # right padding: trim to the longest remaining row
+        mask = batch.mask.index_select(0, idx)[:, :T]
+        x = batch.x.index_select(0, idx)[:, :T]
+        return RunningBatch(x, lengths, mask=mask, bias=self.attention_bias(mask))
+
+    def join(self, a: RunningBatch, b: RunningBatch) -> RunningBatch:
+        """`a`'s rows, then `b`'s, at the same depth."""
+        lengths = a.lengths + b.lengths
+        if a.packed and b.packed:
+            return RunningBatch(torch.cat([a.x, b.x]), lengths, tuple(runs_of(lengths)))
+        assert a.mask is not None and b.mask is not None
+        T = max(a.x.shape[1], b.x.shape[1])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # right-pad the T axis to length T
+            extra = T - t.shape[1]
+            return F.pad(t, (0, 0, 0, extra)) if t.dim() == 3 else F.pad(t, (0, extra))
+
+        mask = torch.cat([pad(a.mask), pad(b.mask)])
+        x = torch.cat([pad(a.x), pad(b.x)])
+        return RunningBatch(x, lengths, mask=mask, bias=self.attention_bias(mask))
 
     # -- all exits at once (training, evaluation) --------------------------------------
     def forward(

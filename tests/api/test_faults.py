@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.network.multi_exit import RunningBatch
 from tests.api.conftest import build_settings
 from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape, wait_until_idle
 
@@ -23,14 +23,14 @@ POISON = "rotten"  # a vocabulary word: any batch holding it fails inside the ne
 def poison_network(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = client.app.state.engine.runtime  # type: ignore[attr-defined]
     [poison_id] = [i for i in runtime.tokenizer.encode([POISON])[0] if i > 3]
-    embed = runtime.network.embed
+    begin = runtime.network.begin
 
-    def failing(ids: torch.Tensor) -> torch.Tensor:
-        if bool((ids == poison_id).any()):
+    def failing(token_ids: Sequence[Sequence[int]]) -> RunningBatch:
+        if any(poison_id in row for row in token_ids):
             raise RuntimeError(f"{Path(__file__).resolve()}: CUDA error: device-side assert")
-        return embed(ids)
+        return begin(token_ids)
 
-    monkeypatch.setattr(runtime.network, "embed", failing)
+    monkeypatch.setattr(runtime.network, "begin", failing)
 
 
 def test_a_failing_batch_is_500_without_internals_and_the_engine_serves_on(

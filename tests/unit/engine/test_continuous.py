@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from app.engine.continuous import ContinuousBatcher
 from app.engine.executor import Prediction, Row, run_batch
 from app.network import artifact
+from app.network.multi_exit import RunningBatch
 from tests.tiny import random_texts
 
 
@@ -110,16 +110,16 @@ def test_a_failing_layer_fails_only_its_group(
     failed: list[int] = []
     b.add([Row(t, [1.0] * L, L) for t in ids[:3]], [0, 1, 2])
     b.step(answers.__setitem__, lambda k, e: failed.append(k))  # group 1 now at depth 1
-    original = net.layer
+    original = net.step
 
-    def broken(i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def broken(i: int, batch: RunningBatch) -> RunningBatch:
         if i == 1:
             raise RuntimeError("boom")
-        return original(i, x, bias)
+        return original(i, batch)
 
-    monkeypatch.setattr(net, "layer", broken)
+    monkeypatch.setattr(net, "step", broken)
     assert b.step(answers.__setitem__, lambda k, e: failed.append(k)) == 3  # layer 2 fails
-    monkeypatch.setattr(net, "layer", original)
+    monkeypatch.setattr(net, "step", original)
     b.add([Row(t, [1.0] * L, L) for t in ids[3:]], [3, 4, 5])
     drain(b, answers)
     assert sorted(failed) == [0, 1, 2]

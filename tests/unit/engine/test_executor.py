@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from app.engine.executor import BatchResult, Prediction, Row, run_batch, uniform_thresholds
 from app.network import artifact
+from app.network.multi_exit import MultiExitNetwork, RunningBatch
 from app.network.quantize import int8_kernel, prepare
 from app.training.evaluate import all_exit_probs
 from app.training.stats import exit_layers
@@ -157,17 +158,16 @@ def test_on_answer_fires_once_per_row_in_exit_order(net, ids, calibrated) -> Non
         assert p is res.predictions[i]
 
 
-def test_on_answer_fires_before_deeper_layers_run(net, ids, calibrated) -> None:
+def test_on_answer_fires_before_deeper_layers_run(net, ids, calibrated, monkeypatch) -> None:
     events: list[tuple[str, int]] = []
-    hooks = [
-        layer.register_forward_hook(lambda *_, n=n: events.append(("layer", n + 1)))
-        for n, layer in enumerate(net.encoder.encoder.layer)
-    ]
-    try:
-        run(net, ids, calibrated, on_answer=lambda i, p: events.append(("answer", p.exit_layer)))
-    finally:
-        for h in hooks:
-            h.remove()
+    step = net.step
+
+    def logged(i: int, batch: RunningBatch) -> RunningBatch:
+        events.append(("layer", i + 1))
+        return step(i, batch)
+
+    monkeypatch.setattr(net, "step", logged)
+    run(net, ids, calibrated, on_answer=lambda i, p: events.append(("answer", p.exit_layer)))
     for pos, (kind, n) in enumerate(events):
         if kind == "answer":
             layers_run = [m for k, m in events[:pos] if k == "layer"]
@@ -182,7 +182,22 @@ def test_rows_per_layer_counts_the_rows_still_running(net, ids, calibrated) -> N
     assert res.rows_per_layer[0] == len(ids)
 
 
-def test_tokens_per_layer_is_rows_times_longest_running_row(net, ids, calibrated) -> None:
+@pytest.fixture
+def padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches in flight run padded, as on a GPU (the CPU packs them)."""
+    monkeypatch.setattr(MultiExitNetwork, "packs", property(lambda self: False))
+
+
+def test_tokens_per_layer_counts_real_tokens_packed(net, ids, calibrated) -> None:
+    res = run(net, ids, calibrated)
+    exits = [p.exit_layer for p in res.predictions]
+    for k, tokens in enumerate(res.tokens_per_layer, start=1):
+        assert tokens == sum(len(r) for r, e in zip(ids, exits, strict=True) if e >= k)
+
+
+def test_tokens_per_layer_is_rows_times_longest_running_row_padded(
+    net, ids, calibrated, padded
+) -> None:
     res = run(net, ids, calibrated)
     exits = [p.exit_layer for p in res.predictions]
     for k, tokens in enumerate(res.tokens_per_layer, start=1):
@@ -190,7 +205,13 @@ def test_tokens_per_layer_is_rows_times_longest_running_row(net, ids, calibrated
         assert tokens == len(running) * max(running)
 
 
-def test_padding_is_trimmed_when_the_longest_row_leaves(net, tiny_loaded) -> None:
+def test_the_padded_layout_answers_as_the_packed_one(net, ids, calibrated, monkeypatch) -> None:
+    packed = run(net, ids, calibrated).predictions
+    monkeypatch.setattr(MultiExitNetwork, "packs", property(lambda self: False))
+    assert run(net, ids, calibrated).predictions == packed  # bit for bit
+
+
+def test_padding_is_trimmed_when_the_longest_row_leaves(net, tiny_loaded, padded) -> None:
     long, *short = tiny_loaded.tokenizer.encode(
         [
             "a very long and rather boring film about nothing at all " * 3,
@@ -246,16 +267,17 @@ def test_rows_are_validated_before_anything_runs(net) -> None:
     assert answered == []
 
 
-def test_network_runs_in_inference_mode(net, ids) -> None:
+def test_network_runs_in_inference_mode(net, ids, monkeypatch) -> None:
     # No autograd graph is kept for served batches.
     seen: list[bool] = []
-    hook = net.heads[0].register_forward_hook(
-        lambda *_: seen.append(torch.is_inference_mode_enabled())
-    )
-    try:
-        run(net, ids[:2], uniform_thresholds(0.0, L))
-    finally:
-        hook.remove()
+    head_logits = net.head_logits
+
+    def spied(i: int, batch: RunningBatch) -> torch.Tensor:
+        seen.append(torch.is_inference_mode_enabled())
+        return head_logits(i, batch)
+
+    monkeypatch.setattr(net, "head_logits", spied)
+    run(net, ids[:2], uniform_thresholds(0.0, L))
     assert seen == [True]
 
 

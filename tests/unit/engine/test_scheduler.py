@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import torch
 
 from app.engine.adapt import Ladder, LoadController, OperatingPoint
 from app.engine.runtime import ModelRuntime, load_runtime
@@ -28,6 +27,7 @@ from app.engine.scheduler import (
     NotRunning,
     TooLate,
 )
+from app.network.multi_exit import RunningBatch
 
 T = TypeVar("T")
 GUARD_S = 10.0  # only ever reached when a test fails
@@ -159,16 +159,16 @@ def test_an_input_already_in_a_batch_finishes_after_its_deadline(
 
 
 def poison(runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, word: str) -> None:
-    """The network's forward raises (with a path in the message) for batches holding `word`."""
+    """The network raises (with a path in the message) for batches holding `word`."""
     [poison_id] = [i for i in runtime.tokenizer.encode([word])[0] if i > 3]  # not [CLS] etc.
-    embed = runtime.network.embed
+    begin = runtime.network.begin
 
-    def failing(ids: torch.Tensor) -> torch.Tensor:
-        if bool((ids == poison_id).any()):
+    def failing(token_ids: Sequence[Sequence[int]]) -> RunningBatch:
+        if any(poison_id in row for row in token_ids):
             raise RuntimeError("/opt/secret/weights.bin: kernel exploded")
-        return embed(ids)
+        return begin(token_ids)
 
-    monkeypatch.setattr(runtime.network, "embed", failing)
+    monkeypatch.setattr(runtime.network, "begin", failing)
 
 
 def test_a_failing_batch_fails_only_its_own_requests(
@@ -274,15 +274,15 @@ def test_an_early_answer_frees_its_place_while_its_batch_runs_on(
     engine = engine_of(max_queue_size=3, max_batch_size=8)
     held = Held(runtime, monkeypatch)
     entered_2, gate_2 = threading.Event(), threading.Event()
-    layer = runtime.network.layer
+    step = runtime.network.step
 
-    def layer_held_at_2(i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def layer_held_at_2(i: int, batch: RunningBatch) -> RunningBatch:
         if i == 1 and "hard" in held.seen:  # the second batch only
             entered_2.set()
             assert gate_2.wait(GUARD_S), "the test never released the second layer"
-        return layer(i, x, bias)
+        return step(i, batch)
 
-    monkeypatch.setattr(runtime.network, "layer", layer_held_at_2)
+    monkeypatch.setattr(runtime.network, "step", layer_held_at_2)
 
     async def main() -> None:
         first = asyncio.ensure_future(engine.submit(["first"]))

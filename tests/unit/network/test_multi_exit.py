@@ -1,13 +1,18 @@
-"""The multi-exit network: stage interface, padding invariance, config checks, pad_batch."""
+"""The multi-exit network: stage interface, batches in flight (packed), padding invariance,
+config checks, pad_batch."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from app.network import artifact
 from app.network.encoder import EncoderConfig
+from app.network.invariant import Int8Linear
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
+from app.network.quantize import int8_kernel, prepare
 from tests.tiny import random_texts
 
 SMALL = EncoderConfig(
@@ -33,6 +38,58 @@ def test_stage_interface_equals_forward(tiny_loaded: artifact.LoadedModel) -> No
             staged.append(net.exit_logits(i, x, mask))
     assert expected.shape == (4, 8, 2)
     torch.testing.assert_close(torch.stack(staged), expected, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module", params=["none/torch", "int8/torch", "int8/onnxruntime"])
+def served(request: pytest.FixtureRequest, tiny_model_dir: Path) -> MultiExitNetwork:
+    """The tiny model as served on the CPU: fp32, and int8 on both kernels."""
+    quantization, kernel = request.param.split("/")
+    if kernel == "onnxruntime" and int8_kernel() != "onnxruntime":
+        pytest.skip("onnx and onnxruntime are not installed")
+    return prepare(artifact.load(tiny_model_dir).network, "cpu", quantization, kernel)
+
+
+def assert_same_bits_in_int8(net: MultiExitNetwork, got: torch.Tensor, want: torch.Tensor) -> None:
+    """int8 sums are exact, so a row gets the same bits in any company; an fp32 GEMM picks
+    its kernel by the number of rows, which moves the last bits (1e-6 measured)."""
+    if isinstance(net.head(0).dense, Int8Linear):
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_packed_batches_compute_what_padded_forward_computes(
+    served: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+) -> None:
+    """In flight on the CPU a batch is packed (no padding; attention per stretch of one
+    length; pooling per stretch). Every exit's logits are the bits `forward` gives the
+    rows in one padded batch, whatever the order of lengths."""
+    ids = tiny_loaded.tokenizer.encode(random_texts(24, seed=5, min_words=1, max_words=40))
+    ids += [ids[3], ids[3], ids[0]]  # stretches of equal lengths, in the middle and at the end
+    assert served.packs
+    with torch.inference_mode():
+        want = served(*pad_batch(ids)).logits  # (L, B, C)
+        for order in (list(range(len(ids))), sorted(range(len(ids)), key=lambda b: -len(ids[b]))):
+            batch = served.begin([ids[b] for b in order])
+            assert batch.packed and batch.tokens == sum(len(r) for r in ids)
+            for i in range(served.num_layers):
+                batch = served.step(i, batch)
+                assert_same_bits_in_int8(served, served.head_logits(i, batch), want[i, order])
+
+
+def test_rows_kept_and_joined_in_flight_compute_what_they_compute_alone(
+    served: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+) -> None:
+    ids = tiny_loaded.tokenizer.encode(random_texts(12, seed=6, min_words=1, max_words=40))
+    with torch.inference_mode():
+        want = served(*pad_batch(ids)).logits  # (L, B, C)
+        a = served.step(0, served.begin(ids[:8]))
+        b = served.step(0, served.begin(ids[8:]))
+        joined = served.join(served.keep(a, [1, 4, 5]), b)
+        assert joined.lengths == tuple(len(ids[j]) for j in (1, 4, 5, 8, 9, 10, 11))
+        joined = served.step(1, joined)
+        got = served.head_logits(1, joined)
+        assert_same_bits_in_int8(served, got, want[1, [1, 4, 5, 8, 9, 10, 11]])
 
 
 def test_forward_keep_hidden_returns_every_layer(tiny_loaded: artifact.LoadedModel) -> None:

@@ -16,6 +16,7 @@ from app.cli import main
 from app.engine.executor import Row, run_batch
 from app.engine.runtime import load_runtime
 from app.network import artifact
+from app.network.multi_exit import RunningBatch
 from app.network.quantize import resolve
 from app.training.evaluate import all_exit_probs, split_data
 from tests.checkpoints import reference_probs, write_checkpoint, write_data
@@ -165,8 +166,13 @@ def test_exits_can_be_limited_to_chosen_layers(
     assert histogram[0] == histogram[2] == 0 and histogram[1] > 0
     rt = load_runtime(out, "cpu")
     ran = [0] * 4
-    for i, head in enumerate(rt.network.heads):
-        head.register_forward_hook(lambda *_, i=i: ran.__setitem__(i, ran[i] + 1))
+    head_logits = rt.network.head_logits
+
+    def counted(i: int, batch: RunningBatch) -> torch.Tensor:
+        ran[i] += 1
+        return head_logits(i, batch)
+
+    rt.network.head_logits = counted  # type: ignore[method-assign]
     texts, _ = split_data(spec, "test")
     rows = [Row(r, rt.thresholds, 4) for r in rt.tokenize(texts)]
     run_batch(rt.network, rows)
