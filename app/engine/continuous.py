@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from app.engine.executor import Prediction, Row, decide
+from app.engine.executor import Prediction, Row, decide, may_leave
 from app.network.multi_exit import MultiExitNetwork, RunningBatch
 
 K = TypeVar("K")
@@ -121,7 +121,7 @@ class ContinuousBatcher(Generic[K]):
     def _advance(self, g: _Group[K], on_answer: Callable[[K, Prediction], None]) -> None:
         net, i = self.network, g.depth
         with torch.inference_mode():
-            batch = net.step(i, g.batch)
+            batch = net.step(i, g.batch, exit=may_leave(net, i, g.rows))
             keep = decide(net, i, batch, g.rows, lambda j, p: on_answer(g.keys[j], p))
             if keep:
                 if len(keep) < len(g.rows):

@@ -72,8 +72,8 @@ def run_batch(
         for i in range(L):
             result.rows_per_layer.append(batch.rows)
             result.tokens_per_layer.append(batch.tokens)
-            batch = network.step(i, batch)
             running = [rows[a] for a in alive]
+            batch = network.step(i, batch, exit=may_leave(network, i, running))
 
             def answered(j: int, p: Prediction, alive: list[int] = alive) -> None:
                 out[alive[j]] = p
@@ -92,6 +92,14 @@ def run_batch(
     return result
 
 
+def may_leave(network: MultiExitNetwork, i: int, rows: Sequence[Row]) -> bool:
+    """Whether any row may leave after layer i (0-based); if none can, its exit head is
+    not run."""
+    return i == network.num_layers - 1 or any(
+        r.thresholds[i] < 1.0 or r.max_layers <= i + 1 for r in rows
+    )
+
+
 def decide(
     network: MultiExitNetwork,
     i: int,
@@ -101,15 +109,14 @@ def decide(
 ) -> list[int]:
     """After layer i (0-based): answer the rows that leave, return the positions that go on.
 
-    `batch` holds `rows` in order. The decisions run on Python lists: for the few rows
-    of a batch that is cheaper than a dozen tiny tensor ops per layer, which dominate
-    at batch 1.
+    `batch` holds `rows` in order, with the exit's logits when `may_leave` said so. The
+    decisions run on Python lists: for the few rows of a batch that is cheaper than a
+    dozen tiny tensor ops per layer, which dominate at batch 1.
     """
+    if batch.logits is None:
+        return list(range(len(rows)))  # no row may leave here: the head did not run
     last = i == network.num_layers - 1
-    if not last and not any(r.thresholds[i] < 1.0 or r.max_layers <= i + 1 for r in rows):
-        return list(range(len(rows)))  # no row may leave here: skip the exit head
-    logits = network.head_logits(i, batch)  # (B, C)
-    probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+    probs = torch.softmax(batch.logits.float(), dim=-1).cpu().tolist()
     keep: list[int] = []
     for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):
         label = max(range(len(row_probs)), key=row_probs.__getitem__)

@@ -175,6 +175,11 @@ class FastBlocks(Protocol):
 
     def whole(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, T, H), one length
 
+    @property
+    def has_exit(self) -> bool: ...  # built with the exit head after this layer
+
+    def whole_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # + logits
+
 
 class Layer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:

@@ -40,33 +40,35 @@ class ExitHead(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.pooling = pooling
-        # Set for int8 serving by `quantize.prepare`: pooled rows -> logits in one call.
+        # Set for int8 serving by `quantize.prepare`: the states of rows of one length
+        # (k, n, H) -> logits (k, C), pooling included, in one call (`pool_packed`'s use).
         self.fast: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.pool(x, mask))
-
-    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, H) pooled states -> (B, C), as served (`fast` when set)."""
-        return self.classify(pooled) if self.fast is None else self.fast(pooled)
+        return self.classify(self.pool(x, mask))
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) token states -> (B, H)."""
         return mean_pool(x, mask) if self.pooling == "mean" else x[:, 0]
 
-    def pool_packed(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Packed rows (N, H), stretches of (length, rows) -> (B, H): the same bits as
-        `pool` gives each row in any padded batch (the sum over its real tokens, then
-        one division; padding adds exact zeros)."""
-        pooled, start = [], 0
+    def packed_logits(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Packed rows (N, H), stretches of (length, rows) -> logits (B, C): `fast` one
+        stretch at a time when set; else pooled per stretch, where a row's pooled state
+        has the same bits as `pool` gives it in any padded batch (the sum over its real
+        tokens, then one division; padding adds exact zeros), and classified at once."""
+        out, start = [], 0
         for n, k in runs:
             rows = x[start : start + n * k].view(k, n, -1)  # (k, n, H), no copy
-            pooled.append(rows.sum(1) / n if self.pooling == "mean" else rows[:, 0])
+            if self.fast is not None:
+                out.append(self.fast(rows))
+            else:
+                out.append(rows.sum(1) / n if self.pooling == "mean" else rows[:, 0])
             start += n * k
-        return pooled[0] if len(pooled) == 1 else torch.cat(pooled)
+        joined = out[0] if len(out) == 1 else torch.cat(out)
+        return joined if self.fast is not None else self.classify(joined)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled states -> (B, C) logits."""

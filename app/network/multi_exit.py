@@ -1,7 +1,7 @@
 """The multi-exit network: an encoder with an exit head after every layer.
 
-The engine drives a batch through it one layer at a time (`begin`, `step`,
-`head_logits`, `keep`, `join` on a `RunningBatch`) and drops rows as they leave;
+The engine drives a batch through it one layer at a time (`begin`, `step` with or
+without the exit head, `keep`, `join` on a `RunningBatch`) and drops rows as they leave;
 training and evaluation call `forward` for all exits at once, on padded batches
 (`embed`, `layer`, `exit_logits` are its stages).
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.network.encoder import Encoder, EncoderConfig, attention_bias, runs_of
+from app.network.encoder import Encoder, EncoderConfig, Layer, attention_bias, runs_of
 from app.network.heads import ExitHead
 
 
@@ -89,6 +89,7 @@ class RunningBatch:
     runs: tuple[tuple[int, int], ...] = ()  # packed
     mask: torch.Tensor | None = None  # padded
     bias: torch.Tensor | None = None  # padded
+    logits: torch.Tensor | None = None  # (B, C): the exit after the last layer run, if asked
 
     @property
     def packed(self) -> bool:
@@ -168,22 +169,21 @@ class MultiExitNetwork(nn.Module):
         positions = torch.cat([torch.arange(n).repeat(k) for n, k in runs])
         return RunningBatch(self.encoder.embed_packed(ids, positions), lengths, runs)
 
-    def step(self, i: int, batch: RunningBatch) -> RunningBatch:
-        """Run layer i (0-based) on every row of `batch`."""
-        if batch.packed:
-            x = self.encoder.layer_packed(i, batch.x, batch.runs)
-            return RunningBatch(x, batch.lengths, batch.runs)
-        assert batch.bias is not None
-        x = self.layer(i, batch.x, batch.bias)
-        return RunningBatch(x, batch.lengths, mask=batch.mask, bias=batch.bias)
-
-    def head_logits(self, i: int, batch: RunningBatch) -> torch.Tensor:
-        """Exit head i on every row of `batch`: (B, C)."""
-        head = self.head(i)
-        if batch.packed:
-            return head.logits(head.pool_packed(batch.x, batch.runs))
-        assert batch.mask is not None
-        return head(batch.x, batch.mask)
+    def step(self, i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
+        """Run layer i (0-based) on every row of `batch`, and its exit head if `exit`."""
+        if not batch.packed:
+            assert batch.bias is not None and batch.mask is not None
+            x = self.layer(i, batch.x, batch.bias)
+            logits = self.exit_logits(i, x, batch.mask) if exit else None
+            return RunningBatch(x, batch.lengths, mask=batch.mask, bias=batch.bias, logits=logits)
+        fast = cast(Layer, self.encoder.encoder.layer[i]).fast
+        if exit and fast is not None and fast.has_exit and len(batch.runs) == 1:
+            n, k = batch.runs[0]  # one length: the layer and its exit in one call
+            y, logits = fast.whole_exit(batch.x.view(k, n, -1))
+            return RunningBatch(y.view(n * k, -1), batch.lengths, batch.runs, logits=logits)
+        x = self.encoder.layer_packed(i, batch.x, batch.runs)
+        logits = self.head(i).packed_logits(x, batch.runs) if exit else None
+        return RunningBatch(x, batch.lengths, batch.runs, logits=logits)
 
     def keep(self, batch: RunningBatch, rows: Sequence[int]) -> RunningBatch:
         """The rows at positions `rows` (increasing) of `batch`, in that order."""
@@ -220,6 +220,8 @@ class MultiExitNetwork(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, keep_hidden: bool = False
     ) -> MultiExitOutput:
+        if self.packs and not keep_hidden:  # CPU inference: exactly what serving computes
+            return MultiExitOutput(self._packed_forward(input_ids, mask))
         bias = self.attention_bias(mask)
         x = self.embed(input_ids)
         logits, hidden = [], []
@@ -229,6 +231,20 @@ class MultiExitNetwork(nn.Module):
             if keep_hidden:
                 hidden.append(x)
         return MultiExitOutput(torch.stack(logits), hidden)
+
+    def _packed_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every exit's logits (L, B, C) for a right-padded batch, run packed (longest
+        rows first, as the executor runs them) with each layer and its exit together."""
+        lengths = mask.sum(1).tolist()
+        order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
+        rows = [input_ids[b, : lengths[b]].tolist() for b in order]
+        batch, logits = self.begin(rows), []
+        for i in range(self.num_layers):
+            batch = self.step(i, batch, exit=True)
+            assert batch.logits is not None
+            logits.append(batch.logits)
+        out = torch.stack(logits)  # (L, B, C), rows in `order`
+        return out.index_select(1, torch.tensor(order).argsort())
 
 
 def pad_batch(

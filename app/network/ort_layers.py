@@ -18,8 +18,11 @@ tokens:
 
 A batch of one length (every batch of one) takes one `whole` call per layer; a mixed
 batch projects and finishes all its real tokens together and attends once per length,
-without padding (`encoder.Layer`). Each exit head is one more graph (`OrtHead`): pooled
-rows to logits; the pooling stays in torch.
+without padding (`encoder.Layer`). Each exit head is one more graph (`OrtHead`): the
+states of rows of one length to logits, pooling included; and `whole_exit` runs a layer
+and the exit after it in one call, which is what a batch of one length takes wherever a
+row may leave: one call per layer where the layer, the pooling and the head took three,
+with torch ops between them.
 
 Same scheme, same contract. Activations are quantized per token by `QuantizeLinear` with
 one block per token, the very rounding of `invariant.quantize_per_token` (x over amax /
@@ -111,26 +114,50 @@ class _Builder:
             epsilon=float(ln.eps),
         )
 
+    def exit_head(self, states: str, head: ExitHead) -> str:
+        """An int8 exit head on one stretch of rows of one length: (k, n, H) -> (k, C).
+
+        Mean pooling is a product with a row of ones, then one division: each row is its
+        own (1, n) x (n, H) product, which sums the n states in the same order for any
+        k and any thread count (a ReduceSum takes another path for k = 1 than for k > 1
+        and rounds differently: measured)."""
+        dense, classifier = head.dense, head.classifier
+        if not (isinstance(dense, Int8Linear) and isinstance(classifier, Int8Linear)):
+            raise TypeError("an ONNX Runtime exit head needs an int8-quantized exit head")
+        H = dense.in_features
+        if head.pooling == "cls":
+            pooled = self.op("Gather", states, self.const(0, np.int64), axis=1)  # (k, H)
+        else:
+            shape = self.op("Shape", states)
+            k, n = (self.op("Slice", shape, self.const([i], np.int64),
+                            self.const([i + 1], np.int64)) for i in (0, 1))  # fmt: skip
+            from onnx import TensorProto, helper
+
+            ones = self.op(
+                "ConstantOfShape",
+                self.op("Concat", k, self.const([1], np.int64), n, axis=0),
+                value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+            )  # (k, 1, n)
+            total = self.op("Reshape", self.op("MatMul", ones, states),
+                            self.const([-1, H], np.int64))  # fmt: skip
+            pooled = self.op("Div", total, self.op("Cast", n, to=TensorProto.FLOAT))
+        return self.linear(self.op("Tanh", self.linear(pooled, dense)), classifier)
+
     def session(
-        self,
-        inputs: list[str],
-        width: dict[str, int],
-        output: str,
-        threads: int,
-        leading: tuple[str, ...] = ("B", "T"),
+        self, inputs: dict[str, list[Any]], outputs: dict[str, list[Any]], threads: int
     ) -> Any:
+        """A session over the graph built so far: float inputs and outputs, by name and
+        shape (symbolic dimensions by name)."""
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        def value(name: str, w: int) -> Any:
-            return helper.make_tensor_value_info(name, TensorProto.FLOAT, [*leading, w])
+        def values(named: dict[str, list[Any]]) -> list[Any]:
+            return [
+                helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in named.items()
+            ]
 
         graph = helper.make_graph(
-            self.nodes,
-            "layer",
-            [value(n, width[n]) for n in inputs],
-            [value(output, width[output])],
-            self.inits,
+            self.nodes, "exitserve", values(inputs), values(outputs), self.inits
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = 10
@@ -139,17 +166,32 @@ class _Builder:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # No fusions: `whole` and the three graphs apart must run the very same kernels.
+        # No fusions: a subgraph must run the very same kernels in every graph holding it
+        # (and ORT's extended fusions measured slower here: 1.1x against 1.35x the export).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
 
 
-class OrtLayer:
-    """One quantized encoder layer's four graphs (see the module docstring)."""
+class _Graph:
+    """A session and its output names: tensors in, tensors out."""
 
-    def __init__(self, layer: Layer, threads: int = 1) -> None:
+    def __init__(self, g: _Builder, inputs: dict[str, list[Any]], outputs: dict[str, list[Any]],
+                 threads: int) -> None:  # fmt: skip
+        self.session = g.session(inputs, outputs, threads)
+        self.outputs = list(outputs)
+
+    def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        ys = self.session.run(self.outputs, {k: _np(v) for k, v in inputs.items()})
+        return [torch.from_numpy(y) for y in ys]
+
+
+class OrtLayer:
+    """One quantized encoder layer's graphs (see the module docstring); given the exit
+    head after the layer, also `whole_exit`: the layer and that head in one call."""
+
+    def __init__(self, layer: Layer, threads: int = 1, head: ExitHead | None = None) -> None:
         attn, out = layer.attention.self, layer.attention.output
         linears = (attn.qkv, out.dense, layer.intermediate.dense, layer.output.dense)
         if not all(isinstance(m, Int8Linear) for m in linears):
@@ -181,58 +223,67 @@ class OrtLayer:
             y = g.op("Add", h1, g.linear(hidden, down))
             return g.layer_norm(y, layer.output.LayerNorm)
 
-        def build(inputs: dict[str, int], body: Any) -> tuple[Any, str]:
+        def graph(inputs: dict[str, int], body: Any, width: int = H) -> _Graph:
             g = _Builder()
-            y: str = body(g, *inputs)
-            width = dict(inputs)
-            width[y] = 3 * H if body is project else H
-            return g.session(list(inputs), width, y, threads), y
+            y = body(g, *inputs)
+            shapes = {n: ["B", "T", w] for n, w in inputs.items()}
+            return _Graph(g, shapes, {y: ["B", "T", width]}, threads)
 
-        self._graphs = {
-            "project": build({"x": H}, project),
-            "attend": build({"qkv": 3 * H}, attend),
-            "finish": build({"a": H, "x": H}, finish),
-            "whole": build({"x": H}, lambda g, x: finish(g, attend(g, project(g, x)), x)),
-        }
+        def whole(g: _Builder, x: str) -> str:
+            return finish(g, attend(g, project(g, x)), x)
 
-    def _run(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
-        session, out = self._graphs[name]
-        (y,) = session.run([out], {k: _np(v) for k, v in inputs.items()})
-        return torch.from_numpy(y)
+        self._project = graph({"x": H}, project, 3 * H)
+        self._attend = graph({"qkv": 3 * H}, attend)
+        self._finish = graph({"a": H, "x": H}, finish)
+        self._whole = graph({"x": H}, whole)
+        self._whole_exit: _Graph | None = None
+        if head is not None:
+            g = _Builder()
+            y = whole(g, "x")
+            logits = g.exit_head(y, head)
+            C = cast(Int8Linear, head.classifier).out_features
+            self._whole_exit = _Graph(
+                g, {"x": ["B", "T", H]}, {y: ["B", "T", H], logits: ["B", C]}, threads
+            )
+
+    @property
+    def has_exit(self) -> bool:
+        return self._whole_exit is not None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run("project", x=x)
+        return self._project(x=x)[0]
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        return self._run("attend", qkv=qkv)
+        return self._attend(qkv=qkv)[0]
 
     def finish(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self._run("finish", a=a, x=x)
+        return self._finish(a=a, x=x)[0]
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run("whole", x=x)
+        return self._whole(x=x)[0]
+
+    def whole_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, n, H), rows of one length -> the layer's states and its exit's logits (k, C)."""
+        if self._whole_exit is None:
+            raise RuntimeError("this layer's graphs were built without its exit head")
+        y, logits = self._whole_exit(x=x)
+        return y, logits
 
 
 class OrtHead:
-    """An int8 exit head's classifier as one graph: pooled rows (B, H) -> logits (B, C).
-
-    The dense layer, tanh and the classifier with the scheme's per-row rounding; the
-    pooling stays in torch (`ExitHead.pool`), the same for every batch.
-    """
+    """An int8 exit head as one graph on one stretch of rows of one length: states
+    (k, n, H) -> logits (k, C), pooling included (`_Builder.exit_head`); the same ops as
+    the head inside `OrtLayer.whole_exit`, so a row gets the same bits either way."""
 
     def __init__(self, head: ExitHead, threads: int = 1) -> None:
-        dense, classifier = head.dense, head.classifier
-        if not (isinstance(dense, Int8Linear) and isinstance(classifier, Int8Linear)):
-            raise TypeError("OrtHead needs an int8-quantized exit head")
         g = _Builder()
-        y: str = g.linear(g.op("Tanh", g.linear("pooled", dense)), classifier)
-        width = {"pooled": dense.in_features, y: classifier.out_features}
-        self._session: Any = g.session(["pooled"], width, y, threads, leading=("B",))
-        self._out: str = y
+        logits = g.exit_head("states", head)
+        H = cast(Int8Linear, head.dense).in_features
+        C = cast(Int8Linear, head.classifier).out_features
+        self._graph = _Graph(g, {"states": ["B", "T", H]}, {logits: ["B", C]}, threads)
 
-    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
-        (y,) = self._session.run([self._out], {"pooled": _np(pooled)})
-        return torch.from_numpy(y)
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        return self._graph(states=states)[0]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -133,10 +133,10 @@ def prepare(
         quantize_int8(network)
         if int8_kernel(kernel) == "onnxruntime":
             threads = torch.get_num_threads()
-            for layer in network.encoder.encoder.layer:
-                cast(Layer, layer).fast = ort_layers.OrtLayer(cast(Layer, layer), threads)
-            for i in range(network.num_layers):
-                network.head(i).fast = ort_layers.OrtHead(network.head(i), threads)
+            for i, layer in enumerate(network.encoder.encoder.layer):
+                head = network.head(i)
+                cast(Layer, layer).fast = ort_layers.OrtLayer(cast(Layer, layer), threads, head)
+                head.fast = ort_layers.OrtHead(head, threads)
         return network
     network = network.to(device)
     if quantization == "fp16":

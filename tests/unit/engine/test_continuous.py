@@ -112,10 +112,10 @@ def test_a_failing_layer_fails_only_its_group(
     b.step(answers.__setitem__, lambda k, e: failed.append(k))  # group 1 now at depth 1
     original = net.step
 
-    def broken(i: int, batch: RunningBatch) -> RunningBatch:
+    def broken(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         if i == 1:
             raise RuntimeError("boom")
-        return original(i, batch)
+        return original(i, batch, exit)
 
     monkeypatch.setattr(net, "step", broken)
     assert b.step(answers.__setitem__, lambda k, e: failed.append(k)) == 3  # layer 2 fails

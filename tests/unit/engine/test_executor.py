@@ -162,9 +162,9 @@ def test_on_answer_fires_before_deeper_layers_run(net, ids, calibrated, monkeypa
     events: list[tuple[str, int]] = []
     step = net.step
 
-    def logged(i: int, batch: RunningBatch) -> RunningBatch:
+    def logged(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         events.append(("layer", i + 1))
-        return step(i, batch)
+        return step(i, batch, exit)
 
     monkeypatch.setattr(net, "step", logged)
     run(net, ids, calibrated, on_answer=lambda i, p: events.append(("answer", p.exit_layer)))
@@ -270,13 +270,13 @@ def test_rows_are_validated_before_anything_runs(net) -> None:
 def test_network_runs_in_inference_mode(net, ids, monkeypatch) -> None:
     # No autograd graph is kept for served batches.
     seen: list[bool] = []
-    head_logits = net.head_logits
+    step = net.step
 
-    def spied(i: int, batch: RunningBatch) -> torch.Tensor:
+    def spied(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         seen.append(torch.is_inference_mode_enabled())
-        return head_logits(i, batch)
+        return step(i, batch, exit)
 
-    monkeypatch.setattr(net, "head_logits", spied)
+    monkeypatch.setattr(net, "step", spied)
     run(net, ids[:2], uniform_thresholds(0.0, L))
     assert seen == [True]
 

@@ -276,11 +276,11 @@ def test_an_early_answer_frees_its_place_while_its_batch_runs_on(
     entered_2, gate_2 = threading.Event(), threading.Event()
     step = runtime.network.step
 
-    def layer_held_at_2(i: int, batch: RunningBatch) -> RunningBatch:
+    def layer_held_at_2(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         if i == 1 and "hard" in held.seen:  # the second batch only
             entered_2.set()
             assert gate_2.wait(GUARD_S), "the test never released the second layer"
-        return step(i, batch)
+        return step(i, batch, exit)
 
     monkeypatch.setattr(runtime.network, "step", layer_held_at_2)
 

@@ -126,12 +126,26 @@ def test_exit_heads_run_as_one_graph_each(eager: MultiExitNetwork, fast: MultiEx
     assert all(isinstance(fast.head(i).fast, OrtHead) for i in range(4))
     assert all(eager.head(i).fast is None for i in range(4))
     torch.manual_seed(2)
-    pooled = torch.randn(6, 32)
+    states = torch.randn(6, 5, 32)  # six rows of five tokens
     head = OrtHead(eager.head(2))
     with torch.inference_mode():
-        want = eager.head(2).classify(pooled)
-    got = head(pooled)
-    # The same roundings; the epilogue multiplies in another order (see the layers above).
+        want = eager.head(2).classify(states.mean(1))
+    got = head(states)
+    # The same roundings; the pooling and the epilogue sum and multiply in another order.
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)
     # Per row: a row alone gets the same bits as among others.
-    assert torch.equal(head(pooled[3:4]), got[3:4])
+    assert torch.equal(head(states[3:4]), got[3:4])
+
+
+def test_a_layer_and_its_exit_in_one_call_equal_the_two_apart(eager: MultiExitNetwork) -> None:
+    from app.network.ort_layers import OrtHead
+
+    layer, head = cast(Layer, eager.encoder.encoder.layer[2]), eager.head(2)
+    ort = OrtLayer(layer, head=head)
+    torch.manual_seed(4)
+    x = torch.randn(3, 11, 32)
+    y, logits = ort.whole_exit(x)
+    assert torch.equal(y, ort.whole(x))
+    assert torch.equal(logits, OrtHead(head)(y))
+    assert torch.equal(ort.whole_exit(x[1:2])[1], logits[1:2])
+    assert not OrtLayer(layer).has_exit

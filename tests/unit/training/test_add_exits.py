@@ -166,13 +166,13 @@ def test_exits_can_be_limited_to_chosen_layers(
     assert histogram[0] == histogram[2] == 0 and histogram[1] > 0
     rt = load_runtime(out, "cpu")
     ran = [0] * 4
-    head_logits = rt.network.head_logits
+    step = rt.network.step
 
-    def counted(i: int, batch: RunningBatch) -> torch.Tensor:
-        ran[i] += 1
-        return head_logits(i, batch)
+    def counted(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
+        ran[i] += exit
+        return step(i, batch, exit)
 
-    rt.network.head_logits = counted  # type: ignore[method-assign]
+    rt.network.step = counted  # type: ignore[method-assign]
     texts, _ = split_data(spec, "test")
     rows = [Row(r, rt.thresholds, 4) for r in rt.tokenize(texts)]
     run_batch(rt.network, rows)
