@@ -6,7 +6,7 @@ pretrained MiniLM weights load with a plain `load_state_dict`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -54,6 +54,8 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(0.1)
+        # Set for int8 serving by `quantize.prepare`: `packed` in one graph call.
+        self.fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -67,7 +69,10 @@ class Embeddings(nn.Module):
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Tokens without padding: ids and positions (N,) -> (N, H), each token exactly
-        what `forward` gives it in a padded batch (the same sums in the same order)."""
+        what `forward` gives it in a padded batch (the same sums in the same order; `fast`
+        normalizes in ONNX Runtime, which rounds otherwise)."""
+        if self.fast is not None:
+            return self.fast(input_ids, positions)
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)

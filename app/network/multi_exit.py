@@ -110,6 +110,7 @@ class MultiExitNetwork(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg.encoder)
+        self._positions = torch.arange(cfg.encoder.max_position_embeddings)
         L = cfg.num_layers
         self.heads = nn.ModuleList(
             ExitHead(
@@ -166,7 +167,11 @@ class MultiExitNetwork(nn.Module):
             return RunningBatch(self.embed(ids), lengths, mask=mask, bias=self.attention_bias(mask))
         runs = tuple(runs_of(lengths))
         ids = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.long)
-        positions = torch.cat([torch.arange(n).repeat(k) for n, k in runs])
+        count = self._positions  # 0, 1, 2, ...
+        if len(lengths) == 1:
+            positions = count[: lengths[0]]  # a row alone: no new tensor
+        else:
+            positions = torch.cat([count[:n].repeat(k) for n, k in runs])
         return RunningBatch(self.encoder.embed_packed(ids, positions), lengths, runs)
 
     def step(self, i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:

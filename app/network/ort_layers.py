@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.network.encoder import Layer
+from app.network.encoder import Embeddings, Layer
 from app.network.heads import ExitHead
 from app.network.invariant import SCALE_FLOOR, Int8Linear
 
@@ -70,6 +70,9 @@ class _Builder:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._n = 0
+        # Zero points (all 128) shaped like the per-token scales, one per set of tokens:
+        # every linear of a layer quantizes the same tokens, so one serves them all.
+        self._zeros: dict[str, str] = {}
 
     def const(self, value: Any, dtype: Any = np.float32) -> str:
         self._n += 1
@@ -78,30 +81,39 @@ class _Builder:
         return name
 
     def op(self, kind: str, *inputs: str, **attrs: Any) -> str:
+        return self.ops(kind, *inputs, **attrs)[0]
+
+    def ops(
+        self, kind: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs: Any
+    ) -> list[str]:
         from onnx import helper
 
-        self._n += 1
-        out = f"t{self._n}"
-        self.nodes.append(helper.make_node(kind, list(inputs), [out], **attrs))
-        return out
+        names = [f"t{self._n + 1 + i}" for i in range(outputs)]
+        self._n += outputs
+        self.nodes.append(helper.make_node(kind, list(inputs), names, domain=domain, **attrs))
+        return names
 
-    def linear(self, x: str, lin: Int8Linear) -> str:
-        """`Int8Linear` on (..., K) -> (..., N_out), per-token int8 activations."""
+    def linear(self, x: str, lin: Int8Linear, tokens: str = "tokens") -> str:
+        """`Int8Linear` on (..., K) -> (..., N_out), per-token int8 activations; linears
+        given the same `tokens` quantize the same set of tokens (one shape of scales)."""
         from onnx import TensorProto
 
-        xq, scale = self.quantize(x, lin.in_features)
+        xq, scale = self.quantize(x, lin.in_features, tokens)
         weight = lin.weight_int8.t().contiguous().numpy()  # (K, N_out)
         acc = self.op("MatMulInteger", xq, self.const(weight, np.int8), self.const(128, np.uint8))
         y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), self.const(lin.weight_scale))
         return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
 
-    def quantize(self, x: str, k: int) -> tuple[str, str]:
+    def quantize(self, x: str, k: int, tokens: str = "tokens") -> tuple[str, str]:
         """`quantize_per_token` on (..., k): uint8 values (int8 + 128), scales (..., 1)."""
         amax = self.op("ReduceMax", self.op("Abs", x), self.const([-1], np.int64), keepdims=1)
         scale = self.op("Div", self.op("Max", amax, self.const([SCALE_FLOOR])), self.const([127.0]))
         # One block of k values per token: QuantizeLinear rounds x / scale half to even,
         # as `quantize_per_token` does; zero point 128 makes the int8 values uint8.
-        zero = self.op("Expand", self.const(128, np.uint8), self.op("Shape", scale))
+        if tokens not in self._zeros:
+            shape = self.op("Shape", scale)
+            self._zeros[tokens] = self.op("Expand", self.const(128, np.uint8), shape)
+        zero = self._zeros[tokens]
         return self.op("QuantizeLinear", x, scale, zero, axis=-1, block_size=k), scale
 
     def layer_norm(self, x: str, ln: nn.LayerNorm) -> str:
@@ -141,7 +153,8 @@ class _Builder:
             total = self.op("Reshape", self.op("MatMul", ones, states),
                             self.const([-1, H], np.int64))  # fmt: skip
             pooled = self.op("Div", total, self.op("Cast", n, to=TensorProto.FLOAT))
-        return self.linear(self.op("Tanh", self.linear(pooled, dense)), classifier)
+        hidden = self.op("Tanh", self.linear(pooled, dense, "pooled"))
+        return self.linear(hidden, classifier, "pooled")
 
     def session(
         self, inputs: dict[str, list[Any]], outputs: dict[str, list[Any]], threads: int
@@ -152,14 +165,17 @@ class _Builder:
         from onnx import TensorProto, helper
 
         def values(named: dict[str, list[Any]]) -> list[Any]:
-            return [
-                helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in named.items()
-            ]
+            # Token ids and positions are int64 (their names say so); all else is float.
+            def kind(n: str) -> int:
+                return TensorProto.INT64 if n in ("ids", "positions") else TensorProto.FLOAT
+
+            return [helper.make_tensor_value_info(n, kind(n), d) for n, d in named.items()]
 
         graph = helper.make_graph(
             self.nodes, "exitserve", values(inputs), values(outputs), self.inits
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 10
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -209,11 +225,11 @@ class OrtLayer:
                 g.op("Reshape", qkv, g.const([0, 0, 3 * nh, d], np.int64)),
                 perm=[0, 2, 1, 3],
             )  # (k, 3nh, n, d)
-            q, k, v = (g.op("Slice", heads, g.const([i * nh], np.int64),
-                            g.const([(i + 1) * nh], np.int64), g.const([1], np.int64))
-                       for i in range(3))  # fmt: skip
-            scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # (k, nh, n, n)
-            p = g.op("Softmax", g.op("Mul", scores, g.const([1.0 / math.sqrt(d)])), axis=-1)
+            q, k, v = g.ops("Split", heads, axis=1, num_outputs=3, outputs=3)  # (k, nh, n, d)
+            # q k^T / sqrt(d) in one op (ONNX Runtime's FusedMatMul: transB and alpha).
+            scores = g.op("FusedMatMul", q, k, domain="com.microsoft", transB=1,
+                          alpha=1.0 / math.sqrt(d))  # fmt: skip
+            p = g.op("Softmax", scores, axis=-1)  # (k, nh, n, n)
             y = g.op("Transpose", g.op("MatMul", p, v), perm=[0, 2, 1, 3])  # (k, n, nh, d)
             return g.op("Reshape", y, g.const([0, 0, H], np.int64))
 
@@ -268,6 +284,27 @@ class OrtLayer:
             raise RuntimeError("this layer's graphs were built without its exit head")
         y, logits = self._whole_exit(x=x)
         return y, logits
+
+
+class OrtEmbeddings:
+    """The embeddings of packed tokens as one graph: ids and positions (N,) -> (N, H).
+
+    The word and position rows summed in the order `encoder.Embeddings` sums them, plus
+    the segment-0 row, then LayerNorm: per token, one call where torch took five ops."""
+
+    def __init__(self, embeddings: Embeddings, threads: int = 1) -> None:
+        g = _Builder()
+        word = g.op("Gather", g.const(embeddings.word_embeddings.weight.detach()), "ids", axis=0)
+        position = g.op(
+            "Gather", g.const(embeddings.position_embeddings.weight.detach()), "positions", axis=0
+        )
+        segment = g.const(embeddings.token_type_embeddings.weight.detach()[0])
+        x = g.layer_norm(g.op("Add", g.op("Add", word, position), segment), embeddings.LayerNorm)
+        H = embeddings.LayerNorm.weight.shape[0]
+        self._graph = _Graph(g, {"ids": ["N"], "positions": ["N"]}, {x: ["N", H]}, threads)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._graph(ids=ids, positions=positions)[0]
 
 
 class OrtHead:

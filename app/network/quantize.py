@@ -133,6 +133,9 @@ def prepare(
         quantize_int8(network)
         if int8_kernel(kernel) == "onnxruntime":
             threads = torch.get_num_threads()
+            network.encoder.embeddings.fast = ort_layers.OrtEmbeddings(
+                network.encoder.embeddings, threads
+            )
             for i, layer in enumerate(network.encoder.encoder.layer):
                 head = network.head(i)
                 cast(Layer, layer).fast = ort_layers.OrtLayer(cast(Layer, layer), threads, head)

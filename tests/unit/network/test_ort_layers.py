@@ -149,3 +149,20 @@ def test_a_layer_and_its_exit_in_one_call_equal_the_two_apart(eager: MultiExitNe
     assert torch.equal(logits, OrtHead(head)(y))
     assert torch.equal(ort.whole_exit(x[1:2])[1], logits[1:2])
     assert not OrtLayer(layer).has_exit
+
+
+def test_the_embeddings_graph_sums_and_normalizes_per_token(eager: MultiExitNetwork) -> None:
+    from app.network.ort_layers import OrtEmbeddings
+
+    embeddings = eager.encoder.embeddings
+    graph = OrtEmbeddings(embeddings)
+    ids = torch.tensor([5, 17, 3, 99, 5, 17])
+    positions = torch.tensor([0, 1, 2, 0, 1, 0])
+    got = graph(ids, positions)
+    with torch.inference_mode():
+        want = embeddings.forward(ids[None, :3])[0]  # a padded-layout row: positions 0, 1, 2
+    # The same sums in the same order; LayerNorm rounds its own way in ONNX Runtime.
+    torch.testing.assert_close(got[:3], want, rtol=0, atol=1e-5)
+    # Per token: a token's row is the same alone, anywhere in the pack.
+    assert torch.equal(graph(ids[3:4], positions[3:4]), got[3:4])
+    assert torch.equal(got[0], graph(ids[4:5], positions[:1])[0])
