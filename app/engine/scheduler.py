@@ -158,13 +158,25 @@ def next_arrival_gap(average: float, gap: float, window: float) -> float:
     return gap if average == float("inf") else 0.8 * average + 0.2 * gap
 
 
-def batch_wait(now: float, first: float, last_arrival: float, gap: float, window: float) -> float:
+def batch_wait(
+    now: float,
+    first: float,
+    last_arrival: float,
+    gap: float,
+    window: float,
+    idle_workers: int = 1,
+) -> float:
     """Seconds worth waiting for one more arrival before closing a batch (<= 0: close now).
 
     `first` is when the oldest queued input arrived, `last_arrival` the latest, `gap` the
     average gap between arrivals. Wait only while the next arrival is due before the
     window closes, and never past two typical gaps without one (the burst is over).
+    Never while another worker is idle (`idle_workers` counts the asking one): it would
+    start the next arrival at once, so holding this batch back only idles a core; on
+    the CPU a bigger batch saves little per row (about 10% from 1 to 8 rows).
     """
+    if idle_workers > 1:
+        return 0.0
     deadline = first + window
     if last_arrival + gap >= deadline:
         return 0.0  # the window closes before the next arrival is due
@@ -434,6 +446,7 @@ class Engine:
                         self._last_arrival,
                         self._arrival_gap,
                         self.max_queue_delay_s,
+                        idle_workers=sum(t is None for t in self._busy_since),
                     )
                     if wait <= 0.0:
                         break

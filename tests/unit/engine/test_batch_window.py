@@ -52,3 +52,9 @@ def test_the_average_gap_follows_a_burst_after_a_long_silence() -> None:
 def test_the_first_arrival_sets_the_average() -> None:
     assert next_arrival_gap(float("inf"), 0.001, WINDOW) == 0.001
     assert batch_wait(5.0, 5.0, 5.0, float("inf"), WINDOW) <= 0.0
+
+
+def test_no_wait_while_another_worker_is_idle() -> None:
+    gap = 0.0001  # a burst: the next arrival is due well inside the window
+    assert batch_wait(0.0, 0.0, 0.0, gap, WINDOW, idle_workers=1) > 0.0
+    assert batch_wait(0.0, 0.0, 0.0, gap, WINDOW, idle_workers=2) <= 0.0
