@@ -193,11 +193,17 @@ class MultiExitNetwork(nn.Module):
     def keep(self, batch: RunningBatch, rows: Sequence[int]) -> RunningBatch:
         """The rows at positions `rows` (increasing) of `batch`, in that order."""
         lengths = tuple(batch.lengths[j] for j in rows)
-        if batch.packed:
-            chosen = torch.zeros(batch.rows, dtype=torch.bool)
-            chosen[list(rows)] = True
-            tokens = chosen.repeat_interleave(torch.tensor(batch.lengths))  # (N,)
-            return RunningBatch(batch.x[tokens], lengths, tuple(runs_of(lengths)))
+        if batch.packed:  # the kept rows' tokens: one slice per span of consecutive rows
+            starts = list(itertools.accumulate(batch.lengths, initial=0))
+            spans: list[list[int]] = []
+            for j in rows:
+                if spans and spans[-1][1] == starts[j]:
+                    spans[-1][1] = starts[j + 1]
+                else:
+                    spans.append([starts[j], starts[j + 1]])
+            parts = [batch.x[a:b] for a, b in spans]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return RunningBatch(x, lengths, tuple(runs_of(lengths)))
         assert batch.mask is not None
         idx = torch.tensor(list(rows), device=batch.x.device)
         T = max(lengths)  # right padding: trim to the longest remaining row

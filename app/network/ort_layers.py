@@ -324,4 +324,8 @@ class OrtHead:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    # Served tensors are activations made under inference mode (no grad) and mostly
+    # contiguous already: skip the calls that would return them unchanged.
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
