@@ -1,9 +1,10 @@
 """The multi-exit network: an encoder with an exit head after every layer.
 
 The engine drives a batch through it one layer at a time (`begin`, `step` with or
-without the exit head, `keep`, `join` on a `RunningBatch`) and drops rows as they leave;
-training and evaluation call `forward` for all exits at once, on padded batches
-(`embed`, `layer`, `exit_logits` are its stages).
+without the exit head, `keep`, `join` on a `RunningBatch`) and drops rows as they leave.
+`forward` gives all exits at once for a padded batch: in training (and on a GPU) stage
+by stage (`embed`, `layer`, `exit_logits`); in inference on the CPU through the served
+packed path, so that evaluation computes exactly what serving does.
 """
 
 from __future__ import annotations
