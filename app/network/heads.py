@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from app.network.encoder import stretches
+
 
 def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average of the real (unpadded) token states: (B, T, H), (B, T) -> (B, H)."""
@@ -59,16 +61,14 @@ class ExitHead(nn.Module):
         stretch at a time when set; else pooled per stretch, where a row's pooled state
         has the same bits as `pool` gives it in any padded batch (the sum over its real
         tokens, then one division; padding adds exact zeros), and classified at once."""
-        out, start = [], 0
-        for n, k in runs:
-            rows = x[start : start + n * k].view(k, n, -1)  # (k, n, H), no copy
-            if self.fast is not None:
-                out.append(self.fast(rows))
-            else:
-                out.append(rows.sum(1) / n if self.pooling == "mean" else rows[:, 0])
-            start += n * k
-        joined = out[0] if len(out) == 1 else torch.cat(out)
-        return joined if self.fast is not None else self.classify(joined)
+        if self.fast is not None:
+            out = [self.fast(rows) for rows in stretches(x, runs)]
+            return out[0] if len(out) == 1 else torch.cat(out)
+        pooled = [
+            rows.sum(1) / rows.shape[1] if self.pooling == "mean" else rows[:, 0]
+            for rows in stretches(x, runs)
+        ]
+        return self.classify(pooled[0] if len(pooled) == 1 else torch.cat(pooled))
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled states -> (B, C) logits."""

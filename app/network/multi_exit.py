@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.network.encoder import Encoder, EncoderConfig, Layer, attention_bias, runs_of
+from app.network.encoder import (
+    Encoder,
+    EncoderConfig,
+    Layer,
+    attention_bias,
+    runs_of,
+    stretches,
+)
 from app.network.heads import ExitHead
 
 
@@ -183,10 +190,16 @@ class MultiExitNetwork(nn.Module):
             logits = self.exit_logits(i, x, batch.mask) if exit else None
             return RunningBatch(x, batch.lengths, mask=batch.mask, bias=batch.bias, logits=logits)
         fast = cast(Layer, self.encoder.encoder.layer[i]).fast
-        if exit and fast is not None and fast.has_exit and len(batch.runs) == 1:
-            n, k = batch.runs[0]  # one length: the layer and its exit in one call
-            y, logits = fast.whole_exit(batch.x.view(k, n, -1))
-            return RunningBatch(y.view(n * k, -1), batch.lengths, batch.runs, logits=logits)
+        if exit and fast is not None and fast.has_exit:
+            # The layer and its exit in one call per stretch of rows of one length.
+            out = [fast.whole_exit(rows) for rows in stretches(batch.x, batch.runs)]
+            H = batch.x.shape[-1]
+            if len(out) == 1:
+                x, logits = out[0][0].view(-1, H), out[0][1]
+            else:
+                x = torch.cat([y.view(-1, H) for y, _ in out])
+                logits = torch.cat([lg for _, lg in out])
+            return RunningBatch(x, batch.lengths, batch.runs, logits=logits)
         x = self.encoder.layer_packed(i, batch.x, batch.runs)
         logits = self.head(i).packed_logits(x, batch.runs) if exit else None
         return RunningBatch(x, batch.lengths, batch.runs, logits=logits)

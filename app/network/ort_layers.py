@@ -1,28 +1,26 @@
-"""Encoder layers and exit heads as ONNX Runtime graphs: the same int8 scheme in a few
-calls per layer.
+"""Encoder layers, exit heads and embeddings as ONNX Runtime graphs: the same int8
+scheme in one call per layer.
 
 In eager PyTorch a layer is some forty small ops (an int8 linear with per-token scales
 alone is about ten: two reductions, the scale, the rounding, the cast, the GEMM, the
 epilogue). Each pays dispatch overhead and takes the GIL, and in the server two engine
 workers, the event loop and the clients contend for it: measured over HTTP on 2 cores,
-this path served 1.3x (1 client), 1.8x (4) and 1.5x (16) the requests of the eager one,
-at two thirds of its CPU per request. Each layer is built at start-up, from the
-quantized weights already in memory, into four graphs over (B, T, .) tensors of real
-tokens:
+graphs served 1.3x (1 client), 1.8x (4) and 1.5x (16) the requests of the eager ops,
+at two thirds of their CPU per request. At start-up, from the quantized weights already
+in memory, each layer is built into two graphs over rows of one length (k, n, H):
 
-  project  x -> queries, keys and values        (B, T, H) -> (B, T, 3H)
-  attend   qkv -> attention output               (k, n, 3H) -> (k, n, H), one length
-  finish   a, x -> the layer's output            out-projection, residual, LayerNorm,
-                                                 FFN with exact GELU, residual, LayerNorm
-  whole    x -> the layer's output               the three in one call, one length
+  whole       x -> the layer's output: QKV projection, attention, out-projection,
+              residual, LayerNorm, FFN with exact GELU, residual, LayerNorm
+  whole_exit  x -> the layer's output and the logits of the exit head after it
 
-A batch of one length (every batch of one) takes one `whole` call per layer; a mixed
-batch projects and finishes all its real tokens together and attends once per length,
-without padding (`encoder.Layer`). Each exit head is one more graph (`OrtHead`): the
-states of rows of one length to logits, pooling included; and `whole_exit` runs a layer
-and the exit after it in one call, which is what a batch of one length takes wherever a
-row may leave: one call per layer where the layer, the pooling and the head took three,
-with torch ops between them.
+Batches run packed (`multi_exit.RunningBatch`): one call per stretch of rows of one
+length (`encoder.stretches`), so a batch of one takes one call per layer, its exit
+included. Projecting and finishing all of a mixed batch's tokens together, with
+attention per length between, measured 7-15% slower at 2-16 rows than a call per
+stretch (three calls per layer and the glue between them). Each exit head is also a
+graph of its own (`OrtHead`): the states of rows of one length to logits, pooling
+included, for steps that run the layer alone; and the embeddings of packed tokens are
+one more (`OrtEmbeddings`).
 
 Same scheme, same contract. Activations are quantized per token by `QuantizeLinear` with
 one block per token, the very rounding of `invariant.quantize_per_token` (x over amax /
@@ -30,8 +28,8 @@ one block per token, the very rounding of `invariant.quantize_per_token` (x over
 tokens), weights are the int8 per-channel values `Int8Linear` holds, and `MatMulInteger`
 sums the products in int32 (uint8 activations with zero point 128 against int8 weights:
 exactly the signed sums). Every other op works per token, per row or per (row, head),
-and graph fusions are off so that `whole` and the three graphs apart run the very same
-kernels: a row gets the same bits alone or in any batch (tested). The float epilogue
+and graph fusions are off so that a subgraph runs the very same kernels in every graph
+holding it: a row gets the same bits alone or in any batch (tested). The float epilogue
 rounds in another order than oneDNN's, so scores differ from the eager int8 path by up
 to a few hundredths after six layers, where a rounding step flips (labels agreed on
 every sentence measured); `EXITSERVE_INT8_KERNEL=torch` keeps the eager path.
@@ -239,23 +237,11 @@ class OrtLayer:
             y = g.op("Add", h1, g.linear(hidden, down))
             return g.layer_norm(y, layer.output.LayerNorm)
 
-        def graph(inputs: dict[str, int], body: Any, width: int = H) -> _Graph:
-            g = _Builder()
-            y = body(g, *inputs)
-            shapes = {n: ["B", "T", w] for n, w in inputs.items()}
-            return _Graph(g, shapes, {y: ["B", "T", width]}, threads)
-
-        def whole(g: _Builder, x: str) -> str:
-            return finish(g, attend(g, project(g, x)), x)
-
-        self._project = graph({"x": H}, project, 3 * H)
-        self._attend = graph({"qkv": 3 * H}, attend)
-        self._finish = graph({"a": H, "x": H}, finish)
-        self._whole = graph({"x": H}, whole)
+        g = _Builder()
+        y = finish(g, attend(g, project(g, "x")), "x")
+        self._whole = _Graph(g, {"x": ["B", "T", H]}, {y: ["B", "T", H]}, threads)
         self._whole_exit: _Graph | None = None
-        if head is not None:
-            g = _Builder()
-            y = whole(g, "x")
+        if head is not None:  # the same layer, then the head on its output
             logits = g.exit_head(y, head)
             C = cast(Int8Linear, head.classifier).out_features
             self._whole_exit = _Graph(
@@ -265,15 +251,6 @@ class OrtLayer:
     @property
     def has_exit(self) -> bool:
         return self._whole_exit is not None
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project(x=x)[0]
-
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        return self._attend(qkv=qkv)[0]
-
-    def finish(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(a=a, x=x)[0]
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
         return self._whole(x=x)[0]

@@ -96,17 +96,46 @@ def test_the_graphs_round_activations_exactly_as_quantize_per_token() -> None:
     assert want_q[-1, 0] == 127 and bool((want_q[-1, 1:] % 2 == 0).all())  # halves to even
 
 
-def test_whole_equals_project_attend_finish_bit_for_bit(eager: MultiExitNetwork) -> None:
+def test_a_row_gets_the_same_bits_alone_or_among_rows_of_its_length(
+    eager: MultiExitNetwork,
+) -> None:
     ort = OrtLayer(cast(Layer, eager.encoder.encoder.layer[1]))
     torch.manual_seed(1)
     x = torch.randn(4, 7, 32)
     whole = ort.whole(x)
-    split = ort.finish(ort.attend(ort.project(x)), x)
-    assert torch.equal(whole, split)
-    # A row alone, or its tokens among other rows' tokens: the same bits.
-    assert torch.equal(ort.whole(x[2:3]), whole[2:3])
-    flat = ort.project(x.reshape(1, 28, 32)).reshape(4, 7, 96)
-    assert torch.equal(flat, ort.project(x))
+    for b in range(4):
+        assert torch.equal(ort.whole(x[b : b + 1]), whole[b : b + 1])
+
+
+def test_a_mixed_batch_runs_a_call_per_length_and_gets_the_bits_of_each_row_alone(
+    fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+) -> None:
+    from app.network.encoder import runs_of
+
+    ids = tiny_loaded.tokenizer.encode(random_texts(9, seed=13, min_words=1, max_words=30))
+    ids.sort(key=len, reverse=True)
+    lengths = [len(r) for r in ids]
+    runs = runs_of(lengths)
+    assert len(runs) > 3  # the data holds several lengths
+    layer = cast(Layer, fast.encoder.encoder.layer[0])
+    assert layer.fast is not None
+    calls: list[tuple[int, ...]] = []
+    whole = layer.fast.whole
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape[:2]))
+        return whole(x)
+
+    layer.fast.whole = counted  # type: ignore[method-assign]
+    try:
+        with torch.inference_mode():
+            batch = fast.begin(ids)
+            packed = layer.packed(batch.x, batch.runs)
+            alone = [layer.packed(fast.begin([r]).x, [(len(r), 1)]) for r in ids]
+    finally:
+        del layer.fast.whole
+    assert calls[: len(runs)] == [(k, n) for n, k in runs]  # one call per stretch
+    assert torch.equal(packed, torch.cat(alone))
 
 
 def test_served_answers_agree_with_the_eager_kernel(
