@@ -211,9 +211,10 @@ class Layer(nn.Module):
     def packed(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Inference on packed rows: x (N, H) holds the real tokens of every row, row
         after row, and `runs` (length, rows) describes them as stretches of rows of one
-        length. Every per-token op (the linears, GELU, residuals, LayerNorms) runs on all
-        N tokens at once and attention runs once per stretch, on exactly its tokens: no
-        padding anywhere, and a row computes exactly what it computes alone.
+        length. In torch every per-token op (the linears, GELU, residuals, LayerNorms)
+        runs on all N tokens at once and attention once per stretch, on exactly its
+        tokens; the graphs (`fast`) run the whole layer once per stretch. No padding
+        anywhere, and a row computes exactly what it computes alone.
         """
         H = x.shape[-1]
         fast = self.fast

@@ -43,7 +43,7 @@ class ExitHead(nn.Module):
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.pooling = pooling
         # Set for int8 serving by `quantize.prepare`: the states of rows of one length
-        # (k, n, H) -> logits (k, C), pooling included, in one call (`pool_packed`'s use).
+        # (k, n, H) -> logits (k, C), pooling included, in one call (`packed_logits`).
         self.fast: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
