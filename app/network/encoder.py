@@ -219,16 +219,13 @@ class Layer(nn.Module):
         H = x.shape[-1]
         fast = self.fast
         if fast is not None:  # one graph call per stretch (see `stretches`)
-            parts = [fast.whole(rows).view(-1, H) for rows in stretches(x, runs)]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return joined([fast.whole(rows).view(-1, H) for rows in stretches(x, runs)])
         if len(runs) == 1:  # one length (every batch of one)
             n, k = runs[0]
             return self._feed_forward(self.attention(x.view(k, n, H), None)).view(k * n, H)
         attn, out = self.attention.self, self.attention.output
         qkv = attn.project(x)  # (N, 3H): the linears see every token at once
-        y = torch.cat(
-            [attn.attend(rows, None).view(-1, H) for rows in stretches(qkv, runs)]
-        )  # (N, H)
+        y = joined([attn.attend(rows, None).view(-1, H) for rows in stretches(qkv, runs)])
         return self._feed_forward(out.LayerNorm(x + out.dropout(out.dense(y))))
 
     def _unpadded(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -255,6 +252,11 @@ def stretches(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> list[torch.Te
         views.append(x[start : start + n * k].view(k, n, -1))
         start += n * k
     return views
+
+
+def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-stretch results back in one tensor, row after row (no copy for one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
 def runs_of(lengths: Sequence[int]) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from app.network.encoder import stretches
+from app.network.encoder import joined, stretches
 
 
 def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,13 +62,12 @@ class ExitHead(nn.Module):
         has the same bits as `pool` gives it in any padded batch (the sum over its real
         tokens, then one division; padding adds exact zeros), and classified at once."""
         if self.fast is not None:
-            out = [self.fast(rows) for rows in stretches(x, runs)]
-            return out[0] if len(out) == 1 else torch.cat(out)
+            return joined([self.fast(rows) for rows in stretches(x, runs)])
         pooled = [
             rows.sum(1) / rows.shape[1] if self.pooling == "mean" else rows[:, 0]
             for rows in stretches(x, runs)
         ]
-        return self.classify(pooled[0] if len(pooled) == 1 else torch.cat(pooled))
+        return self.classify(joined(pooled))
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled states -> (B, C) logits."""

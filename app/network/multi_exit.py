@@ -23,6 +23,7 @@ from app.network.encoder import (
     EncoderConfig,
     Layer,
     attention_bias,
+    joined,
     runs_of,
     stretches,
 )
@@ -194,11 +195,7 @@ class MultiExitNetwork(nn.Module):
             # The layer and its exit in one call per stretch of rows of one length.
             out = [fast.whole_exit(rows) for rows in stretches(batch.x, batch.runs)]
             H = batch.x.shape[-1]
-            if len(out) == 1:
-                x, logits = out[0][0].view(-1, H), out[0][1]
-            else:
-                x = torch.cat([y.view(-1, H) for y, _ in out])
-                logits = torch.cat([lg for _, lg in out])
+            x, logits = joined([y.view(-1, H) for y, _ in out]), joined([lg for _, lg in out])
             return RunningBatch(x, batch.lengths, batch.runs, logits=logits)
         x = self.encoder.layer_packed(i, batch.x, batch.runs)
         logits = self.head(i).packed_logits(x, batch.runs) if exit else None
@@ -215,8 +212,7 @@ class MultiExitNetwork(nn.Module):
                     spans[-1][1] = starts[j + 1]
                 else:
                     spans.append([starts[j], starts[j + 1]])
-            parts = [batch.x[a:b] for a, b in spans]
-            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = joined([batch.x[a:b] for a, b in spans])
             return RunningBatch(x, lengths, tuple(runs_of(lengths)))
         assert batch.mask is not None
         idx = torch.tensor(list(rows), device=batch.x.device)

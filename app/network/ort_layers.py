@@ -155,19 +155,24 @@ class _Builder:
         return self.linear(hidden, classifier, "pooled")
 
     def session(
-        self, inputs: dict[str, list[Any]], outputs: dict[str, list[Any]], threads: int
+        self,
+        inputs: dict[str, list[Any]],
+        outputs: dict[str, list[Any]],
+        threads: int,
+        int64: tuple[str, ...] = (),
     ) -> Any:
-        """A session over the graph built so far: float inputs and outputs, by name and
-        shape (symbolic dimensions by name)."""
+        """A session over the graph built so far: inputs and outputs by name and shape
+        (symbolic dimensions by name), float but for the `int64` inputs."""
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
         def values(named: dict[str, list[Any]]) -> list[Any]:
-            # Token ids and positions are int64 (their names say so); all else is float.
-            def kind(n: str) -> int:
-                return TensorProto.INT64 if n in ("ids", "positions") else TensorProto.FLOAT
-
-            return [helper.make_tensor_value_info(n, kind(n), d) for n, d in named.items()]
+            return [
+                helper.make_tensor_value_info(
+                    n, TensorProto.INT64 if n in int64 else TensorProto.FLOAT, d
+                )
+                for n, d in named.items()
+            ]
 
         graph = helper.make_graph(
             self.nodes, "exitserve", values(inputs), values(outputs), self.inits
@@ -192,8 +197,8 @@ class _Graph:
     """A session and its output names: tensors in, tensors out."""
 
     def __init__(self, g: _Builder, inputs: dict[str, list[Any]], outputs: dict[str, list[Any]],
-                 threads: int) -> None:  # fmt: skip
-        self.session = g.session(inputs, outputs, threads)
+                 threads: int, int64: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.session = g.session(inputs, outputs, threads, int64)
         self.outputs = list(outputs)
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -278,7 +283,8 @@ class OrtEmbeddings:
         segment = g.const(embeddings.token_type_embeddings.weight.detach()[0])
         x = g.layer_norm(g.op("Add", g.op("Add", word, position), segment), embeddings.LayerNorm)
         H = embeddings.LayerNorm.weight.shape[0]
-        self._graph = _Graph(g, {"ids": ["N"], "positions": ["N"]}, {x: ["N", H]}, threads)
+        inputs = {"ids": ["N"], "positions": ["N"]}
+        self._graph = _Graph(g, inputs, {x: ["N", H]}, threads, int64=("ids", "positions"))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._graph(ids=ids, positions=positions)[0]
