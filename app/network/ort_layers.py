@@ -27,12 +27,14 @@ one block per token, the very rounding of `invariant.quantize_per_token` (x over
 127, half to even; one op where the elementwise form took seven, 15% of a layer at 27
 tokens), weights are the int8 per-channel values `Int8Linear` holds, and `MatMulInteger`
 sums the products in int32 (uint8 activations with zero point 128 against int8 weights:
-exactly the signed sums). Every other op works per token, per row or per (row, head),
-and graph fusions are off so that a subgraph runs the very same kernels in every graph
-holding it: a row gets the same bits alone or in any batch (tested). The float epilogue
-rounds in another order than oneDNN's, so scores differ from the eager int8 path by up
-to a few hundredths after six layers, where a rounding step flips (labels agreed on
-every sentence measured); `EXITSERVE_INT8_KERNEL=torch` keeps the eager path.
+exactly the signed sums; on a CPU whose kernel for that saturates, uint8 weights with
+zero point 128 as well, the same sums: `signed_weights_exact`). Every other op works
+per token, per row or per (row, head), and graph fusions are off so that a subgraph
+runs the very same kernels in every graph holding it: a row gets the same bits alone or
+in any batch (tested). The float epilogue rounds in another order than oneDNN's, so
+scores differ from the eager int8 path by up to a few hundredths after six layers,
+where a rounding step flips (labels agreed on every sentence measured);
+`EXITSERVE_INT8_KERNEL=torch` keeps the eager path.
 """
 
 from __future__ import annotations
@@ -56,6 +58,50 @@ OPSET = 21  # Gelu is an ONNX op from opset 20, per-token (blocked) QuantizeLine
 @functools.cache
 def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+@functools.cache
+def signed_weights_exact() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 `MatMulInteger` sums exactly on this CPU.
+
+    With VNNI (or AMX, or on Arm) the products go straight into int32. On x86 CPUs with
+    AVX2 but no VNNI (many AMD EPYC and older Xeon), MLAS adds each pair of uint8 x int8
+    products in int16 with saturation (vpmaddubsw): with per-token int8 activations,
+    whose uint8 form spans 1..255, measured on an AMD EPYC, 99.9% of a layer's int32
+    sums came out wrong (by up to 96,000), and its answers disagreed with the other CPUs'.
+    uint8 x uint8 widens to 16 bits first and sums exactly there (1.1-1.4x the time of
+    the saturating kernel), so the graphs fall back to uint8 weights with zero point 128:
+    the same exact sums, the same bits on every CPU. Probed once, on the kernel itself,
+    at shapes taking its GEMV (one row) and GEMM paths.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 32
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    w[:, 0] = 127  # with activations at 255 (127): 2 x 255 x 127 > int16's 32,767
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "z"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["M", n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(128, np.uint8), "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    for rows in (1, 5):
+        a = rng.integers(0, 256, (rows, k)).astype(np.uint8)
+        a[0] = 255
+        exact = (a.astype(np.int64) - 128) @ w.astype(np.int64)
+        if not np.array_equal(session.run(None, {"a": a})[0], exact):
+            return False
+    return True
 
 
 class _Builder:
@@ -98,7 +144,12 @@ class _Builder:
 
         xq, scale = self.quantize(x, lin.in_features, tokens)
         weight = lin.weight_int8.t().contiguous().numpy()  # (K, N_out)
-        acc = self.op("MatMulInteger", xq, self.const(weight, np.int8), self.const(128, np.uint8))
+        zero = self.const(128, np.uint8)
+        if signed_weights_exact():
+            acc = self.op("MatMulInteger", xq, self.const(weight, np.int8), zero)
+        else:  # the weights as uint8 with zero point 128 too: the same exact sums
+            unsigned = (weight.astype(np.int16) + 128).astype(np.uint8)
+            acc = self.op("MatMulInteger", xq, self.const(unsigned, np.uint8), zero, zero)
         y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), self.const(lin.weight_scale))
         return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
 
@@ -206,44 +257,53 @@ class _Graph:
         return [torch.from_numpy(y) for y in ys]
 
 
+def layer_ops(g: _Builder, layer: Layer, x: str) -> str:
+    """An int8 encoder layer's ops on `x` (k, n, H), rows of one length: QKV projection,
+    attention, out-projection, residual, LayerNorm, FFN with exact GELU, residual,
+    LayerNorm. The name of its output (k, n, H)."""
+    attn, out = layer.attention.self, layer.attention.output
+    linears = (attn.qkv, out.dense, layer.intermediate.dense, layer.output.dense)
+    if not all(isinstance(m, Int8Linear) for m in linears):
+        raise TypeError("OrtLayer needs a fused, int8-quantized layer")
+    qkv_lin, out_lin, inter, down = (cast(Int8Linear, m) for m in linears)
+    H, nh = out_lin.out_features, attn.num_heads
+    d = H // nh
+    heads = g.op(
+        "Transpose",
+        g.op("Reshape", g.linear(x, qkv_lin), g.const([0, 0, 3 * nh, d], np.int64)),
+        perm=[0, 2, 1, 3],
+    )  # (k, 3nh, n, d)
+    q, k, v = g.ops("Split", heads, axis=1, num_outputs=3, outputs=3)  # (k, nh, n, d)
+    # q k^T / sqrt(d) in one op (ONNX Runtime's FusedMatMul: transB and alpha).
+    scores = g.op("FusedMatMul", q, k, domain="com.microsoft", transB=1,
+                  alpha=1.0 / math.sqrt(d))  # fmt: skip
+    p = g.op("Softmax", scores, axis=-1)  # (k, nh, n, n)
+    y = g.op("Transpose", g.op("MatMul", p, v), perm=[0, 2, 1, 3])  # (k, n, nh, d)
+    a = g.op("Reshape", y, g.const([0, 0, H], np.int64))
+    h1 = g.layer_norm(g.op("Add", x, g.linear(a, out_lin)), out.LayerNorm)
+    hidden = g.op("Gelu", g.linear(h1, inter), approximate="none")
+    return g.layer_norm(g.op("Add", h1, g.linear(hidden, down)), layer.output.LayerNorm)
+
+
+def embedding_ops(g: _Builder, embeddings: Embeddings, ids: str, positions: str) -> str:
+    """The word and position rows summed in the order `encoder.Embeddings` sums them,
+    plus the segment-0 row, then LayerNorm: packed tokens (N,) -> (N, H)."""
+    word = g.op("Gather", g.const(embeddings.word_embeddings.weight.detach()), ids, axis=0)
+    position = g.op(
+        "Gather", g.const(embeddings.position_embeddings.weight.detach()), positions, axis=0
+    )
+    segment = g.const(embeddings.token_type_embeddings.weight.detach()[0])
+    return g.layer_norm(g.op("Add", g.op("Add", word, position), segment), embeddings.LayerNorm)
+
+
 class OrtLayer:
     """One quantized encoder layer's graphs (see the module docstring); given the exit
     head after the layer, also `whole_exit`: the layer and that head in one call."""
 
     def __init__(self, layer: Layer, threads: int = 1, head: ExitHead | None = None) -> None:
-        attn, out = layer.attention.self, layer.attention.output
-        linears = (attn.qkv, out.dense, layer.intermediate.dense, layer.output.dense)
-        if not all(isinstance(m, Int8Linear) for m in linears):
-            raise TypeError("OrtLayer needs a fused, int8-quantized layer")
-        qkv_lin, out_lin, inter, down = (cast(Int8Linear, m) for m in linears)
-        H, nh = out_lin.out_features, attn.num_heads
-
-        def project(g: _Builder, x: str) -> str:
-            return g.linear(x, qkv_lin)
-
-        def attend(g: _Builder, qkv: str) -> str:
-            d = H // nh
-            heads = g.op(
-                "Transpose",
-                g.op("Reshape", qkv, g.const([0, 0, 3 * nh, d], np.int64)),
-                perm=[0, 2, 1, 3],
-            )  # (k, 3nh, n, d)
-            q, k, v = g.ops("Split", heads, axis=1, num_outputs=3, outputs=3)  # (k, nh, n, d)
-            # q k^T / sqrt(d) in one op (ONNX Runtime's FusedMatMul: transB and alpha).
-            scores = g.op("FusedMatMul", q, k, domain="com.microsoft", transB=1,
-                          alpha=1.0 / math.sqrt(d))  # fmt: skip
-            p = g.op("Softmax", scores, axis=-1)  # (k, nh, n, n)
-            y = g.op("Transpose", g.op("MatMul", p, v), perm=[0, 2, 1, 3])  # (k, n, nh, d)
-            return g.op("Reshape", y, g.const([0, 0, H], np.int64))
-
-        def finish(g: _Builder, a: str, x: str) -> str:
-            h1 = g.layer_norm(g.op("Add", x, g.linear(a, out_lin)), out.LayerNorm)
-            hidden = g.op("Gelu", g.linear(h1, inter), approximate="none")
-            y = g.op("Add", h1, g.linear(hidden, down))
-            return g.layer_norm(y, layer.output.LayerNorm)
-
         g = _Builder()
-        y = finish(g, attend(g, project(g, "x")), "x")
+        y = layer_ops(g, layer, "x")
+        H = layer.attention.output.dense.out_features
         self._whole = _Graph(g, {"x": ["B", "T", H]}, {y: ["B", "T", H]}, threads)
         self._whole_exit: _Graph | None = None
         if head is not None:  # the same layer, then the head on its output
@@ -269,19 +329,12 @@ class OrtLayer:
 
 
 class OrtEmbeddings:
-    """The embeddings of packed tokens as one graph: ids and positions (N,) -> (N, H).
-
-    The word and position rows summed in the order `encoder.Embeddings` sums them, plus
-    the segment-0 row, then LayerNorm: per token, one call where torch took five ops."""
+    """The embeddings of packed tokens as one graph: ids and positions (N,) -> (N, H),
+    per token, one call where torch took five ops (`embedding_ops`)."""
 
     def __init__(self, embeddings: Embeddings, threads: int = 1) -> None:
         g = _Builder()
-        word = g.op("Gather", g.const(embeddings.word_embeddings.weight.detach()), "ids", axis=0)
-        position = g.op(
-            "Gather", g.const(embeddings.position_embeddings.weight.detach()), "positions", axis=0
-        )
-        segment = g.const(embeddings.token_type_embeddings.weight.detach()[0])
-        x = g.layer_norm(g.op("Add", g.op("Add", word, position), segment), embeddings.LayerNorm)
+        x = embedding_ops(g, embeddings, "ids", "positions")
         H = embeddings.LayerNorm.weight.shape[0]
         inputs = {"ids": ["N"], "positions": ["N"]}
         self._graph = _Graph(g, inputs, {x: ["N", H]}, threads, int64=("ids", "positions"))

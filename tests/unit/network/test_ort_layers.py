@@ -195,3 +195,36 @@ def test_the_embeddings_graph_sums_and_normalizes_per_token(eager: MultiExitNetw
     # Per token: a token's row is the same alone, anywhere in the pack.
     assert torch.equal(graph(ids[3:4], positions[3:4]), got[3:4])
     assert torch.equal(got[0], graph(ids[4:5], positions[:1])[0])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_an_int8_linear_sums_exactly_where_a_kernel_could_saturate(
+    signed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Activations at the int8 extremes against weights at theirs: a CPU without VNNI adds
+    uint8 x int8 pairs in int16 with saturation (2 x 255 x 127 > 32,767), where the
+    graphs take uint8 weights instead. Whichever encoding this CPU gets, the graph's
+    output must be the exact int32 sums through the same float epilogue, bit for bit."""
+    import numpy as np
+
+    from app.network import ort_layers
+    from app.network.invariant import Int8Linear
+
+    if signed and not ort_layers.signed_weights_exact():
+        pytest.skip("this CPU's uint8 x int8 kernel saturates: the graphs never use it here")
+    monkeypatch.setattr(ort_layers, "signed_weights_exact", lambda: signed)
+    torch.manual_seed(4)
+    lin = Int8Linear(torch.nn.Linear(64, 24))
+    lin.weight_int8[:, ::2] = 127  # extremes: the products that saturate in int16
+    lin.weight_int8[::3] = -127
+    x = torch.randn(5, 64)
+    x[:2] = torch.sign(x[:2])  # every value at +-amax: int8 values of +-127 (uint8 255, 1)
+    g = ort_layers._Builder()
+    y = g.linear("x", lin)
+    session = g.session({"x": ["M", 64]}, {y: ["M", 24]}, threads=1)
+    got = session.run(None, {"x": x.numpy()})[0]
+    values, scale = quantize_per_token(x)
+    acc = values.to(torch.int64) @ lin.weight_int8.to(torch.int64).t()  # exact sums
+    want = (acc.numpy().astype(np.float32) * lin.weight_scale.numpy()) * scale.numpy()
+    want = want + lin.bias.numpy()
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))

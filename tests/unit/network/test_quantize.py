@@ -107,7 +107,8 @@ def test_int8_linear_is_exact_integer_arithmetic() -> None:
 
 
 @pytest.mark.skipif(
-    not onednn_available(), reason="oneDNN's int8 linear is not in this torch build"
+    not onednn_available(),
+    reason="oneDNN's int8 linear is not in this torch build, or saturates on this CPU",
 )
 def test_both_int8_kernels_give_identical_bits() -> None:
     torch.manual_seed(1)
@@ -247,3 +248,23 @@ def test_half_precision_path_runs_the_executor(tiny_model_dir: Path, mode: str) 
     tol = {"bf16": 0.05, "fp16": 0.005}[mode]
     assert all(abs(g.score - w.score) <= tol for g, w in zip(got, want, strict=True))
     assert all(g.exit_layer == L for g in got)
+
+
+def test_the_eager_int8_kernel_sums_exactly_where_a_kernel_could_saturate() -> None:
+    """Activations and weights at the int8 extremes, where oneDNN on a CPU without VNNI
+    saturates pairs of products in int16: the kernel `auto` picks must give the exact
+    int32 sums through the same epilogue (measured off by up to 93,000 before the
+    probe checked exactness)."""
+    torch.manual_seed(5)
+    lin = Int8Linear(nn.Linear(64, 24))
+    lin.weight_int8[:, ::2] = 127
+    lin.weight_int8[::3] = -127
+    lin._packed = (  # the layer was prepacked from its own weights: again, from these
+        torch.ops.onednn.qlinear_prepack(lin.weight_int8, None) if lin.kernel == "onednn" else None
+    )
+    x = torch.randn(5, 64)
+    x[:2] = torch.sign(x[:2])  # every value at +-amax: int8 values of +-127
+    values, scale = quantize_per_token(x)
+    acc = values.to(torch.int64) @ lin.weight_int8.to(torch.int64).t()
+    want = torch.addcmul(lin.bias, acc.to(torch.int32) * lin.weight_scale, scale)
+    assert torch.equal(lin(x), want)
