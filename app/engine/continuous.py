@@ -122,7 +122,7 @@ class ContinuousBatcher(Generic[K]):
         net, i = self.network, g.depth
         with torch.inference_mode():
             batch = net.step(i, g.batch, exit=may_leave(net, i, g.rows))
-            keep = decide(net, i, batch, g.rows, lambda j, p: on_answer(g.keys[j], p))
+            keep = decide(net, i, batch.logits, g.rows, lambda j, p: on_answer(g.keys[j], p))
             if keep:
                 if len(keep) < len(g.rows):
                     batch = net.keep(batch, keep)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -326,6 +327,78 @@ class OrtLayer:
             raise RuntimeError("this layer's graphs were built without its exit head")
         y, logits = self._whole_exit(x=x)
         return y, logits
+
+
+class OrtRow:
+    """A row alone through the whole network in one call, its early exit included.
+
+    The embeddings, then each layer and its exit head (the very ops of `OrtLayer` and
+    `OrtHead`), then the exit rule on that head's answer: an ONNX `If` returns there when
+    the row's confidence reaches its threshold for this exit (below 1) or the layer is
+    its depth cap, and runs the next layer otherwise. No return to Python between
+    layers: for one row, one call instead of one per layer plus the executor's work
+    between them. In: the row's token ids and positions (n,), its thresholds (L,) and
+    depth cap; out: the logits of every exit it ran (e, C), e being its exit layer.
+
+    The graph's softmax is ONNX Runtime's and the executor's is torch's, which may round
+    a confidence differently in the last bit: the executor decides again on these logits
+    (`executor.run_batch`), so the graph only saves time, never changes an answer.
+    """
+
+    def __init__(
+        self,
+        embeddings: Embeddings,
+        layers: list[Layer],
+        heads: list[ExitHead],
+        threads: int = 1,
+    ) -> None:
+        from onnx import TensorProto, helper
+
+        g, L = _Builder(), len(layers)
+        one, axis0 = g.const(1.0), g.const([0], np.int64)
+
+        def branch(name: str, build: Callable[[], str]) -> Any:
+            """A subgraph of what `build` adds, its constants its own (ONNX Runtime
+            prepacks the weights of a subgraph's own initializers only)."""
+            outer = g.nodes, g.inits
+            g.nodes, g.inits = [], []
+            out = build()
+            value = helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
+            graph = helper.make_graph(g.nodes, name, [], [value], g.inits)
+            g.nodes, g.inits = outer
+            return graph
+
+        def level(i: int, x: str) -> str:
+            """Layer i (0-based) and its exit on x (1, n, H): the logits from exit i on."""
+            y = layer_ops(g, layers[i], x)
+            logits = g.exit_head(y, heads[i])  # (1, C)
+            if i == L - 1:
+                return logits
+            confidence = g.op("ReduceMax", g.op("Softmax", logits, axis=-1), keepdims=0)
+            t = g.op("Gather", "thresholds", g.const(i, np.int64), axis=0)
+            leave = g.op(
+                "Or",
+                g.op("And", g.op("Less", t, one), g.op("GreaterOrEqual", confidence, t)),
+                g.op("LessOrEqual", "max_layers", g.const(i + 1, np.int64)),
+            )
+            here = branch(f"exit{i + 1}", lambda: g.op("Identity", logits))
+            on = branch(f"after{i + 1}", lambda: g.op("Concat", logits, level(i + 1, y), axis=0))
+            return g.op("If", leave, then_branch=here, else_branch=on)
+
+        x = g.op("Unsqueeze", embedding_ops(g, embeddings, "ids", "positions"), axis0)
+        out = level(0, x)
+        C = cast(Int8Linear, heads[-1].classifier).out_features
+        inputs: dict[str, list[Any]] = {"ids": ["N"], "positions": ["N"], "thresholds": [L]}
+        inputs["max_layers"] = []
+        self._graph = _Graph(
+            g, inputs, {out: ["E", C]}, threads, int64=("ids", "positions", "max_layers")
+        )
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, thresholds: torch.Tensor, max_layers: int
+    ) -> torch.Tensor:
+        cap = torch.tensor(max_layers, dtype=torch.long)
+        return self._graph(ids=ids, positions=positions, thresholds=thresholds, max_layers=cap)[0]
 
 
 class OrtEmbeddings:

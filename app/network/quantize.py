@@ -136,10 +136,12 @@ def prepare(
             network.encoder.embeddings.fast = ort_layers.OrtEmbeddings(
                 network.encoder.embeddings, threads
             )
-            for i, layer in enumerate(network.encoder.encoder.layer):
-                head = network.head(i)
-                cast(Layer, layer).fast = ort_layers.OrtLayer(cast(Layer, layer), threads, head)
+            layers = [cast(Layer, layer) for layer in network.encoder.encoder.layer]
+            heads = [network.head(i) for i in range(len(layers))]
+            for layer, head in zip(layers, heads, strict=True):
+                layer.fast = ort_layers.OrtLayer(layer, threads, head)
                 head.fast = ort_layers.OrtHead(head, threads)
+            network.alone = ort_layers.OrtRow(network.encoder.embeddings, layers, heads, threads)
         return network
     network = network.to(device)
     if quantization == "fp16":

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -30,7 +31,15 @@ def poison_network(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError(f"{Path(__file__).resolve()}: CUDA error: device-side assert")
         return begin(token_ids)
 
+    run_alone = runtime.network.run_alone
+
+    def failing_alone(token_ids: Sequence[int], *rule: object) -> torch.Tensor | None:
+        if poison_id in token_ids:  # a row alone runs in one call, without `begin`
+            raise RuntimeError(f"{Path(__file__).resolve()}: CUDA error: device-side assert")
+        return run_alone(token_ids, *rule)
+
     monkeypatch.setattr(runtime.network, "begin", failing)
+    monkeypatch.setattr(runtime.network, "run_alone", failing_alone)
 
 
 def test_a_failing_batch_is_500_without_internals_and_the_engine_serves_on(

@@ -228,3 +228,74 @@ def test_an_int8_linear_sums_exactly_where_a_kernel_could_saturate(
     want = (acc.numpy().astype(np.float32) * lin.weight_scale.numpy()) * scale.numpy()
     want = want + lin.bias.numpy()
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_a_row_alone_takes_one_call_and_gets_the_layer_loops_answer(
+    fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+) -> None:
+    """`run_alone` (embeddings, layers, heads and the exit rule in one graph) against the
+    layer loop on the same row: the same prediction, bit for bit, under random
+    thresholds and depth caps, from one graph call that stopped at that very exit."""
+    import random
+
+    from app.engine.executor import Row, run_batch
+
+    assert fast.alone is not None
+    graph = fast.alone
+    calls: list[int] = []
+
+    def counted(*args: object) -> torch.Tensor:
+        logits = graph(*args)  # type: ignore[arg-type]
+        calls.append(len(logits))  # exits the graph ran
+        return logits
+
+    rng = random.Random(8)
+    L = fast.num_layers
+    rows = tiny_loaded.tokenizer.encode(random_texts(60, seed=13))
+    try:
+        for k, ids in enumerate(rows):
+            thresholds = [rng.choice([0.0, 0.5, 0.6, 0.7, 0.9, 1.0]) for _ in range(L)]
+            row = Row(ids, thresholds, rng.randint(1, L) if k % 3 == 0 else L)
+            fast.alone = counted
+            alone = run_batch(fast, [row])
+            fast.alone = None
+            loop = run_batch(fast, [row])
+            assert alone.predictions == loop.predictions
+            exit_layer = alone.predictions[0].exit_layer
+            assert alone.rows_per_layer == loop.rows_per_layer == [1] * exit_layer
+            assert alone.tokens_per_layer == [len(ids)] * exit_layer
+            assert calls[-1] == exit_layer
+    finally:
+        fast.alone = graph
+    assert len(calls) == len(rows)
+
+
+def test_the_executor_decides_again_on_what_the_graph_returns(
+    fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+) -> None:
+    """The graph's exit rule runs on ONNX Runtime's softmax, the executor's on torch's:
+    where they part by a rounding step the executor's decision stands. A graph that ran
+    on past the row's exit gives the earlier answer; one that stopped before it, the
+    layer loop's."""
+    from app.engine.executor import Row, run_batch
+
+    graph = fast.alone
+    assert graph is not None
+    L = fast.num_layers
+    ids = tiny_loaded.tokenizer.encode(random_texts(1, seed=14))[0]
+    everything = graph(
+        torch.tensor(ids), torch.arange(len(ids)), torch.ones(L), L
+    )  # every exit's logits
+    assert everything.shape[0] == L
+    try:
+        fast.alone = lambda *args: everything  # ran on past exit 1
+        early = run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
+        fast.alone = lambda *args: everything[:2]  # stopped at exit 2 for a row that goes on
+        deep = run_batch(fast, [Row(ids, [1.0] * L, L)]).predictions[0]
+        fast.alone = None
+        assert early == run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
+        assert early.exit_layer == 1
+        assert deep == run_batch(fast, [Row(ids, [1.0] * L, L)]).predictions[0]
+        assert deep.exit_layer == L
+    finally:
+        fast.alone = graph
