@@ -335,10 +335,12 @@ class OrtRow:
     The embeddings, then each layer and its exit head (the very ops of `OrtLayer` and
     `OrtHead`), then the exit rule on that head's answer: an ONNX `If` returns there when
     the row's confidence reaches its threshold for this exit (below 1) or the layer is
-    its depth cap, and runs the next layer otherwise. No return to Python between
-    layers: for one row, one call instead of one per layer plus the executor's work
-    between them. In: the row's token ids and positions (n,), its thresholds (L,) and
-    depth cap; out: the logits of every exit it ran (e, C), e being its exit layer.
+    its depth cap, and runs the next layer otherwise. An exit the row cannot leave at
+    (threshold 1, not its cap) runs no head, as in the layer loop: full depth runs one.
+    No return to Python between layers: for one row, one call instead of one per layer
+    plus the executor's work between them. In: the row's token ids and positions (n,),
+    its thresholds (L,) and depth cap; out: the logits of every exit it ran (e, C), e
+    being its exit layer (NaN for an exit whose head did not run).
 
     The graph's softmax is ONNX Runtime's and the executor's is torch's, which may round
     a confidence differently in the last bit: the executor decides again on these logits
@@ -356,38 +358,57 @@ class OrtRow:
 
         g, L = _Builder(), len(layers)
         one, axis0 = g.const(1.0), g.const([0], np.int64)
+        C = cast(Int8Linear, heads[-1].classifier).out_features
+        unscored = g.const(np.full((1, C), np.nan)), g.const(False, np.bool_)
 
-        def branch(name: str, build: Callable[[], str]) -> Any:
+        def branch(name: str, build: Callable[[], list[str]], kinds: list[int]) -> Any:
             """A subgraph of what `build` adds, its constants its own (ONNX Runtime
             prepacks the weights of a subgraph's own initializers only)."""
-            outer = g.nodes, g.inits
+            outer = g.nodes, g.inits, dict(g._zeros)
             g.nodes, g.inits = [], []
-            out = build()
-            value = helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
-            graph = helper.make_graph(g.nodes, name, [], [value], g.inits)
-            g.nodes, g.inits = outer
+            outs = build()
+            values = [
+                helper.make_tensor_value_info(o, k, None) for o, k in zip(outs, kinds, strict=True)
+            ]
+            graph = helper.make_graph(g.nodes, name, [], values, g.inits)
+            g.nodes, g.inits, g._zeros = outer  # what the branch made stays in it
             return graph
 
         def level(i: int, x: str) -> str:
-            """Layer i (0-based) and its exit on x (1, n, H): the logits from exit i on."""
+            """Layer i (0-based) and its exit on x (1, n, H): the logits from exit i on
+            (a row of NaN for an exit the row may not leave at: its head is not run)."""
             y = layer_ops(g, layers[i], x)
-            logits = g.exit_head(y, heads[i])  # (1, C)
             if i == L - 1:
-                return logits
-            confidence = g.op("ReduceMax", g.op("Softmax", logits, axis=-1), keepdims=0)
+                return g.exit_head(y, heads[i])
             t = g.op("Gather", "thresholds", g.const(i, np.int64), axis=0)
-            leave = g.op(
-                "Or",
-                g.op("And", g.op("Less", t, one), g.op("GreaterOrEqual", confidence, t)),
-                g.op("LessOrEqual", "max_layers", g.const(i + 1, np.int64)),
+            capped = g.op("LessOrEqual", "max_layers", g.const(i + 1, np.int64))
+            uses = g.op("Less", t, one)  # a threshold below 1: the exit is in use
+
+            def score() -> list[str]:
+                logits = g.exit_head(y, heads[i])  # (1, C)
+                confidence = g.op("ReduceMax", g.op("Softmax", logits, axis=-1), keepdims=0)
+                sure = g.op("And", uses, g.op("GreaterOrEqual", confidence, t))
+                return [g.op("Identity", logits), g.op("Or", sure, capped)]
+
+            kinds = [TensorProto.FLOAT, TensorProto.BOOL]
+            logits, leave = g.ops(
+                "If",
+                g.op("Or", uses, capped),  # as `executor.may_leave`: else no head
+                then_branch=branch(f"score{i + 1}", score, kinds),
+                else_branch=branch(
+                    f"skip{i + 1}", lambda: [g.op("Identity", v) for v in unscored], kinds
+                ),
+                outputs=2,
             )
-            here = branch(f"exit{i + 1}", lambda: g.op("Identity", logits))
-            on = branch(f"after{i + 1}", lambda: g.op("Concat", logits, level(i + 1, y), axis=0))
+            floats = [TensorProto.FLOAT]
+            here = branch(f"exit{i + 1}", lambda: [g.op("Identity", logits)], floats)
+            on = branch(
+                f"after{i + 1}", lambda: [g.op("Concat", logits, level(i + 1, y), axis=0)], floats
+            )
             return g.op("If", leave, then_branch=here, else_branch=on)
 
         x = g.op("Unsqueeze", embedding_ops(g, embeddings, "ids", "positions"), axis0)
         out = level(0, x)
-        C = cast(Int8Linear, heads[-1].classifier).out_features
         inputs: dict[str, list[Any]] = {"ids": ["N"], "positions": ["N"], "thresholds": [L]}
         inputs["max_layers"] = []
         self._graph = _Graph(

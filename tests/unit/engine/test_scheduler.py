@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import torch
 
 from app.engine.adapt import Ladder, LoadController, OperatingPoint
 from app.engine.runtime import ModelRuntime, load_runtime
@@ -168,7 +169,15 @@ def poison(runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, word: str) ->
             raise RuntimeError("/opt/secret/weights.bin: kernel exploded")
         return begin(token_ids)
 
+    run_alone = runtime.network.run_alone
+
+    def failing_alone(token_ids: Sequence[int], *rule: object) -> torch.Tensor | None:
+        if poison_id in token_ids:  # a row alone may run in one call, without `begin`
+            raise RuntimeError("/opt/secret/weights.bin: kernel exploded")
+        return run_alone(token_ids, *rule)
+
     monkeypatch.setattr(runtime.network, "begin", failing)
+    monkeypatch.setattr(runtime.network, "run_alone", failing_alone)
 
 
 def test_a_failing_batch_fails_only_its_own_requests(

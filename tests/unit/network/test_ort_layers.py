@@ -283,10 +283,11 @@ def test_the_executor_decides_again_on_what_the_graph_returns(
     assert graph is not None
     L = fast.num_layers
     ids = tiny_loaded.tokenizer.encode(random_texts(1, seed=14))[0]
-    everything = graph(
-        torch.tensor(ids), torch.arange(len(ids)), torch.ones(L), L
-    )  # every exit's logits
-    assert everything.shape[0] == L
+    below_one = torch.full((L,), 1.0).nextafter(torch.tensor(0.0))  # every head, no exit
+    everything = graph(torch.tensor(ids), torch.arange(len(ids)), below_one, L)
+    assert everything.shape[0] == L and not everything.isnan().any()
+    skipped = graph(torch.tensor(ids), torch.arange(len(ids)), torch.ones(L), L)
+    assert skipped[:-1].isnan().all() and torch.equal(skipped[-1], everything[-1])  # one head
     try:
         fast.alone = lambda *args: everything  # ran on past exit 1
         early = run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
