@@ -54,9 +54,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s: Settings = app.state.settings
     workers, threads = worker_plan(s.device, s.threads, s.workers, s.batching == "continuous")
     try:
+        # A row alone while the other workers idle may take their threads too.
         runtime = await asyncio.to_thread(
-            load_runtime, s.model_dir, s.device, s.quantization, threads, s.int8_kernel
-        )
+            load_runtime, s.model_dir, s.device, s.quantization, threads, s.int8_kernel,
+            threads * workers,
+        )  # fmt: skip
     except Exception as e:
         # One line that says why (a tampered file names itself); the server then exits
         # without ever turning ready.

@@ -48,11 +48,13 @@ def run_batch(
     network: MultiExitNetwork,
     rows: Sequence[Row],
     on_answer: Callable[[int, Prediction], None] | None = None,
+    wide: bool = False,
 ) -> BatchResult:
     """Run `rows` through the network with per-row early exit.
 
     Returns predictions in input order; `on_answer(index, prediction)` fires as soon as a
-    row leaves, before deeper layers run for the rest of the batch.
+    row leaves, before deeper layers run for the rest of the batch. `wide`: a row alone
+    may take the threads of idle workers (`MultiExitNetwork.run_alone`).
     """
     L = network.num_layers
     for r in rows:
@@ -74,7 +76,7 @@ def run_batch(
     # few rows of different lengths one call each measured no faster than the layer
     # loop, which shares its work between layers over the batch, at 3 rows and slower
     # from 4 (paired in process, one thread: 1.07x at 1 row, 1.05x at 2, 0.96x at 8).
-    if len(rows) == 1 and (alone := run_alone(network, rows[0])) is not None:
+    if len(rows) == 1 and (alone := run_alone(network, rows[0], wide)) is not None:
         answer(0, alone)
         n = len(rows[0].token_ids)
         result.rows_per_layer += [1] * alone.exit_layer
@@ -117,7 +119,7 @@ def run_loop(
                 batch = network.keep(batch, keep)
 
 
-def run_alone(network: MultiExitNetwork, row: Row) -> Prediction | None:
+def run_alone(network: MultiExitNetwork, row: Row, wide: bool = False) -> Prediction | None:
     """A row alone in one call through the network (`MultiExitNetwork.run_alone`), or
     None where the network has no such path.
 
@@ -128,7 +130,7 @@ def run_alone(network: MultiExitNetwork, row: Row) -> Prediction | None:
     `decide` would, None: the caller runs it layer by layer.
     """
     with torch.inference_mode():
-        logits = network.run_alone(row.token_ids, row.thresholds, row.max_layers)
+        logits = network.run_alone(row.token_ids, row.thresholds, row.max_layers, wide)
     if logits is None:
         return None
     answer: list[Prediction] = []

@@ -92,12 +92,15 @@ def load_runtime(
     quantization: str = "auto",
     threads: int = 1,
     int8_kernel: str = "auto",
+    wide_threads: int = 0,
 ) -> ModelRuntime:
+    """`threads` per engine worker; `wide_threads`: what a row alone may take while the
+    other workers are idle (int8 on ONNX Runtime; 0: no more than `threads`)."""
     torch.set_num_threads(threads)
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
     kernel = resolve_int8_kernel(int8_kernel) if quantization == "int8" else "torch"
-    net = prepare(loaded.network, device, quantization, kernel)
+    net = prepare(loaded.network, device, quantization, kernel, wide_threads)
     spec = loaded.spec
     rt = ModelRuntime(
         name=spec.name,

@@ -120,8 +120,10 @@ class MultiExitNetwork(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg.encoder)
         self._positions = torch.arange(cfg.encoder.max_position_embeddings)
-        # int8 serving on ONNX Runtime: a row alone in one call (`run_alone`).
+        # int8 serving on ONNX Runtime: a row alone in one call (`run_alone`), and the
+        # same graph on more threads, for when no other row is running.
         self.alone: Callable[..., torch.Tensor] | None = None
+        self.alone_wide: Callable[..., torch.Tensor] | None = None
         L = cfg.num_layers
         self.heads = nn.ModuleList(
             ExitHead(
@@ -186,20 +188,27 @@ class MultiExitNetwork(nn.Module):
         return RunningBatch(self.encoder.embed_packed(ids, positions), lengths, runs)
 
     def run_alone(
-        self, token_ids: Sequence[int], thresholds: Sequence[float], max_layers: int
+        self,
+        token_ids: Sequence[int],
+        thresholds: Sequence[float],
+        max_layers: int,
+        wide: bool = False,
     ) -> torch.Tensor | None:
         """One row through the layers it needs in one call, leaving at the first exit
         whose confidence reaches its threshold (below 1) or at `max_layers`: the logits
         of every exit it ran (e, C), e being its exit layer. None where the network has
-        no such graph (then run it with `begin` and `step`)."""
-        if self.alone is None or not self.packs:
+        no such graph (then run it with `begin` and `step`). `wide`: on the graph with
+        more threads, where there is one (the same bits: integer sums, and every other
+        op splits its work by rows, never inside a sum)."""
+        graph = self.alone_wide if wide and self.alone_wide is not None else self.alone
+        if graph is None or not self.packs:
             return None
         n = len(token_ids)
         if not 1 <= n <= len(self._positions):
             raise ValueError(f"a row needs 1..{len(self._positions)} tokens, got {n}")
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         t = torch.tensor(list(thresholds), dtype=torch.float32)
-        return self.alone(ids, self._positions[:n], t, max_layers)
+        return graph(ids, self._positions[:n], t, max_layers)
 
     def step(self, i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         """Run layer i (0-based) on every row of `batch`, and its exit head if `exit`."""

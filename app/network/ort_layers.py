@@ -361,7 +361,7 @@ class OrtRow:
         C = cast(Int8Linear, heads[-1].classifier).out_features
         unscored = g.const(np.full((1, C), np.nan)), g.const(False, np.bool_)
 
-        def branch(name: str, build: Callable[[], list[str]], kinds: list[int]) -> Any:
+        def branch(name: str, build: Callable[[], list[str]], kinds: list[Any]) -> Any:
             """A subgraph of what `build` adds, its constants its own (ONNX Runtime
             prepacks the weights of a subgraph's own initializers only)."""
             outer = g.nodes, g.inits, dict(g._zeros)

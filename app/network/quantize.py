@@ -118,12 +118,19 @@ def int8_kernel(kernel: str = "auto") -> str:
 
 
 def prepare(
-    network: MultiExitNetwork, device: str, quantization: str, kernel: str = "auto"
+    network: MultiExitNetwork,
+    device: str,
+    quantization: str,
+    kernel: str = "auto",
+    wide_threads: int = 0,
 ) -> MultiExitNetwork:
     """Move and quantize an fp32 network for serving; returns it in eval mode.
 
     int8: `kernel` picks what runs the encoder layers (`int8_kernel`); the ONNX Runtime
     graphs take as many intra-op threads as torch has now (set before this is called).
+    `wide_threads` above that: a second one-call graph for a row alone on that many
+    threads (`MultiExitNetwork.run_alone(..., wide=True)`), for when the other engine
+    workers are idle.
     """
     network = network.eval()
     for module in list(network.modules()):
@@ -141,7 +148,10 @@ def prepare(
             for layer, head in zip(layers, heads, strict=True):
                 layer.fast = ort_layers.OrtLayer(layer, threads, head)
                 head.fast = ort_layers.OrtHead(head, threads)
-            network.alone = ort_layers.OrtRow(network.encoder.embeddings, layers, heads, threads)
+            embeddings = network.encoder.embeddings
+            network.alone = ort_layers.OrtRow(embeddings, layers, heads, threads)
+            if wide_threads > threads:
+                network.alone_wide = ort_layers.OrtRow(embeddings, layers, heads, wide_threads)
         return network
     network = network.to(device)
     if quantization == "fp16":

@@ -417,3 +417,20 @@ def test_a_request_that_cannot_be_served_in_its_budget_is_refused_at_once(
 
     run(main())
     assert "u0" not in held.seen
+
+
+def test_a_row_alone_takes_the_idle_workers_threads_only_when_nothing_else_runs(
+    runtime: ModelRuntime,
+) -> None:
+    engine = Engine(runtime, workers=2)
+    engine._busy_since = [1.0, None]  # worker 0 has just taken a batch, worker 1 idles
+    assert engine._alone(0)
+    engine._busy_since = [1.0, 2.0]  # worker 1 is at work too
+    assert not engine._alone(0)
+    engine._busy_since = [1.0, None]
+    engine._queue.append(object())  # type: ignore[arg-type]  # more work is waiting
+    assert not engine._alone(0)
+    engine._queue.clear()
+    engine._arrival_load = 0.6  # arrivals have been finding other inputs admitted
+    assert not engine._alone(0)
+    assert Engine(runtime, workers=1)._alone(0)  # alone, its own threads are all there are

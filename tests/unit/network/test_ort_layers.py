@@ -300,3 +300,38 @@ def test_the_executor_decides_again_on_what_the_graph_returns(
         assert deep.exit_layer == L
     finally:
         fast.alone = graph
+
+
+def test_a_row_alone_on_more_threads_gets_the_same_bits(
+    tiny_model_dir: Path, tiny_loaded: artifact.LoadedModel
+) -> None:
+    """The wide graph (a row alone while the other workers idle) against the one-thread
+    graph: the same logits, bit for bit, and the executor takes it only when asked."""
+    from app.engine.executor import Row, run_batch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per worker; the wide graph takes two
+    try:
+        net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime", 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert net.alone is not None and net.alone_wide is not None
+    L = net.num_layers
+    below_one = [0.999] * L
+    rows = tiny_loaded.tokenizer.encode(random_texts(40, seed=15))
+    for ids in rows:
+        narrow = net.run_alone(ids, below_one, L)
+        wide = net.run_alone(ids, below_one, L, wide=True)
+        assert narrow is not None and wide is not None and torch.equal(narrow, wide)
+    wide_graph, calls = net.alone_wide, []
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return wide_graph(*args)  # type: ignore[arg-type]
+
+    net.alone_wide = counted
+    row = Row(rows[0], [0.5] * L, L)
+    assert run_batch(net, [row], wide=True).predictions == run_batch(net, [row]).predictions
+    assert len(calls) == 1
+    narrow_only = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime")
+    assert narrow_only.alone_wide is None
