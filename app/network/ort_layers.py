@@ -206,6 +206,22 @@ class _Builder:
         hidden = self.op("Tanh", self.linear(pooled, dense, "pooled"))
         return self.linear(hidden, classifier, "pooled")
 
+    def subgraph(self, name: str, build: Callable[[], list[str]], kinds: list[Any]) -> Any:
+        """A graph (an `If` branch) of what `build` adds, with outputs of the element
+        `kinds` given; its constants are its own (ONNX Runtime prepacks the weights of a
+        subgraph's own initializers only), and what it made stays inside it."""
+        from onnx import helper
+
+        outer = self.nodes, self.inits, dict(self._zeros)
+        self.nodes, self.inits = [], []
+        outs = build()
+        values = [
+            helper.make_tensor_value_info(o, k, None) for o, k in zip(outs, kinds, strict=True)
+        ]
+        graph = helper.make_graph(self.nodes, name, [], values, self.inits)
+        self.nodes, self.inits, self._zeros = outer
+        return graph
+
     def session(
         self,
         inputs: dict[str, list[Any]],
@@ -344,7 +360,7 @@ class OrtRow:
 
     The graph's softmax is ONNX Runtime's and the executor's is torch's, which may round
     a confidence differently in the last bit: the executor decides again on these logits
-    (`executor.run_batch`), so the graph only saves time, never changes an answer.
+    (`executor.run_alone`), so the graph only saves time, never changes an answer.
     """
 
     def __init__(
@@ -354,25 +370,12 @@ class OrtRow:
         heads: list[ExitHead],
         threads: int = 1,
     ) -> None:
-        from onnx import TensorProto, helper
+        from onnx import TensorProto
 
         g, L = _Builder(), len(layers)
         one, axis0 = g.const(1.0), g.const([0], np.int64)
         C = cast(Int8Linear, heads[-1].classifier).out_features
         unscored = g.const(np.full((1, C), np.nan)), g.const(False, np.bool_)
-
-        def branch(name: str, build: Callable[[], list[str]], kinds: list[Any]) -> Any:
-            """A subgraph of what `build` adds, its constants its own (ONNX Runtime
-            prepacks the weights of a subgraph's own initializers only)."""
-            outer = g.nodes, g.inits, dict(g._zeros)
-            g.nodes, g.inits = [], []
-            outs = build()
-            values = [
-                helper.make_tensor_value_info(o, k, None) for o, k in zip(outs, kinds, strict=True)
-            ]
-            graph = helper.make_graph(g.nodes, name, [], values, g.inits)
-            g.nodes, g.inits, g._zeros = outer  # what the branch made stays in it
-            return graph
 
         def level(i: int, x: str) -> str:
             """Layer i (0-based) and its exit on x (1, n, H): the logits from exit i on
@@ -394,15 +397,15 @@ class OrtRow:
             logits, leave = g.ops(
                 "If",
                 g.op("Or", uses, capped),  # as `executor.may_leave`: else no head
-                then_branch=branch(f"score{i + 1}", score, kinds),
-                else_branch=branch(
+                then_branch=g.subgraph(f"score{i + 1}", score, kinds),
+                else_branch=g.subgraph(
                     f"skip{i + 1}", lambda: [g.op("Identity", v) for v in unscored], kinds
                 ),
                 outputs=2,
             )
             floats = [TensorProto.FLOAT]
-            here = branch(f"exit{i + 1}", lambda: [g.op("Identity", logits)], floats)
-            on = branch(
+            here = g.subgraph(f"exit{i + 1}", lambda: [g.op("Identity", logits)], floats)
+            on = g.subgraph(
                 f"after{i + 1}", lambda: [g.op("Concat", logits, level(i + 1, y), axis=0)], floats
             )
             return g.op("If", leave, then_branch=here, else_branch=on)

@@ -140,15 +140,13 @@ def prepare(
         quantize_int8(network)
         if int8_kernel(kernel) == "onnxruntime":
             threads = torch.get_num_threads()
-            network.encoder.embeddings.fast = ort_layers.OrtEmbeddings(
-                network.encoder.embeddings, threads
-            )
+            embeddings = network.encoder.embeddings
+            embeddings.fast = ort_layers.OrtEmbeddings(embeddings, threads)
             layers = [cast(Layer, layer) for layer in network.encoder.encoder.layer]
             heads = [network.head(i) for i in range(len(layers))]
             for layer, head in zip(layers, heads, strict=True):
                 layer.fast = ort_layers.OrtLayer(layer, threads, head)
                 head.fast = ort_layers.OrtHead(head, threads)
-            embeddings = network.encoder.embeddings
             network.alone = ort_layers.OrtRow(embeddings, layers, heads, threads)
             if wide_threads > threads:
                 network.alone_wide = ort_layers.OrtRow(embeddings, layers, heads, wide_threads)
