@@ -2,9 +2,13 @@
 
 A directory `models/<name>/` holds:
   model.json          everything needed to rebuild the network (see `ModelSpec`)
-  weights.safetensors tensors under two prefixes:
+  weights.safetensors tensors under these prefixes:
                         `full/<param>`  the parameter itself
                         `delta/<param>` a difference added to the base weights
+                        `rows/<param>` with `rowdelta/<param>`: the indices of the
+                          rows that differ from the base (int64, ascending) and
+                          their differences; for a fine-tuned vocabulary, whose
+                          unseen words keep the base's rows
   tokenizer.json      only when the tokenizer does not come from the base package
 Base weights (the pretrained or fine-tuned checkpoint a model builds on) are referenced
 by location and sha256, never copied into the weights file: a directory in an installed
@@ -33,6 +37,8 @@ from app.network.tokenizer import TextTokenizer
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+# A base tensor with at most this share of its rows changed is stored as those rows.
+ROWS_AT_MOST = 0.5
 # Formats that can execute code when loaded; their presence alone refuses the artifact.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
 
@@ -306,6 +312,41 @@ def tokenizer_path(model_dir: Path, spec: ModelSpec) -> Path:
     raise ArtifactError("model has no tokenizer: neither a local tokenizer.json nor a base")
 
 
+def _base_tensor(base: dict[str, torch.Tensor], name: str, key: str) -> torch.Tensor:
+    if name not in base:
+        raise ArtifactError(f"{WEIGHTS_FILE}: {key} has no base tensor")
+    return base[name]
+
+
+def _add_rows(
+    base: dict[str, torch.Tensor],
+    name: str,
+    index: torch.Tensor | None,
+    delta: torch.Tensor | None,
+) -> torch.Tensor:
+    """The base tensor with `delta` added to the rows `index` names, after checking that
+    the two belong together and fit the base."""
+    if index is None or delta is None:
+        missing = "rows" if index is None else "rowdelta"
+        raise ArtifactError(f"{WEIGHTS_FILE}: {missing}/{name} is missing")
+    t = _base_tensor(base, name, f"rows/{name}").clone()
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise ArtifactError(f"{WEIGHTS_FILE}: rows/{name} must be one int64 index per row")
+    if index.numel() and (
+        int(index[0]) < 0 or int(index[-1]) >= t.shape[0] or not bool((index.diff() > 0).all())
+    ):
+        raise ArtifactError(
+            f"{WEIGHTS_FILE}: rows/{name} must ascend, without repeats, within 0..{t.shape[0] - 1}"
+        )
+    if delta.shape != (index.numel(), *t.shape[1:]):
+        raise ArtifactError(
+            f"{WEIGHTS_FILE}: rowdelta/{name} has shape {tuple(delta.shape)},"
+            f" expected {(index.numel(), *t.shape[1:])}"
+        )
+    t[index] += delta
+    return t
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
@@ -321,18 +362,24 @@ def load(model_dir: Path | str) -> LoadedModel:
     net = MultiExitNetwork(spec.config)
     base = load_base_state(spec.base, spec.config) if spec.base is not None else {}
     state: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+    row_deltas: dict[str, torch.Tensor] = {}
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
             kind, _, name = key.partition("/")
-            t = f.get_tensor(key).float()
+            t = f.get_tensor(key)
             if kind == "full":
-                state[name] = t
+                state[name] = t.float()
             elif kind == "delta":
-                if name not in base:
-                    raise ArtifactError(f"{WEIGHTS_FILE}: delta for {name} has no base tensor")
-                state[name] = base[name] + t
+                state[name] = _base_tensor(base, name, key) + t.float()
+            elif kind == "rows":
+                rows[name] = t
+            elif kind == "rowdelta":
+                row_deltas[name] = t.float()
             else:
                 raise ArtifactError(f"{WEIGHTS_FILE}: unknown tensor prefix in {key!r}")
+    for name in sorted(set(rows) | set(row_deltas)):
+        state[name] = _add_rows(base, name, rows.get(name), row_deltas.get(name))
     for name, t in base.items():
         state.setdefault(name, t)
     expected = net.state_dict()
@@ -365,7 +412,8 @@ def save(
     """Write weights (what differs from the base, in `dtype`) and model.json.
 
     Parameters equal to the base are not stored; changed base parameters are stored as
-    deltas, whose small magnitude keeps fp16 rounding far below the weights' own scale.
+    deltas, whose small magnitude keeps fp16 rounding far below the weights' own scale,
+    and only their changed rows where most rows kept the base's values.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -373,12 +421,19 @@ def save(
     tensors: dict[str, torch.Tensor] = {}
     for name, t in network.state_dict().items():
         t = t.detach().float().cpu()
-        if name in base:
-            if torch.equal(base[name], t):
-                continue
-            tensors[f"delta/{name}"] = (t - base[name]).to(dtype).contiguous()
-        else:
+        if name not in base:
             tensors[f"full/{name}"] = t.to(dtype).contiguous()
+            continue
+        diff = t - base[name]
+        if not diff.any():
+            continue
+        moved = diff.flatten(1).any(dim=1) if diff.dim() > 1 else None
+        if moved is not None and int(moved.sum()) <= ROWS_AT_MOST * len(moved):
+            index = moved.nonzero().flatten()
+            tensors[f"rows/{name}"] = index.contiguous()
+            tensors[f"rowdelta/{name}"] = diff[index].to(dtype).contiguous()
+        else:
+            tensors[f"delta/{name}"] = diff.to(dtype).contiguous()
     save_file(tensors, str(model_dir / WEIGHTS_FILE), metadata={"format": "exitserve"})
     (model_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; servers run as another user
     files = {WEIGHTS_FILE: sha256_file(model_dir / WEIGHTS_FILE)}
