@@ -38,6 +38,7 @@ def _train(a: argparse.Namespace) -> int:
             distill=a.distill,
             limit=a.limit,
             base=Path(a.base) if a.base else None,
+            train_embeddings=a.train_embeddings,
         )
     )
     print(json.dumps({"out": str(out), "seconds": record["seconds"], "history": record["history"]}))
@@ -191,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--distill", type=float, default=0.0, help="weight of self-distillation")
     t.add_argument("--limit", type=int, help="train on at most this many examples")
     t.add_argument("--base", help="a BERT checkpoint directory to start from (default: MiniLM-L6)")
+    t.add_argument(
+        "--train-embeddings",
+        action="store_true",
+        help="fine-tune the embeddings too (stored as the rows that moved)",
+    )
     t.set_defaults(func=_train)
 
     x = sub.add_parser(

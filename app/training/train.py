@@ -3,8 +3,9 @@
 Joint loss over all exits, weighted by depth (deeper exits carry more weight so the
 final exit keeps full-model accuracy), optional self-distillation of the early exits
 from the last one (FastBERT), and optional int8 fake-quantization in the last epochs
-so the served int8 model agrees with the fp32 one. The embeddings stay frozen: the
-artifact then stores only the encoder layers and heads.
+so the served int8 model agrees with the fp32 one. The embeddings stay frozen unless
+`train_embeddings`; trained, they take no weight decay, so the rows of words the data
+never shows keep the base's values and the artifact stores only the rows that moved.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     limit: int | None = None  # use at most this many training examples (tests, trials)
     base: Path | None = None  # a BERT checkpoint directory; None: the MiniLM-L6 package
+    train_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.qat_epochs <= self.epochs:
@@ -113,8 +115,10 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     missing, unexpected = net.load_state_dict(artifact.load_base_state(base), strict=False)
     if unexpected or any(not k.startswith("heads.") for k in missing):
         raise RuntimeError(f"base weights do not fit: missing {missing}, unexpected {unexpected}")
-    for p in net.encoder.embeddings.parameters():
-        p.requires_grad_(False)
+    embeddings = list(net.encoder.embeddings.parameters())
+    if not tc.train_embeddings:
+        for p in embeddings:
+            p.requires_grad_(False)
 
     tok = TextTokenizer(base.path_of("tokenizer.json"), cfg.max_seq_len)
     train_set = splits.train[: tc.limit] if tc.limit else splits.train
@@ -122,14 +126,15 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     label_index = {name: i for i, name in enumerate(cfg.labels)}
     y_all = torch.tensor([label_index[e.label] for e in train_set])
 
-    encoder_params = [p for p in net.encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": encoder_params, "lr": tc.lr},
-            {"params": list(net.heads.parameters()), "lr": tc.head_lr},
-        ],
-        weight_decay=tc.weight_decay,
-    )
+    layer_params = list(net.encoder.encoder.parameters())
+    groups: list[dict[str, Any]] = [
+        {"params": layer_params, "lr": tc.lr},
+        {"params": list(net.heads.parameters()), "lr": tc.head_lr},
+    ]
+    if tc.train_embeddings:
+        # No decay: a row no batch touches keeps zero moments, so it never moves.
+        groups.append({"params": embeddings, "lr": tc.lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(ids) / tc.batch_size)
     total = steps_per_epoch * tc.epochs
     warm = max(1, int(total * tc.warmup))
@@ -172,7 +177,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         "seconds": round(elapsed, 1),
         "samples_per_second": round(seen / elapsed, 1),
         "torch_version": torch.__version__,
-        "frozen": ["encoder.embeddings"],
+        "frozen": [] if tc.train_embeddings else ["encoder.embeddings"],
     }
     spec = artifact.ModelSpec(
         name=tc.name,
