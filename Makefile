@@ -27,7 +27,7 @@ lint: install
 # Rebuild the default models (about 10 minutes each on 2 cores). Retrain rarely:
 # every committed weight file stays in the history.
 models: install
-	$(BIN)/exitserve train --data rotten-tomatoes --out models/rt-sentiment-minilm
+	$(BIN)/exitserve train --data rotten-tomatoes --out models/rt-sentiment-minilm --train-embeddings --seed 1
 	$(BIN)/exitserve calibrate models/rt-sentiment-minilm --max-drop 0.01 --max-disagreement 0.03
 	$(BIN)/exitserve evaluate models/rt-sentiment-minilm --split test --json --write
 	$(BIN)/exitserve train --data bbc-news --out models/bbc-topic-minilm
