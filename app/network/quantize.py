@@ -149,7 +149,9 @@ def prepare(
                 head.fast = ort_layers.OrtHead(head, threads)
             network.alone = ort_layers.OrtRow(embeddings, layers, heads, threads)
             if wide_threads > threads:
-                network.alone_wide = ort_layers.OrtRow(embeddings, layers, heads, wide_threads)
+                network.alone_wide = ort_layers.OrtRow(
+                    embeddings, layers, heads, wide_threads, spin=True
+                )
         return network
     network = network.to(device)
     if quantization == "fp16":

@@ -316,6 +316,13 @@ def test_a_row_alone_on_more_threads_gets_the_same_bits(
     finally:
         torch.set_num_threads(threads)
     assert net.alone is not None and net.alone_wide is not None
+
+    def spins(graph: object) -> str:
+        opts = graph._graph.session.get_session_options()  # type: ignore[attr-defined]
+        return str(opts.get_session_config_entry("session.intra_op.allow_spinning"))
+
+    # Only the wide graph spins: it runs while the other workers idle.
+    assert (spins(net.alone_wide), spins(net.alone)) == ("1", "0")
     L = net.num_layers
     below_one = [0.999] * L
     rows = tiny_loaded.tokenizer.encode(random_texts(40, seed=15))
