@@ -371,7 +371,13 @@ def load(model_dir: Path | str) -> LoadedModel:
             if kind == "full":
                 state[name] = t.float()
             elif kind == "delta":
-                state[name] = _base_tensor(base, name, key) + t.float()
+                b = _base_tensor(base, name, key)
+                if t.shape != b.shape:
+                    raise ArtifactError(
+                        f"{WEIGHTS_FILE}: {key} has shape {tuple(t.shape)},"
+                        f" the base's is {tuple(b.shape)}"
+                    )
+                state[name] = b + t.float()
             elif kind == "rows":
                 rows[name] = t
             elif kind == "rowdelta":
@@ -379,6 +385,8 @@ def load(model_dir: Path | str) -> LoadedModel:
             else:
                 raise ArtifactError(f"{WEIGHTS_FILE}: unknown tensor prefix in {key!r}")
     for name in sorted(set(rows) | set(row_deltas)):
+        if name in state:
+            raise ArtifactError(f"{WEIGHTS_FILE}: {name} is stored both whole and as rows")
         state[name] = _add_rows(base, name, rows.get(name), row_deltas.get(name))
     for name, t in base.items():
         state.setdefault(name, t)

@@ -92,14 +92,19 @@ def put(key: str, value: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], No
         (put(f"rows/{WORDS}", torch.tensor([3.0, 7.0, 11.0])), r"one int64 index per row"),
         (put(f"rowdelta/{WORDS}", torch.zeros(3, 31)), r"has shape \(3, 31\), expected \(3, 32\)"),
         (put(f"rowdelta/{WORDS}", torch.zeros(2, 32)), r"has shape \(2, 32\), expected \(3, 32\)"),
+        (put(f"delta/{WORDS}", torch.zeros(242, 32)), rf"{WORDS} is stored both whole and as rows"),
+        (
+            put(f"delta/{QUERY}", torch.zeros(32, 31)),
+            r"has shape \(32, 31\), the base's is \(32, 32\)",
+        ),
         (
             lambda t: t.update(
                 {
-                    "rows/heads.0.classifier.weight": torch.tensor([0]),
-                    "rowdelta/heads.0.classifier.weight": torch.zeros(1, 32),
+                    "rows/encoder.extra.weight": torch.tensor([0]),
+                    "rowdelta/encoder.extra.weight": torch.zeros(1, 32),
                 }
             ),
-            r"rows/heads\.0\.classifier\.weight has no base tensor",
+            r"rows/encoder\.extra\.weight has no base tensor",
         ),
     ],
 )
