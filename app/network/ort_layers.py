@@ -75,7 +75,6 @@ def signed_weights_exact() -> bool:
     the same exact sums, the same bits on every CPU. Probed once, on the kernel itself,
     at shapes taking its GEMV (one row) and GEMM paths.
     """
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -91,11 +90,7 @@ def signed_weights_exact() -> bool:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 10
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    session = open_session(model.SerializeToString(), 1)  # as the served graphs' sessions
     for rows in (1, 5):
         a = rng.integers(0, 256, (rows, k)).astype(np.uint8)
         a[0] = 255
@@ -222,18 +217,14 @@ class _Builder:
         self.nodes, self.inits, self._zeros = outer
         return graph
 
-    def session(
+    def model(
         self,
         inputs: dict[str, list[Any]],
         outputs: dict[str, list[Any]],
-        threads: int,
         int64: tuple[str, ...] = (),
-        spin: bool = False,
-    ) -> Any:
-        """A session over the graph built so far: inputs and outputs by name and shape
-        (symbolic dimensions by name), float but for the `int64` inputs. `spin`: its
-        threads wait for work by spinning rather than sleeping (see `OrtRow`)."""
-        import onnxruntime as ort
+    ) -> bytes:
+        """The graph built so far as a serialized model: inputs and outputs by name and
+        shape (symbolic dimensions by name), float but for the `int64` inputs."""
         from onnx import TensorProto, helper
 
         def values(named: dict[str, list[Any]]) -> list[Any]:
@@ -250,33 +241,51 @@ class _Builder:
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
         model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 10
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        # No fusions: a subgraph must run the very same kernels in every graph holding it
-        # (and ORT's extended fusions measured slower here: 1.1x against 1.35x the export).
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        return bytes(model.SerializeToString())
+
+    def session(
+        self,
+        inputs: dict[str, list[Any]],
+        outputs: dict[str, list[Any]],
+        threads: int,
+        int64: tuple[str, ...] = (),
+    ) -> Any:
+        """A session over the graph built so far (`model`)."""
+        return open_session(self.model(inputs, outputs, int64), threads)
+
+    def graph(
+        self,
+        inputs: dict[str, list[Any]],
+        outputs: dict[str, list[Any]],
+        threads: int,
+        int64: tuple[str, ...] = (),
+    ) -> _Graph:
+        """The graph built so far, ready to call (`session`)."""
+        return _Graph(self.session(inputs, outputs, threads, int64), list(outputs))
+
+
+def open_session(model: bytes, threads: int, spin: bool = False) -> Any:
+    """An ONNX Runtime session over a serialized model, on `threads` intra-op threads.
+    `spin`: they wait for work by spinning rather than sleeping (see `OrtRow`)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    # No fusions: a subgraph must run the very same kernels in every graph holding it
+    # (and ORT's extended fusions measured slower here: 1.1x against 1.35x the export).
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 class _Graph:
     """A session and its output names: tensors in, tensors out."""
 
-    def __init__(
-        self,
-        g: _Builder,
-        inputs: dict[str, list[Any]],
-        outputs: dict[str, list[Any]],
-        threads: int,
-        int64: tuple[str, ...] = (),
-        spin: bool = False,
-    ) -> None:
-        self.session = g.session(inputs, outputs, threads, int64, spin)
-        self.outputs = list(outputs)
+    def __init__(self, session: Any, outputs: list[str]) -> None:
+        self.session = session
+        self.outputs = outputs
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         ys = self.session.run(self.outputs, {k: _np(v) for k, v in inputs.items()})
@@ -330,13 +339,13 @@ class OrtLayer:
         g = _Builder()
         y = layer_ops(g, layer, "x")
         H = layer.attention.output.dense.out_features
-        self._whole = _Graph(g, {"x": ["B", "T", H]}, {y: ["B", "T", H]}, threads)
+        self._whole = g.graph({"x": ["B", "T", H]}, {y: ["B", "T", H]}, threads)
         self._whole_exit: _Graph | None = None
         if head is not None:  # the same layer, then the head on its output
             logits = g.exit_head(y, head)
             C = cast(Int8Linear, head.classifier).out_features
-            self._whole_exit = _Graph(
-                g, {"x": ["B", "T", H]}, {y: ["B", "T", H], logits: ["B", C]}, threads
+            self._whole_exit = g.graph(
+                {"x": ["B", "T", H]}, {y: ["B", "T", H], logits: ["B", C]}, threads
             )
 
     @property
@@ -371,10 +380,10 @@ class OrtRow:
     a confidence differently in the last bit: the executor decides again on these logits
     (`executor.run_alone`), so the graph only saves time, never changes an answer.
 
-    `spin`: on several threads, they spin between the graph's parallel ops instead of
-    sleeping and being woken for each. For the graph on all the engine's threads, which
-    runs only while the other workers idle (`Engine._alone`): a row alone measured
-    1.24-1.29x faster so, with the same answers.
+    `wide_threads` above `threads`: the same model also on that many threads, for a row
+    alone while the other workers idle (`Engine._alone`; `__call__(..., wide=True)`).
+    Its threads spin between the graph's parallel ops instead of sleeping and being
+    woken for each: a row alone measured 1.24-1.29x faster so, with the same answers.
     """
 
     def __init__(
@@ -383,7 +392,7 @@ class OrtRow:
         layers: list[Layer],
         heads: list[ExitHead],
         threads: int = 1,
-        spin: bool = False,
+        wide_threads: int = 0,
     ) -> None:
         from onnx import TensorProto
 
@@ -429,15 +438,27 @@ class OrtRow:
         out = level(0, x)
         inputs: dict[str, list[Any]] = {"ids": ["N"], "positions": ["N"], "thresholds": [L]}
         inputs["max_layers"] = []
-        self._graph = _Graph(
-            g, inputs, {out: ["E", C]}, threads, ("ids", "positions", "max_layers"), spin
-        )
+        model = g.model(inputs, {out: ["E", C]}, ("ids", "positions", "max_layers"))
+        self._graph = _Graph(open_session(model, threads), [out])
+        self._wide: _Graph | None = None
+        if wide_threads > threads:
+            self._wide = _Graph(open_session(model, wide_threads, spin=True), [out])
+
+    @property
+    def has_wide(self) -> bool:
+        return self._wide is not None
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, thresholds: torch.Tensor, max_layers: int
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        thresholds: torch.Tensor,
+        max_layers: int,
+        wide: bool = False,
     ) -> torch.Tensor:
+        graph = self._wide if wide and self._wide is not None else self._graph
         cap = torch.tensor(max_layers, dtype=torch.long)
-        return self._graph(ids=ids, positions=positions, thresholds=thresholds, max_layers=cap)[0]
+        return graph(ids=ids, positions=positions, thresholds=thresholds, max_layers=cap)[0]
 
 
 class OrtEmbeddings:
@@ -449,7 +470,7 @@ class OrtEmbeddings:
         x = embedding_ops(g, embeddings, "ids", "positions")
         H = embeddings.LayerNorm.weight.shape[0]
         inputs = {"ids": ["N"], "positions": ["N"]}
-        self._graph = _Graph(g, inputs, {x: ["N", H]}, threads, int64=("ids", "positions"))
+        self._graph = g.graph(inputs, {x: ["N", H]}, threads, int64=("ids", "positions"))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._graph(ids=ids, positions=positions)[0]
@@ -465,7 +486,7 @@ class OrtHead:
         logits = g.exit_head("states", head)
         H = cast(Int8Linear, head.dense).in_features
         C = cast(Int8Linear, head.classifier).out_features
-        self._graph = _Graph(g, {"states": ["B", "T", H]}, {logits: ["B", C]}, threads)
+        self._graph = g.graph({"states": ["B", "T", H]}, {logits: ["B", C]}, threads)
 
     def __call__(self, states: torch.Tensor) -> torch.Tensor:
         return self._graph(states=states)[0]

@@ -13,6 +13,7 @@ functions compute the scales and the rounded values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -147,11 +148,10 @@ def prepare(
             for layer, head in zip(layers, heads, strict=True):
                 layer.fast = ort_layers.OrtLayer(layer, threads, head)
                 head.fast = ort_layers.OrtHead(head, threads)
-            network.alone = ort_layers.OrtRow(embeddings, layers, heads, threads)
-            if wide_threads > threads:
-                network.alone_wide = ort_layers.OrtRow(
-                    embeddings, layers, heads, wide_threads, spin=True
-                )
+            row = ort_layers.OrtRow(embeddings, layers, heads, threads, wide_threads)
+            network.alone = row
+            if row.has_wide:  # one model, a second session on more threads
+                network.alone_wide = functools.partial(row, wide=True)
         return network
     network = network.to(device)
     if quantization == "fp16":

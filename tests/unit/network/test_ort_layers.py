@@ -318,11 +318,12 @@ def test_a_row_alone_on_more_threads_gets_the_same_bits(
     assert net.alone is not None and net.alone_wide is not None
 
     def spins(graph: object) -> str:
-        opts = graph._graph.session.get_session_options()  # type: ignore[attr-defined]
+        opts = graph.session.get_session_options()  # type: ignore[attr-defined]
         return str(opts.get_session_config_entry("session.intra_op.allow_spinning"))
 
     # Only the wide graph spins: it runs while the other workers idle.
-    assert (spins(net.alone_wide), spins(net.alone)) == ("1", "0")
+    row = net.alone
+    assert (spins(row._wide), spins(row._graph)) == ("1", "0")  # type: ignore[attr-defined]
     L = net.num_layers
     below_one = [0.999] * L
     rows = tiny_loaded.tokenizer.encode(random_texts(40, seed=15))
