@@ -243,16 +243,6 @@ class _Builder:
         model.ir_version = 10
         return bytes(model.SerializeToString())
 
-    def session(
-        self,
-        inputs: dict[str, list[Any]],
-        outputs: dict[str, list[Any]],
-        threads: int,
-        int64: tuple[str, ...] = (),
-    ) -> Any:
-        """A session over the graph built so far (`model`)."""
-        return open_session(self.model(inputs, outputs, int64), threads)
-
     def graph(
         self,
         inputs: dict[str, list[Any]],
@@ -260,8 +250,8 @@ class _Builder:
         threads: int,
         int64: tuple[str, ...] = (),
     ) -> _Graph:
-        """The graph built so far, ready to call (`session`)."""
-        return _Graph(self.session(inputs, outputs, threads, int64), list(outputs))
+        """The graph built so far (`model`), ready to call on `threads` threads."""
+        return _Graph(open_session(self.model(inputs, outputs, int64), threads), list(outputs))
 
 
 def open_session(model: bytes, threads: int, spin: bool = False) -> Any:

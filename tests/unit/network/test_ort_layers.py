@@ -221,7 +221,7 @@ def test_an_int8_linear_sums_exactly_where_a_kernel_could_saturate(
     x[:2] = torch.sign(x[:2])  # every value at +-amax: int8 values of +-127 (uint8 255, 1)
     g = ort_layers._Builder()
     y = g.linear("x", lin)
-    session = g.session({"x": ["M", 64]}, {y: ["M", 24]}, threads=1)
+    session = ort_layers.open_session(g.model({"x": ["M", 64]}, {y: ["M", 24]}), threads=1)
     got = session.run(None, {"x": x.numpy()})[0]
     values, scale = quantize_per_token(x)
     acc = values.to(torch.int64) @ lin.weight_int8.to(torch.int64).t()  # exact sums
