@@ -1,0 +1,301 @@
+"""One table of exit-rule cases, run against every implementation of the rule.
+
+The rule: a row leaves exit i when its confidence there is at least the threshold and
+the threshold is below 1, or when exit i is its depth cap; the last exit always answers.
+It is written in the layer loop (`executor.decide`), in the one-call ONNX graph of a row
+alone (`ort_layers.OrtRow`, an `If` per exit) and in calibration's numpy
+(`stats.exit_layers`). Each case builds its thresholds from the confidences that very
+implementation computes for the row, so a tie is exact as a float: a threshold equal to
+the confidence leaves there, the next float above does not.
+
+The one-call graph is checked on its own output (how many exits it ran), not only
+through the executor: the executor decides again on what the graph returns and falls
+back to the layer loop, so a graph that leaves one exit late would never change an answer,
+only waste the layers after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine.executor import Row, run_batch
+from app.network import artifact, ort_layers
+from app.network.multi_exit import MultiExitNetwork
+from app.network.quantize import int8_kernel, prepare
+from app.training.evaluate import all_exit_probs
+from app.training.stats import exit_layers
+from tests.tiny import random_texts
+
+L = 4
+TEXTS = random_texts(6, seed=23, min_words=2, max_words=30)
+Thresholds = list[float]
+
+
+def up(c: float) -> float:
+    """The next float32 above `c`: thresholds reach the graph as float32, so the next
+    double above would round back onto the confidence there."""
+    return float(np.nextafter(np.float32(c), np.float32(2.0)))
+
+
+def down(c: float) -> float:
+    return float(np.nextafter(np.float32(c), np.float32(-1.0)))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    rule: Callable[[list[float]], tuple[Thresholds, int]]  # confidences -> thresholds, cap
+    exit: int  # the exit the row must leave at (1-based)
+    capped: bool = False  # uses a depth cap (calibration's numpy has none)
+
+
+def _rest(n: int) -> Thresholds:
+    return [1.0] * n
+
+
+CASES = [
+    Case("tie at exit 1 leaves", lambda c: ([c[0], *_rest(L - 1)], L), 1),
+    Case("next float above at exit 1 stays", lambda c: ([up(c[0]), *_rest(L - 1)], L), L),
+    Case("next float below at exit 1 leaves", lambda c: ([down(c[0]), *_rest(L - 1)], L), 1),
+    Case("above at 1, tie at 2", lambda c: ([up(c[0]), c[1], *_rest(L - 2)], L), 2),
+    Case(
+        "above everywhere, tie at the last intermediate exit",
+        lambda c: ([*(up(x) for x in c[: L - 2]), c[L - 2], 1.0], L),
+        L - 1,
+    ),
+    Case("threshold 1 everywhere reaches the last exit", lambda c: (_rest(L), L), L),
+    Case("threshold 0 everywhere leaves at exit 1", lambda c: ([0.0] * L, L), 1),
+    *(
+        Case(f"cap {k} with threshold 1 answers at the cap", lambda c, k=k: (_rest(L), k), k, True)
+        for k in range(1, L + 1)
+    ),
+    Case("a cap before a tie answers at the cap", lambda c: ([1.0, c[1], 1.0, 1.0], 1), 1, True),
+    Case("a tie before the cap leaves at the tie", lambda c: ([c[0], *_rest(L - 1)], 3), 1, True),
+]
+
+
+class Implementation:
+    """One place the rule is applied: its own confidences per exit for a row, and the
+    exit it lets that row leave at under given thresholds and cap."""
+
+    capped = True
+
+    def confidences(self, ids: list[int]) -> list[float]:
+        raise NotImplementedError
+
+    def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
+        raise NotImplementedError
+
+
+class LayerLoop(Implementation):
+    """`executor.decide` in the layer loop: two copies of the row in one batch (a batch
+    of one would take the one-call path); both must leave at the same exit."""
+
+    def __init__(self, net: MultiExitNetwork) -> None:
+        self.net = net
+
+    def confidences(self, ids: list[int]) -> list[float]:
+        return all_exit_probs(self.net, [ids])[:, 0].max(-1).tolist()
+
+    def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
+        res = run_batch(self.net, [Row(ids, thresholds, cap), Row(ids, thresholds, cap)])
+        a, b = (p.exit_layer for p in res.predictions)
+        assert a == b
+        return a
+
+
+class Alone(LayerLoop):
+    """A row alone through the executor (the one-call graph where the kernel has one,
+    with `decide` applied again on its logits; else the layer loop)."""
+
+    def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
+        return run_batch(self.net, [Row(ids, thresholds, cap)]).predictions[0].exit_layer
+
+
+class OneCallGraph(Implementation):
+    """`OrtRow`'s own rule: the exits it ran, read off its output; confidences from
+    ONNX Runtime's softmax, the kernel inside the graph."""
+
+    def __init__(self, net: MultiExitNetwork) -> None:
+        assert net.alone is not None
+        self.graph = net.alone
+        self.positions = torch.arange(64)
+        self.softmax = _ort_softmax()
+
+    def _run(self, ids: list[int], thresholds: Thresholds, cap: int) -> torch.Tensor:
+        t = torch.tensor(thresholds, dtype=torch.float32)
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        return self.graph(ids_t, self.positions[: len(ids)], t, cap)  # (e, C)
+
+    def confidences(self, ids: list[int]) -> list[float]:
+        # Capped at exit k with nothing else in use, the graph runs only exit k's head.
+        logits = [self._run(ids, _rest(L), k)[k - 1] for k in range(1, L + 1)]
+        return [float(self.softmax(lg.numpy()[None]).max()) for lg in logits]
+
+    def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
+        return int(self._run(ids, thresholds, cap).shape[0])
+
+
+class Calibration(Implementation):
+    """`stats.exit_layers`, on the served int8 confidences (it knows no depth cap)."""
+
+    capped = False
+
+    def __init__(self, net: MultiExitNetwork) -> None:
+        self.net = net
+
+    def confidences(self, ids: list[int]) -> list[float]:
+        return LayerLoop(self.net).confidences(ids)
+
+    def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
+        conf = np.array(self.confidences(ids), np.float32)[:, None]  # (L, 1)
+        return int(exit_layers(conf, np.array(thresholds))[0]) + 1
+
+
+def _ort_softmax() -> Callable[[np.ndarray], np.ndarray]:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Softmax", ["x"], ["y"], axis=-1)
+    graph = helper.make_graph(
+        [node],
+        "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ort_layers.OPSET)])
+    model.ir_version = 10
+    session = ort_layers.open_session(model.SerializeToString(), 1)
+    return lambda x: session.run(None, {"x": x.astype(np.float32)})[0]
+
+
+def _network(model_dir: Path, kernel: str, saturate: bool = False) -> MultiExitNetwork:
+    net = artifact.load(model_dir).network
+    if saturate:
+        # Logits thousands apart: every softmax rounds to exactly (1.0, 0.0).
+        with torch.no_grad():
+            for head in net.heads:
+                head.classifier.weight.mul_(1e4)
+    return prepare(net, "cpu", "int8", kernel)
+
+
+def _implementations(model_dir: Path, saturate: bool) -> dict[str, Implementation]:
+    torch_net = _network(model_dir, "torch", saturate)
+    found: dict[str, Implementation] = {
+        "layer loop, torch int8": LayerLoop(torch_net),
+        "alone, torch int8": Alone(torch_net),
+        "calibration numpy": Calibration(torch_net),
+    }
+    if int8_kernel() == "onnxruntime":
+        ort_net = _network(model_dir, "onnxruntime", saturate)
+        found["layer loop, onnxruntime int8"] = LayerLoop(ort_net)
+        found["alone, onnxruntime int8"] = Alone(ort_net)
+        found["one-call graph"] = OneCallGraph(ort_net)
+    return found
+
+
+NAMES = [
+    "layer loop, torch int8",
+    "alone, torch int8",
+    "calibration numpy",
+    "layer loop, onnxruntime int8",
+    "alone, onnxruntime int8",
+    "one-call graph",
+]
+
+
+@pytest.fixture(scope="module")
+def implementations(tiny_model_dir: Path) -> dict[str, Implementation]:
+    return _implementations(tiny_model_dir, saturate=False)
+
+
+@pytest.fixture(scope="module")
+def saturated(tiny_model_dir: Path) -> dict[str, Implementation]:
+    return _implementations(tiny_model_dir, saturate=True)
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_loaded: artifact.LoadedModel) -> list[list[int]]:
+    return tiny_loaded.tokenizer.encode(TEXTS)
+
+
+def _get(found: dict[str, Implementation], name: str) -> Implementation:
+    if name not in found:
+        pytest.skip("onnxruntime is not installed")
+    return found[name]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_implementation_leaves_where_the_table_says(
+    implementations: dict[str, Implementation], ids: list[list[int]], name: str, case: Case
+) -> None:
+    impl = _get(implementations, name)
+    if case.capped and not impl.capped:
+        pytest.skip("calibration has no depth cap")
+    for row in ids:
+        conf = impl.confidences(row)
+        assert all(0.0 < c < 1.0 for c in conf), conf  # ties and the float above exist
+        thresholds, cap = case.rule(conf)
+        assert impl.exit(row, thresholds, cap) == case.exit, (conf, thresholds, cap)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_threshold_one_never_leaves_early_even_at_confidence_one(
+    saturated: dict[str, Implementation], ids: list[list[int]], name: str
+) -> None:
+    impl = _get(saturated, name)
+    for row in ids:
+        assert impl.confidences(row) == [1.0] * L  # the head saturates at every exit
+        assert impl.exit(row, _rest(L), L) == L
+        assert impl.exit(row, [0.0, *_rest(L - 1)], L) == 1
+        assert impl.exit(row, [1.0, 1.0, 0.5, 1.0], L) == 3
+
+
+@pytest.mark.parametrize("kernel", ["torch", "onnxruntime"])
+def test_each_row_keeps_its_own_rule_beside_neighbours_with_another(
+    implementations: dict[str, Implementation],
+    saturated: dict[str, Implementation],
+    ids: list[list[int]],
+    kernel: str,
+) -> None:
+    """In one batch, rows with the operating point's thresholds, a request's own
+    threshold and a depth cap each leave where their own rule says, also where a
+    neighbour makes the exit head run for a row whose threshold there is 1."""
+    for found in (implementations, saturated):
+        loop = _get(found, f"layer loop, {kernel} int8")
+        assert isinstance(loop, LayerLoop)
+        row = ids[0]
+        c = loop.confidences(row)
+        rules = [
+            ([c[0], *_rest(L - 1)], L),  # a tie at exit 1
+            (_rest(L), L),  # never early, even where the neighbours' heads run
+            ([up(c[0]), c[1], *_rest(L - 2)], L),  # a miss at 1, a tie at 2
+            (_rest(L), 3),  # a cap
+            ([0.0] * L, L),
+        ]
+        want = [1, L, 2, 3, 1]
+        if c[0] == 1.0:  # saturated: a tie is a threshold of 1, and no float lies above
+            rules, want = [rules[1], rules[3], rules[4]], [L, 3, 1]
+        res = run_batch(loop.net, [Row(row, th, cap) for th, cap in rules])
+        assert [p.exit_layer for p in res.predictions] == want
+
+
+def test_the_implementations_agree_on_the_confidences_they_decide_on(
+    implementations: dict[str, Implementation], ids: list[list[int]]
+) -> None:
+    """The table means one rule only if every path sees the same numbers: the int8
+    kernels' confidences agree (to the rounding of their float epilogues), and the
+    layer loop's are exactly calibration's."""
+    loop = implementations["layer loop, torch int8"]
+    for row in ids:
+        want = loop.confidences(row)
+        assert implementations["calibration numpy"].confidences(row) == want
+        for name in ("layer loop, onnxruntime int8", "one-call graph"):
+            if name in implementations:
+                assert implementations[name].confidences(row) == pytest.approx(want, abs=0.05)
