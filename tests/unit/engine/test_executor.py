@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.engine.executor import BatchResult, Prediction, Row, run_batch, uniform_thresholds
@@ -328,6 +328,10 @@ def test_int8_batched_answers_equal_single_answers(int8, ids, calibrated, int8_a
     threads=st.sampled_from([1, 2]),
     pad_to=st.integers(0, 48),
 )
+# Text 36 (29 tokens) beside a copy of itself on 2 threads: torch's CPU flash attention
+# gave it probabilities one ulp apart from its answer alone (its work split by batch and
+# thread count); the math kernel does not.
+@example(picks=[36, 36], threshold=0.9, threads=2, pad_to=0)
 def test_int8_answer_is_independent_of_its_batch(
     int8, ids, calibrated, picks, threshold, threads, pad_to
 ) -> None:
