@@ -23,6 +23,8 @@ served kernels and the training-time simulation (`quantize.fake_int8`) both call
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,19 +79,50 @@ def onednn_available() -> bool:
     return torch.equal(y, (x.long() @ w.long().t()).float())
 
 
+@functools.cache
+def onednn_preferred() -> bool:
+    """True when oneDNN's int8 linear sums exactly here and is not slower than
+    `_int_mm` (both give the same bits, so speed alone decides); probed once.
+
+    On some CPUs oneDNN takes a slow path: measured on an AMD EPYC with AVX-512 VNNI,
+    27 x 384 x 1536 took 250 ms against `_int_mm`'s 95 us, and a server on that kernel
+    needed four minutes to warm up. The probe times a mid-sized product, best of three each.
+    """
+    if not onednn_available():
+        return False
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(0)
+        linear = nn.Linear(128, 256)
+        x = torch.randn(16, 128)
+    onednn, int_mm = (best_time(Int8Linear(linear, k), x) for k in ("onednn", "int_mm"))
+    return onednn <= int_mm
+
+
+def best_time(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int = 3) -> float:
+    """The shortest of `n` timed calls `f(x)` after one untimed (packing, dispatch)."""
+    f(x)
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        f(x)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with int8 weights (per channel) and int8 activations (per token).
 
     Two kernels give bit-identical results (tested): oneDNN's int8 linear, which scales the
     int32 sums by the weight scales in its epilogue, and `torch._int_mm` followed by the
     same multiplication; the per-token scale and the bias are applied afterwards in one
-    `addcmul`. oneDNN is used where the torch build has it (x86), `_int_mm` elsewhere.
+    `addcmul`. `auto`: oneDNN where the torch build has it (x86) and it is the faster
+    here (`onednn_preferred`), `_int_mm` elsewhere.
     """
 
     def __init__(self, linear: nn.Linear, kernel: str = "auto") -> None:
         super().__init__()
         if kernel == "auto":
-            kernel = "onednn" if onednn_available() else "int_mm"
+            kernel = "onednn" if onednn_preferred() else "int_mm"
         if kernel not in ("onednn", "int_mm"):
             raise ValueError(f"unknown int8 kernel {kernel!r}; expected auto, onednn or int_mm")
         w = linear.weight.detach().float()

@@ -451,6 +451,15 @@ class OrtRow:
         return graph(ids=ids, positions=positions, thresholds=thresholds, max_layers=cap)[0]
 
 
+def linear_graph(lin: Int8Linear, threads: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One `Int8Linear` as a graph on rows (M, K) -> (M, N): what the kernels' speed
+    probe (`quantize.torch_kernel_slowdown`) holds the eager kernel against."""
+    g = _Builder()
+    y = g.linear("x", lin)
+    graph = g.graph({"x": ["M", lin.in_features]}, {y: ["M", lin.out_features]}, threads)
+    return lambda x: graph(x=x)[0]
+
+
 class OrtEmbeddings:
     """The embeddings of packed tokens as one graph: ids and positions (N,) -> (N, H),
     per token, one call where torch took five ops (`embedding_ops`)."""

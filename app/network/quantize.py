@@ -24,7 +24,7 @@ from torch import nn
 
 from app.network import ort_layers
 from app.network.encoder import Layer, SelfAttention
-from app.network.invariant import Int8Linear, quantize_per_token, quantize_weight
+from app.network.invariant import Int8Linear, best_time, quantize_per_token, quantize_weight
 from app.network.multi_exit import MultiExitNetwork
 
 # What /info and the README call the CPU int8 scheme.
@@ -32,6 +32,9 @@ INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accum
 
 MODES = ("int8", "fp16", "bf16", "none")
 INT8_KERNELS = ("auto", "onnxruntime", "torch")
+# The eager kernel is refused where it runs more than this many times slower than ONNX
+# Runtime's (`torch_kernel_slowdown`): served so, it is not a choice but a fault.
+TORCH_KERNEL_MAX_SLOWDOWN = 3.0
 
 
 def resolve(
@@ -108,14 +111,45 @@ def batch_invariant(device: str, quantization: str) -> bool:
 
 def int8_kernel(kernel: str = "auto") -> str:
     """What runs the int8 encoder layers: `onnxruntime` (one graph call per layer, see
-    `ort_layers`) where it is installed, else `torch` (eager `Int8Linear`s)."""
+    `ort_layers`) where it is installed, else `torch` (eager `Int8Linear`s).
+
+    `torch` where ONNX Runtime is installed too is refused when the eager kernel runs
+    more than `TORCH_KERNEL_MAX_SLOWDOWN` times slower on this CPU, naming the choice
+    that serves."""
     if kernel not in INT8_KERNELS:
         raise ValueError(f"unknown int8 kernel {kernel!r}; expected one of {INT8_KERNELS}")
     if kernel == "auto":
         return "onnxruntime" if ort_layers.available() else "torch"
     if kernel == "onnxruntime" and not ort_layers.available():
         raise ValueError("int8 kernel 'onnxruntime' needs the onnx and onnxruntime packages")
+    if kernel == "torch" and ort_layers.available():
+        slowdown = torch_kernel_slowdown()
+        if slowdown > TORCH_KERNEL_MAX_SLOWDOWN:
+            raise ValueError(
+                f"int8 kernel 'torch' runs {slowdown:.1f}x slower than 'onnxruntime' on this"
+                f" CPU (more than {TORCH_KERNEL_MAX_SLOWDOWN:g}x); use int8 kernel"
+                " 'onnxruntime' (EXITSERVE_INT8_KERNEL=onnxruntime, or auto)"
+            )
     return kernel
+
+
+@functools.cache
+def torch_kernel_slowdown() -> float:
+    """How many times longer the eager int8 linear (`Int8Linear`, its `auto` kernel)
+    takes than the same product as an ONNX Runtime graph, on one thread at a layer's
+    shape (32 tokens, 384 -> 384; best of five each). Measured: 1.6x on an AMD EPYC
+    where `_int_mm` serves; where oneDNN took its slow path there, over 1,000x."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(0)
+        eager = Int8Linear(nn.Linear(384, 384))
+        x = torch.randn(32, 384)
+    graph = ort_layers.linear_graph(eager)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best_time(eager, x, 5) / best_time(graph, x, 5)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def prepare(

@@ -8,10 +8,23 @@ import pytest
 import torch
 from torch import nn
 
-from app.network import artifact
-from app.network.invariant import Int8Linear, onednn_available, quantize_per_token
+from app.engine.runtime import load_runtime
+from app.network import artifact, quantize
+from app.network.invariant import (
+    Int8Linear,
+    onednn_available,
+    onednn_preferred,
+    quantize_per_token,
+)
 from app.network.multi_exit import pad_batch
-from app.network.quantize import _FakeQuantLinear, batch_invariant, fake_int8, prepare, resolve
+from app.network.quantize import (
+    _FakeQuantLinear,
+    batch_invariant,
+    fake_int8,
+    int8_kernel,
+    prepare,
+    resolve,
+)
 from tests.tiny import random_texts
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -126,7 +139,7 @@ def test_auto_gives_the_exit_heads_int_mm(tiny_model_dir: Path) -> None:
     heads = {m.kernel for m in net.heads.modules() if isinstance(m, Int8Linear)}
     encoder = {m.kernel for m in net.encoder.modules() if isinstance(m, Int8Linear)}
     assert heads == {"int_mm"}
-    assert encoder == {"onednn" if onednn_available() else "int_mm"}
+    assert encoder == {"onednn" if onednn_preferred() else "int_mm"}
 
 
 def test_fake_int8_simulates_what_is_served(tiny_model_dir: Path, tiny_loaded) -> None:
@@ -268,3 +281,29 @@ def test_the_eager_int8_kernel_sums_exactly_where_a_kernel_could_saturate() -> N
     acc = values.to(torch.int64) @ lin.weight_int8.to(torch.int64).t()
     want = torch.addcmul(lin.bias, acc.to(torch.int32) * lin.weight_scale, scale)
     assert torch.equal(lin(x), want)
+
+
+@pytest.mark.skipif(int8_kernel() != "onnxruntime", reason="onnxruntime is not installed")
+def test_a_torch_kernel_far_slower_than_onnxruntime_is_refused_naming_the_faster(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quantize, "torch_kernel_slowdown", lambda: 40.0)
+    with pytest.raises(ValueError, match=r"40\.0x slower than 'onnxruntime'.*onnxruntime"):
+        int8_kernel("torch")
+    with pytest.raises(ValueError, match="EXITSERVE_INT8_KERNEL=onnxruntime"):
+        load_runtime(tiny_model_dir, "cpu", "int8", 1, "torch")
+    assert int8_kernel("auto") == int8_kernel("onnxruntime") == "onnxruntime"
+    monkeypatch.setattr(quantize, "torch_kernel_slowdown", lambda: 2.0)
+    assert int8_kernel("torch") == "torch"
+
+
+def test_the_kernel_probes_leave_the_random_state_alone() -> None:
+    onednn_preferred.cache_clear()
+    quantize.torch_kernel_slowdown.cache_clear()
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    onednn_preferred()
+    if int8_kernel() == "onnxruntime":
+        assert quantize.torch_kernel_slowdown() > 0
+    assert torch.equal(torch.rand(4), want)
