@@ -22,6 +22,7 @@ from app.engine.runtime import ModelRuntime, load_runtime
 from app.engine.scheduler import (
     Answer,
     DeadlineExceeded,
+    Draining,
     Engine,
     ExitRule,
     InferenceFailed,
@@ -265,6 +266,55 @@ def test_drain_refuses_new_work_and_reports_idle(
         await until(lambda: engine.idle)
 
     run(main())
+
+
+def test_stop_waits_for_the_queued_backlog_and_answers_all_of_it(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What plain `uvicorn app.main:app` relies on: the lifespan's stop() drains.
+    engine = engine_of(max_batch_size=1)
+    held = Held(runtime, monkeypatch)
+    backlog = [f"queued {i}" for i in range(5)]
+
+    async def main() -> bool:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)
+        rest = [asyncio.ensure_future(engine.submit([t])) for t in backlog]
+        await until(lambda: engine.queued() == len(backlog))
+        engine.begin_drain()
+        stopping = asyncio.ensure_future(asyncio.to_thread(engine.stop, GUARD_S))
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # it waits while work is admitted
+        held.release()
+        answers = [await first, *[await r for r in rest]]
+        assert [len(a) for a in answers] == [1] * (1 + len(backlog))
+        return await stopping
+
+    assert run(main()) is True
+    assert held.seen == ["first", *backlog]  # every queued input reached the network
+
+
+def test_stop_refuses_only_the_work_still_queued_at_its_timeout(
+    engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of(max_batch_size=1)
+    held = Held(runtime, monkeypatch)
+
+    async def main() -> bool:
+        first = asyncio.ensure_future(engine.submit(["first"]))
+        await in_thread(held.entered)
+        rest = [asyncio.ensure_future(engine.submit([f"queued {i}"])) for i in range(3)]
+        await until(lambda: engine.queued() == 3)
+        drained = await asyncio.to_thread(engine.stop, 0.2)  # the worker is still held
+        for r in rest:
+            with pytest.raises(Draining):
+                await r
+        held.release()
+        assert len(await first) == 1  # in a batch at the timeout: it finishes
+        return drained
+
+    assert run(main()) is False
+    assert held.seen == ["first"]
 
 
 @pytest.mark.parametrize("timeout_s", [0.0, -1.0])
