@@ -28,6 +28,7 @@ from app.engine.scheduler import (
     InferenceFailed,
     NotRunning,
     TooLate,
+    borrows_idle_threads,
 )
 from app.network.multi_exit import RunningBatch
 
@@ -469,18 +470,49 @@ def test_a_request_that_cannot_be_served_in_its_budget_is_refused_at_once(
     assert "u0" not in held.seen
 
 
-def test_a_row_alone_takes_the_idle_workers_threads_only_when_nothing_else_runs(
-    runtime: ModelRuntime,
+@pytest.mark.parametrize(
+    ("arrival_load", "queued", "others_busy", "borrows"),
+    [
+        (0.0, 0, False, True),  # a lone client: the other workers idle
+        (0.0, 0, True, False),  # another worker is at work
+        (0.0, 1, False, False),  # more work is waiting
+        (0.6, 0, False, False),  # arrivals have been finding other inputs admitted
+        (0.49, 0, False, True),
+    ],
+)
+def test_a_row_alone_borrows_idle_threads_only_when_nothing_else_runs(
+    arrival_load: float, queued: int, others_busy: bool, borrows: bool
 ) -> None:
-    engine = Engine(runtime, workers=2)
-    engine._busy_since = [1.0, None]  # worker 0 has just taken a batch, worker 1 idles
-    assert engine._alone(0)
-    engine._busy_since = [1.0, 2.0]  # worker 1 is at work too
-    assert not engine._alone(0)
-    engine._busy_since = [1.0, None]
-    engine._queue.append(object())  # type: ignore[arg-type]  # more work is waiting
-    assert not engine._alone(0)
-    engine._queue.clear()
-    engine._arrival_load = 0.6  # arrivals have been finding other inputs admitted
-    assert not engine._alone(0)
-    assert Engine(runtime, workers=1)._alone(0)  # alone, its own threads are all there are
+    assert borrows_idle_threads(arrival_load, queued, others_busy) is borrows
+
+
+def test_a_lone_request_runs_on_the_idle_workers_threads_and_a_crowd_does_not(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the engine's surface: what the network is asked to run, per request."""
+    runtime = load_runtime(tiny_model_dir, "cpu", "int8", 1, "auto", 2)  # wide: 2 threads
+    widths: list[bool] = []
+    run_alone = runtime.network.run_alone
+
+    def spied(ids: Any, thresholds: Any, max_layers: int, wide: bool = False) -> Any:
+        widths.append(wide)
+        return run_alone(ids, thresholds, max_layers, wide)
+
+    monkeypatch.setattr(runtime.network, "run_alone", spied)
+    engine = Engine(runtime, workers=2, max_queue_delay_s=0.0)
+    engine.start()
+    try:
+
+        async def main() -> None:
+            for _ in range(3):  # one at a time: each finds the engine empty
+                await until(lambda: engine.idle)
+                await engine.submit(["a lone sentence"])
+            assert widths == [True] * 3
+            widths.clear()
+            # A crowd: arrivals find inputs admitted, so no row borrows a core.
+            await asyncio.gather(*(engine.submit([f"crowd {i}"]) for i in range(64)))
+            assert True not in widths
+
+        run(main())
+    finally:
+        engine.stop(GUARD_S)
