@@ -105,13 +105,17 @@ def _calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
+# An evaluation's parts too long for model.json and the printed line: report.json has them.
+REPORT_ONLY = ("global_threshold_curve", "rows")
+
+
 def _write_evaluation(model_dir: Path, result: dict[str, Any]) -> None:
     """Store an evaluation's figures in model.json and write report.json/png beside it."""
     from app.network import artifact
     from app.training.report import write_report
 
     spec = artifact.read_spec(model_dir)
-    spec.evaluation = {k: v for k, v in result.items() if k != "global_threshold_curve"}
+    spec.evaluation = {k: v for k, v in result.items() if k not in REPORT_ONLY}
     artifact.write_spec(model_dir, spec)
     write_report(model_dir, result, spec.calibration)
 
@@ -124,7 +128,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     if a.write:
         _write_evaluation(model_dir, result)
     if a.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "global_threshold_curve"}))
+        print(json.dumps({k: v for k, v in result.items() if k not in REPORT_ONLY}))
     else:
         for k in ("final_accuracy", "adaptive_accuracy", "mean_layers", "fp32_agreement"):
             print(f"{k:>22}: {result[k]}")

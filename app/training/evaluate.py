@@ -152,8 +152,17 @@ def evaluate(
         # Distribution-free: the test split took no part in choosing the thresholds, so
         # this one-sided 95% Clopper-Pearson bound on "adaptive wrong where the last exit
         # was right" bounds the accuracy lost to early exit on new data like it.
+        "accuracy_drops": breaks,
         "accuracy_drop_upper_95": round(binomial_upper_bound(breaks, N, 0.05), 4),
         "adaptive_seconds": round(adaptive_seconds, 2),
+        # Per row, what the figures above are computed from (report.json only): the label
+        # judged against, the last exit's answer, the served answer and its exit layer.
+        "rows": {
+            "label": y.tolist(),
+            "final": final_pred.tolist(),
+            "adaptive": adaptive_pred.tolist(),
+            "exit_layer": adaptive_exit.tolist(),
+        },
     }
     report["batch_invariance"] = batch_invariance(net, ids, thresholds, batch_size)
     # Consistency: the executor's answers must match the full-depth exits they chose.

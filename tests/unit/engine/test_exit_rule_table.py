@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.engine.executor import Row, run_batch
 from app.network import artifact, ort_layers
@@ -299,3 +301,36 @@ def test_the_implementations_agree_on_the_confidences_they_decide_on(
         for name in ("layer loop, onnxruntime int8", "one-call graph"):
             if name in implementations:
                 assert implementations[name].confidences(row) == pytest.approx(want, abs=0.05)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_every_implementation_leaves_at_the_same_exit_under_random_rules(
+    implementations: dict[str, Implementation], ids: list[list[int]], data: st.DataObject
+) -> None:
+    """Random thresholds per exit (0, 1, uniform, or the row's own confidence there, the
+    float below or the float above it) and caps: every implementation leaves at the
+    exit the rule gives on its own confidences, and the one-call graph runs exactly the
+    exits up to that one (its output holds one row per exit it ran)."""
+    row = ids[data.draw(st.integers(0, len(ids) - 1), label="row")]
+    choice = [data.draw(st.sampled_from(["0", "1", "u", "tie", "up", "down"])) for _ in range(L)]
+    cap = data.draw(st.integers(1, L), label="cap")
+    uniform = [data.draw(st.floats(0.0, 1.0)) for _ in range(L)]
+
+    def rule(conf: list[float]) -> Thresholds:
+        pick = {"0": lambda i: 0.0, "1": lambda i: 1.0, "u": lambda i: uniform[i]}
+        pick |= {"tie": lambda i: conf[i], "up": lambda i: up(conf[i])}
+        pick["down"] = lambda i: down(conf[i])
+        return [pick[c](i) for i, c in enumerate(choice)]
+
+    def expected(conf: list[float], thresholds: Thresholds, capped: bool) -> int:
+        for i in range(L):
+            if (thresholds[i] < 1.0 and conf[i] >= thresholds[i]) or (capped and i + 1 == cap):
+                return i + 1
+        return L
+
+    for impl in implementations.values():
+        conf = impl.confidences(row)
+        thresholds = rule(conf)
+        want = expected(conf, thresholds, impl.capped)
+        assert impl.exit(row, thresholds, cap if impl.capped else L) == want

@@ -189,6 +189,57 @@ def test_evaluate_reports_the_served_int8_model(calibrated_dir: tuple[Path, dict
     assert report["accuracy_drop_upper_95"] >= 0.0
 
 
+def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
+    """The one-sided upper bound, written apart from `stats`: the rate p at which k or
+    fewer events in n trials have probability alpha (exact binomial sums, bisection)."""
+
+    def at_most_k(p: float) -> float:
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at_most_k(mid) > alpha else (lo, mid)
+    return hi
+
+
+def test_evaluate_figures_follow_from_its_own_per_row_outcomes(
+    calibrated_dir: tuple[Path, dict],
+) -> None:
+    model_dir, _ = calibrated_dir
+    report = evaluate(model_dir, split="test")
+    rows = {k: np.array(v) for k, v in report["rows"].items()}
+    label, final, adaptive, exits = (
+        rows["label"],
+        rows["final"],
+        rows["adaptive"],
+        rows["exit_layer"],
+    )
+    n = report["n"]
+    assert len(label) == len(final) == len(adaptive) == len(exits) == n
+    drops = int(((adaptive != label) & (final == label)).sum())
+    assert report["accuracy_drops"] == drops
+    assert report["adaptive_accuracy"] == round(float((adaptive == label).mean()), 4)
+    assert report["final_accuracy"] == round(float((final == label).mean()), 4)
+    assert report["agreement_with_final"] == round(float((adaptive == final).mean()), 4)
+    assert report["mean_layers"] == round(float(exits.mean()), 3)
+    assert report["exit_histogram"] == [int((exits == k).sum()) for k in range(1, 5)]
+    # The one-sided 95% bound, and not one at another level.
+    bound = report["accuracy_drop_upper_95"]
+    assert bound == round(clopper_pearson_upper(drops, n, 0.05), 4)
+    for alpha in (0.025, 0.1):
+        assert bound != round(clopper_pearson_upper(drops, n, alpha), 4)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 30), (0, 1000), (1, 30), (7, 200), (29, 30)])
+def test_the_bound_is_the_clopper_pearson_upper_bound(k: int, n: int) -> None:
+    assert binomial_upper_bound(k, n, 0.05) == pytest.approx(
+        clopper_pearson_upper(k, n, 0.05), abs=1e-9
+    )
+    if k == 0:  # closed form
+        assert binomial_upper_bound(k, n, 0.05) == pytest.approx(1 - 0.05 ** (1 / n), abs=1e-9)
+
+
 def test_calibrate_rejects_max_drop_out_of_range(labelled_tiny: Path) -> None:
     with pytest.raises(ValueError, match=r"max_drop must be in \[0, 1\), got 1.0"):
         calibrate(labelled_tiny, max_drop=1.0)
