@@ -20,12 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # early exit compacts batches to ever new shapes, and serving stalled on those builds.
 # Memory-efficient attention takes any shape and an additive mask at no build cost.
 CUDA_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# Attention on the CPU without a mask (inference, one stretch of rows of one length):
-# the math kernel, whose products are batched matrix multiplications, one per (row,
-# head), so a row's bits do not depend on how many rows share the call. The CPU flash
-# kernel splits its work by thread count and batch size: on 2 threads a row of 29
-# tokens came out one ulp apart alone and beside a copy of itself. Same speed.
-CPU_ATTENTION = [SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -131,8 +125,18 @@ class SelfAttention(nn.Module):
         q, k, v = (heads(t) for t in qkv.split(H, dim=-1))
         p = self.dropout_p if self.training else 0.0
         if bias is None:
-            with sdpa_kernel(CPU_ATTENTION):
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            # Inference on the CPU, a stretch of rows of one length: one call per row, the
+            # very call the row makes alone. Over several rows, the CPU kernels (flash,
+            # and the math kernel's batched products) split the work by the number of
+            # rows and threads, and a row's states came out one ulp apart alone and in a
+            # batch (2 threads, 29 tokens; 1 thread, MiniLM at 11 tokens). Attention
+            # costs rows times one row's anyway: what the loop adds is the dispatch.
+            y = joined(
+                [
+                    F.scaled_dot_product_attention(q[one], k[one], v[one], dropout_p=p)
+                    for one in (slice(b, b + 1) for b in range(B))
+                ]
+            )
         elif q.is_cuda:
             with sdpa_kernel(CUDA_ATTENTION):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)

@@ -30,8 +30,14 @@ def answers(url: str, texts: list[str], threshold: float | None) -> list[dict[st
 
 @pytest.mark.parametrize(
     "settings",
-    [{"threads": "2"}, {"threads": "1", "batching": "continuous"}],
-    ids=["two-workers-static", "continuous"],
+    [
+        {"threads": "2"},
+        {"threads": "1", "batching": "continuous"},
+        # The eager kernel, one worker on two threads: what the issue that pinned its
+        # one-ulp drift ran.
+        {"threads": "2", "workers": "1", "int8_kernel": "torch"},
+    ],
+    ids=["two-workers-static", "continuous", "torch-kernel-one-worker-two-threads"],
 )
 def test_concurrent_mixed_requests_get_their_single_answers(
     tiny_model_dir: Path, tmp_path: Path, settings: dict[str, str]
