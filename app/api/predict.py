@@ -17,8 +17,9 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from app.api.deps import get_engine, require_api_key
 from app.config import Settings
-from app.engine.scheduler import Answer, Engine, ExitRule
+from app.engine.scheduler import Answer, Engine
 from app.errors import InvalidInput, TooLarge
+from app.network.exit_rule import ExitRule
 from app.schemas import ErrorResponse, PredictRequest, PredictResponse
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -29,10 +30,14 @@ ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def exit_rule(engine: Engine, threshold: float | None, max_layers: int | None) -> ExitRule:
-    n = engine.runtime.num_layers
-    if max_layers is not None and not 1 <= max_layers <= n:
-        raise InvalidInput(f"parameters.max_layers: must be between 1 and {n}")
-    return ExitRule(threshold=threshold, max_layers=max_layers)
+    """The request's rule, checked against the model (`ExitRule.check`): 422 naming the
+    parameter when it does not fit."""
+    rule = ExitRule(threshold=threshold, max_layers=max_layers)
+    try:
+        rule.check(engine.runtime.num_layers)
+    except ValueError as e:
+        raise InvalidInput(f"parameters.{e}") from None
+    return rule
 
 
 def timing_headers(answers: list[Answer], total_s: float) -> dict[str, str]:

@@ -22,7 +22,9 @@ from typing import Generic, TypeVar
 
 import torch
 
-from app.engine.executor import Prediction, Row, decide, may_leave
+from app.engine.executor import decide_on_logits
+from app.network import exit_rule
+from app.network.exit_rule import Prediction, Row
 from app.network.multi_exit import MultiExitNetwork, RunningBatch
 
 K = TypeVar("K")
@@ -53,10 +55,7 @@ class ContinuousBatcher(Generic[K]):
         """Embed new rows and place them at depth 0."""
         if not rows:
             return
-        L = self.network.num_layers
-        for r in rows:
-            if len(r.thresholds) != L or not 1 <= r.max_layers <= L:
-                raise ValueError(f"row needs {L} thresholds and max_layers in 1..{L}")
+        exit_rule.check_rows(rows, self.network.num_layers)
         with torch.inference_mode():
             batch = self.network.begin([r.token_ids for r in rows])
         self._place(_Group(0, batch, list(rows), list(keys)))
@@ -121,8 +120,10 @@ class ContinuousBatcher(Generic[K]):
     def _advance(self, g: _Group[K], on_answer: Callable[[K, Prediction], None]) -> None:
         net, i = self.network, g.depth
         with torch.inference_mode():
-            batch = net.step(i, g.batch, exit=may_leave(net, i, g.rows))
-            keep = decide(net, i, batch.logits, g.rows, lambda j, p: on_answer(g.keys[j], p))
+            batch = net.step(i, g.batch, exit=exit_rule.may_leave(i, g.rows, net.num_layers))
+            keep = decide_on_logits(
+                net, i, batch.logits, g.rows, lambda j, p: on_answer(g.keys[j], p)
+            )
             if keep:
                 if len(keep) < len(g.rows):
                     batch = net.keep(batch, keep)

@@ -15,26 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.network import exit_rule
+from app.network.exit_rule import Prediction, Row
 from app.network.multi_exit import MultiExitNetwork
 
-
-@dataclass(frozen=True)
-class Row:
-    """One input: its token ids and its own exit rule."""
-
-    token_ids: Sequence[int]
-    thresholds: Sequence[
-        float
-    ]  # per exit; a row leaves exit i when confidence >= thresholds[i] < 1
-    max_layers: int  # answered at this exit at the latest (1-based)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label_index: int
-    score: float  # probability of the predicted label
-    exit_layer: int  # 1-based
-    probs: tuple[float, ...]
+__all__ = ["BatchResult", "Prediction", "Row", "decide_on_logits", "run_batch"]
 
 
 @dataclass
@@ -56,12 +41,7 @@ def run_batch(
     row leaves, before deeper layers run for the rest of the batch. `wide`: a row alone
     may take the threads of idle workers (`MultiExitNetwork.run_alone`).
     """
-    L = network.num_layers
-    for r in rows:
-        if len(r.thresholds) != L:
-            raise ValueError(f"expected {L} thresholds per row, got {len(r.thresholds)}")
-        if not 1 <= r.max_layers <= L:
-            raise ValueError(f"max_layers must be in 1..{L}, got {r.max_layers}")
+    exit_rule.check_rows(rows, network.num_layers)
     out: list[Prediction | None] = [None] * len(rows)
     result = BatchResult(predictions=[])
     if not rows:
@@ -106,12 +86,13 @@ def run_loop(
             result.rows_per_layer.append(batch.rows)
             result.tokens_per_layer.append(batch.tokens)
             running = [rows[a] for a in alive]
-            batch = network.step(i, batch, exit=may_leave(network, i, running))
+            exit = exit_rule.may_leave(i, running, network.num_layers)
+            batch = network.step(i, batch, exit=exit)
 
             def answered(j: int, p: Prediction, alive: list[int] = alive) -> None:
                 answer(alive[j], p)
 
-            keep = decide(network, i, batch.logits, running, answered)
+            keep = decide_on_logits(network, i, batch.logits, running, answered)
             if not keep:
                 break
             if len(keep) < len(alive):
@@ -123,62 +104,34 @@ def run_alone(network: MultiExitNetwork, row: Row, wide: bool = False) -> Predic
     """A row alone in one call through the network (`MultiExitNetwork.run_alone`), or
     None where the network has no such path.
 
-    The graph applies the exit rule itself; here `decide` applies it again, exit after
-    exit, on the logits the graph returns, so the answer is exactly the layer loop's:
-    a row that `decide` lets go earlier leaves there (the graph ran on for nothing), and
-    in the rare case where the graph's softmax let it go one rounding step before
-    `decide` would, None: the caller runs it layer by layer.
+    The graph applies the exit rule itself; here the rule is applied again, exit after
+    exit, on the logits the graph returns and torch's softmax, so the answer is exactly
+    the layer loop's: a row let go earlier leaves there (the graph ran on for nothing),
+    and in the rare case where the graph's softmax let it go one rounding step before
+    torch's would, None: the caller runs it layer by layer.
     """
     with torch.inference_mode():
         logits = network.run_alone(row.token_ids, row.thresholds, row.max_layers, wide)
     if logits is None:
         return None
     answer: list[Prediction] = []
+    L = network.num_layers
     for i in range(len(logits)):
-        if may_leave(network, i, [row]):
-            decide(network, i, logits[i : i + 1], [row], lambda _, p: answer.append(p))
+        if exit_rule.may_leave(i, [row], L):
+            decide_on_logits(network, i, logits[i : i + 1], [row], lambda _, p: answer.append(p))
             if answer:
                 return answer[0]
     return None
 
 
-def may_leave(network: MultiExitNetwork, i: int, rows: Sequence[Row]) -> bool:
-    """Whether any row may leave after layer i (0-based); if none can, its exit head is
-    not run."""
-    return i == network.num_layers - 1 or any(
-        r.thresholds[i] < 1.0 or r.max_layers <= i + 1 for r in rows
-    )
-
-
-def decide(
+def decide_on_logits(
     network: MultiExitNetwork,
     i: int,
     logits: torch.Tensor | None,
     rows: Sequence[Row],
     on_exit: Callable[[int, Prediction], None],
 ) -> list[int]:
-    """After layer i (0-based): answer the rows that leave, return the positions that go on.
-
-    `logits` (k, C) are exit i's for `rows`, in order; None when `may_leave` said no row
-    may leave here (the head did not run). The decisions run on Python lists: for the
-    few rows of a batch that is cheaper than a dozen tiny tensor ops per layer, which
-    dominate at batch 1.
-    """
-    if logits is None:
-        return list(range(len(rows)))
-    last = i == network.num_layers - 1
-    probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
-    keep: list[int] = []
-    for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):
-        label = max(range(len(row_probs)), key=row_probs.__getitem__)
-        conf, t = row_probs[label], r.thresholds[i]
-        if last or (t < 1.0 and conf >= t) or r.max_layers <= i + 1:
-            on_exit(j, Prediction(label, conf, i + 1, tuple(row_probs)))
-        else:
-            keep.append(j)
-    return keep
-
-
-def uniform_thresholds(threshold: float, num_layers: int) -> list[float]:
-    """One confidence threshold at every intermediate exit."""
-    return [threshold] * num_layers
+    """`exit_rule.decide` on exit i's logits (k, C) for `rows` (None: the head did not
+    run); the positions that go on."""
+    probs = None if logits is None else torch.softmax(logits.float(), dim=-1).cpu().tolist()
+    return exit_rule.decide(i, probs, rows, network.num_layers, on_exit)

@@ -40,10 +40,13 @@ from typing import Protocol
 
 from app.engine.adapt import LoadController
 from app.engine.continuous import ContinuousBatcher
-from app.engine.executor import Prediction, Row, run_batch
+from app.engine.executor import run_batch
 from app.engine.runtime import ModelRuntime
+from app.network.exit_rule import ExitRule, Prediction, Row
 
 log = logging.getLogger(__name__)
+
+CALIBRATED = ExitRule()  # the model's own exits, left to the load controller
 
 
 class EngineError(Exception):
@@ -103,19 +106,6 @@ class Answer:
     # The load controller's operating point the input was served at (0: calibrated);
     # None when the request chose its own threshold or depth cap.
     operating_point: int | None = 0
-
-
-@dataclass(frozen=True)
-class ExitRule:
-    """A request's exit settings; None means the model's calibrated default."""
-
-    threshold: float | None = None
-    max_layers: int | None = None
-
-    @property
-    def default(self) -> bool:
-        """The request left its exits to the service (and so to the load controller)."""
-        return self.threshold is None and self.max_layers is None
 
 
 class _Pending:
@@ -353,7 +343,7 @@ class Engine:
     async def submit(
         self,
         texts: Sequence[str],
-        rule: ExitRule = ExitRule(),
+        rule: ExitRule = CALIBRATED,
         timeout_s: float | None = None,
         budget_s: float | None = None,
     ) -> list[Answer]:
@@ -364,11 +354,7 @@ class Engine:
         or NotRunning at once; DeadlineExceeded when `timeout_s` passes before every
         input got into a batch; InferenceFailed when the batch holding an input failed.
         """
-        L = self.runtime.num_layers
-        if rule.max_layers is not None and not 1 <= rule.max_layers <= L:
-            raise ValueError(f"max_layers must be in 1..{L}, got {rule.max_layers}")
-        if rule.threshold is not None and not 0.0 <= rule.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {rule.threshold}")
+        rule.check(self.runtime.num_layers)
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if self._draining:
@@ -548,13 +534,9 @@ class Engine:
         rows = []
         for p, tokens in zip(batch, rt.tokenize([p.text for p in batch]), strict=True):
             p.started = now
-            if p.rule.default:
-                p.point, th = point, point_thresholds
-            else:
-                # Its own rule, kept whatever the load: a depth cap alone keeps the
-                # calibrated thresholds.
-                p.point = None
-                th = rt.thresholds if p.rule.threshold is None else [p.rule.threshold] * L
+            # A request's own rule is kept whatever the load (no operating point).
+            p.point = point if p.rule.default else None
+            th = p.rule.thresholds(rt.thresholds, point_thresholds)
             rows.append(Row(tokens, th, p.rule.max_layers or L))
         return rows
 

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.network import exit_rule
 from app.network.encoder import Embeddings, Layer
 from app.network.heads import ExitHead
 from app.network.invariant import SCALE_FLOOR, Int8Linear
@@ -399,18 +400,18 @@ class OrtRow:
                 return g.exit_head(y, heads[i])
             t = g.op("Gather", "thresholds", g.const(i, np.int64), axis=0)
             capped = g.op("LessOrEqual", "max_layers", g.const(i + 1, np.int64))
-            uses = g.op("Less", t, one)  # a threshold below 1: the exit is in use
+            uses = exit_rule.onnx_in_use(g.op, t, one)
 
             def score() -> list[str]:
                 logits = g.exit_head(y, heads[i])  # (1, C)
                 confidence = g.op("ReduceMax", g.op("Softmax", logits, axis=-1), keepdims=0)
-                sure = g.op("And", uses, g.op("GreaterOrEqual", confidence, t))
-                return [g.op("Identity", logits), g.op("Or", sure, capped)]
+                leave = exit_rule.onnx_leaves(g.op, confidence, t, uses, capped)
+                return [g.op("Identity", logits), leave]
 
             kinds = [TensorProto.FLOAT, TensorProto.BOOL]
             logits, leave = g.ops(
                 "If",
-                g.op("Or", uses, capped),  # as `executor.may_leave`: else no head
+                g.op("Or", uses, capped),  # as `exit_rule.may_leave`: else no head
                 then_branch=g.subgraph(f"score{i + 1}", score, kinds),
                 else_branch=g.subgraph(
                     f"skip{i + 1}", lambda: [g.op("Identity", v) for v in unscored], kinds

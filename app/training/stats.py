@@ -6,17 +6,9 @@ import math
 
 import numpy as np
 
+from app.network.exit_rule import exit_layers
 
-def exit_layers(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """0-based exit index per row: the first exit whose confidence passes its threshold.
-
-    conf (L, N) max-softmax per exit; thresholds (L,), where 1.0 means never leave there.
-    The last exit always answers.
-    """
-    L = conf.shape[0]
-    passes = (conf >= thresholds[:, None]) & (thresholds[:, None] < 1.0)  # (L, N)
-    passes[L - 1] = True
-    return passes.argmax(axis=0)
+__all__ = ["adaptive_outcome", "binomial_upper_bound", "exit_layers"]
 
 
 def adaptive_outcome(

@@ -11,8 +11,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from app.engine.executor import BatchResult, Prediction, Row, run_batch, uniform_thresholds
+from app.engine.executor import BatchResult, run_batch
 from app.network import artifact
+from app.network.exit_rule import Prediction, Row
+from app.network.exit_rule import uniform as uniform_thresholds
 from app.network.multi_exit import MultiExitNetwork, RunningBatch
 from app.network.quantize import int8_kernel, prepare
 from app.training.evaluate import all_exit_probs

@@ -2,11 +2,11 @@
 
 The rule: a row leaves exit i when its confidence there is at least the threshold and
 the threshold is below 1, or when exit i is its depth cap; the last exit always answers.
-It is written in the layer loop (`executor.decide`), in the one-call ONNX graph of a row
-alone (`ort_layers.OrtRow`, an `If` per exit) and in calibration's numpy
-(`stats.exit_layers`). Each case builds its thresholds from the confidences that very
-implementation computes for the row, so a tie is exact as a float: a threshold equal to
-the confidence leaves there, the next float above does not.
+It lives in `app.network.exit_rule` in three forms: per row in Python (the layer loop,
+`decide`), as ONNX ops (the one-call graph of a row alone, `ort_layers.OrtRow`) and
+vectorised in numpy (calibration, `exit_layers`). Each case builds its thresholds from
+the confidences that very implementation computes for the row, so a tie is exact as a
+float: a threshold equal to the confidence leaves there, the next float above does not.
 
 The one-call graph is checked on its own output (how many exits it ran), not only
 through the executor: the executor decides again on what the graph returns and falls
@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 
 from app.engine.executor import Row, run_batch
 from app.network import artifact, ort_layers
+from app.network.exit_rule import exit_layers
 from app.network.multi_exit import MultiExitNetwork
 from app.network.quantize import int8_kernel, prepare
 from app.training.evaluate import all_exit_probs
-from app.training.stats import exit_layers
 from tests.tiny import random_texts
 
 L = 4
@@ -96,7 +96,7 @@ class Implementation:
 
 
 class LayerLoop(Implementation):
-    """`executor.decide` in the layer loop: two copies of the row in one batch (a batch
+    """`exit_rule.decide` in the layer loop: two copies of the row in one batch (a batch
     of one would take the one-call path); both must leave at the same exit."""
 
     def __init__(self, net: MultiExitNetwork) -> None:
@@ -145,7 +145,7 @@ class OneCallGraph(Implementation):
 
 
 class Calibration(Implementation):
-    """`stats.exit_layers`, on the served int8 confidences (it knows no depth cap)."""
+    """`exit_rule.exit_layers`, on the served int8 confidences (it knows no depth cap)."""
 
     capped = False
 

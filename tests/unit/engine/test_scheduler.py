@@ -24,12 +24,12 @@ from app.engine.scheduler import (
     DeadlineExceeded,
     Draining,
     Engine,
-    ExitRule,
     InferenceFailed,
     NotRunning,
     TooLate,
     borrows_idle_threads,
 )
+from app.network.exit_rule import ExitRule
 from app.network.multi_exit import RunningBatch
 
 T = TypeVar("T")

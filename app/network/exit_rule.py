@@ -1,0 +1,151 @@
+"""The exit rule: the one place that says which rows leave after an exit.
+
+A row leaves exit i (0-based) when its confidence there (its largest probability) is
+at least its threshold for that exit and the threshold is below 1, or when exit i is
+its depth cap (`max_layers`, 1-based); the last exit always answers. So threshold 1
+means "never leave here early", also at a confidence of exactly 1.0, and 0 "leave here".
+
+The rule has three forms, written side by side so that they read as one: per row in
+Python (`leaves`, `may_leave`, `decide`: the layer loop), vectorised in numpy
+(`exit_layers`: calibration and evaluation), and as ONNX ops (`onnx_in_use`,
+`onnx_leaves`: the one-call graph of a row alone). One table of cases runs against
+every form (tests/unit/engine/test_exit_rule_table.py). Pure Python and numpy: the
+engine and the API import it without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# -- what a request asks for -------------------------------------------------------------
+@dataclass(frozen=True)
+class ExitRule:
+    """A request's exit settings; None means the model's calibrated default."""
+
+    threshold: float | None = None
+    max_layers: int | None = None
+
+    @property
+    def default(self) -> bool:
+        """The request left its exits to the service (and so to the load controller)."""
+        return self.threshold is None and self.max_layers is None
+
+    def check(self, num_layers: int) -> None:
+        """Raise ValueError, naming the field, for a rule this model cannot follow."""
+        if self.max_layers is not None and not 1 <= self.max_layers <= num_layers:
+            raise ValueError(f"max_layers must be in 1..{num_layers}, got {self.max_layers}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    def thresholds(self, calibrated: Sequence[float], point: Sequence[float]) -> Sequence[float]:
+        """The thresholds per exit a row runs with: the operating point's (`point`) when
+        the request left its exits to the service; else its own threshold at every exit,
+        or the calibrated ones for a request that only capped the depth."""
+        if self.default:
+            return point
+        if self.threshold is None:
+            return calibrated
+        return uniform(self.threshold, len(calibrated))
+
+
+def uniform(threshold: float, num_layers: int) -> list[float]:
+    """One threshold at every exit."""
+    return [threshold] * num_layers
+
+
+# -- one row in the network ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One input: its token ids and its own exit rule."""
+
+    token_ids: Sequence[int]
+    thresholds: Sequence[float]  # per exit
+    max_layers: int  # answered at this exit at the latest (1-based)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label_index: int
+    score: float  # probability of the predicted label
+    exit_layer: int  # 1-based
+    probs: tuple[float, ...]
+
+
+def check_rows(rows: Sequence[Row], num_layers: int) -> None:
+    """Raise ValueError before anything runs if a row's rule does not fit the model."""
+    for r in rows:
+        if len(r.thresholds) != num_layers:
+            raise ValueError(f"expected {num_layers} thresholds per row, got {len(r.thresholds)}")
+        if not 1 <= r.max_layers <= num_layers:
+            raise ValueError(f"max_layers must be in 1..{num_layers}, got {r.max_layers}")
+
+
+# -- the rule, per row ----------------------------------------------------------------------
+def leaves(confidence: float, threshold: float, at_cap: bool) -> bool:
+    """Whether a row leaves an exit (not the last) with this confidence there."""
+    return at_cap or (threshold < 1.0 and confidence >= threshold)
+
+
+def may_leave(i: int, rows: Sequence[Row], num_layers: int) -> bool:
+    """Whether any row may leave after layer i (0-based); if none can, its exit head
+    need not run."""
+    return i == num_layers - 1 or any(r.thresholds[i] < 1.0 or r.max_layers <= i + 1 for r in rows)
+
+
+def decide(
+    i: int,
+    probs: Sequence[Sequence[float]] | None,
+    rows: Sequence[Row],
+    num_layers: int,
+    on_exit: Callable[[int, Prediction], None],
+) -> list[int]:
+    """After layer i (0-based): answer the rows that leave, return the positions that go on.
+
+    `probs` (k, C) are exit i's probabilities for `rows`, in order; None when `may_leave`
+    said no row may leave here (the head did not run). Plain Python lists: for the few
+    rows of a batch that is cheaper than a dozen tiny tensor ops per layer.
+    """
+    if probs is None:
+        return list(range(len(rows)))
+    last = i == num_layers - 1
+    keep: list[int] = []
+    for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):
+        label = max(range(len(row_probs)), key=row_probs.__getitem__)
+        conf = row_probs[label]
+        if last or leaves(conf, r.thresholds[i], r.max_layers <= i + 1):
+            on_exit(j, Prediction(label, conf, i + 1, tuple(row_probs)))
+        else:
+            keep.append(j)
+    return keep
+
+
+# -- the rule, vectorised -----------------------------------------------------------------
+def exit_layers(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """0-based exit index per row: the first exit whose confidence passes its threshold.
+
+    conf (L, N) max-softmax per exit; thresholds (L,). No depth caps: calibration and
+    evaluation run every row to its own exit.
+    """
+    L = conf.shape[0]
+    passes = (thresholds[:, None] < 1.0) & (conf >= thresholds[:, None])  # (L, N)
+    passes[L - 1] = True
+    return passes.argmax(axis=0)
+
+
+# -- the rule, as ONNX ops ----------------------------------------------------------------
+Op = Callable[..., str]  # a graph builder's op(kind, *inputs, **attrs) -> output name
+
+
+def onnx_in_use(op: Op, threshold: str, one: str) -> str:
+    """A threshold below 1: rows may leave at this exit by confidence (`leaves`)."""
+    return op("Less", threshold, one)
+
+
+def onnx_leaves(op: Op, confidence: str, threshold: str, in_use: str, at_cap: str) -> str:
+    """`leaves` on graph values: a boolean that the row leaves here."""
+    sure = op("And", in_use, op("GreaterOrEqual", confidence, threshold))
+    return op("Or", sure, at_cap)
