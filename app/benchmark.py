@@ -30,7 +30,7 @@ import torch
 from app.config import usable_cpus
 from app.engine.executor import Row, run_batch
 from app.network import artifact
-from app.network.quantize import prepare
+from app.network.backends import make_backend
 from app.training.evaluate import split_data
 
 
@@ -74,8 +74,8 @@ def run(
     loaded = artifact.load(model_dir)
     spec, tok = loaded.spec, loaded.tokenizer
     # Both get the same serving preparation (fused QKV, eval mode); only precision differs.
-    fp32 = prepare(loaded.network, "cpu", "none")
-    int8 = prepare(artifact.load(model_dir).network, "cpu", "int8")
+    fp32 = make_backend(loaded.network, "cpu", "none")
+    int8 = make_backend(artifact.load(model_dir).network, "cpu", "int8")
     texts, y = split_data(spec, "test")
     ids = tok.encode(texts)
     L = spec.config.num_layers

@@ -136,7 +136,7 @@ def original_answers(ckpt_dir: Path, texts: list[str]) -> np.ndarray:
 
 def served_answers(model_dir: Path, texts: list[str], quantization: str, full: bool) -> dict:
     served = load_served(model_dir, "cpu", quantization)
-    spec, net = served.loaded.spec, served.network
+    spec, net = served.loaded.spec, served.backend
     L = net.num_layers
     th = [1.0] * (L - 1) + [0.0] if full else list(spec.thresholds)
     ids = served.loaded.tokenizer.encode(texts)

@@ -4,7 +4,7 @@ One prepared script for a machine with an NVIDIA GPU (run it on the CPU too, wit
 `--device cpu`, to check it before spending GPU time). Two parts:
 
 1. Engine, no HTTP. The network is prepared for serving on the device in fp32, fp16 and
-   bf16 (`app.network.quantize.prepare`, the code path the server uses). For each
+   bf16 (`app.network.backends.make_backend`, the code path the server uses). For each
    precision and batch size the test split is answered at full depth and with the
    calibrated thresholds; per row: sentences/s (median of `--reps` interleaved
    passes), mean exit layer, the exit histogram, accuracy against the labels and the
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from app.benchmark import timed_pass, write_results  # noqa: E402
 from app.network import artifact  # noqa: E402
 from app.network.artifact import read_spec  # noqa: E402
-from app.network.quantize import prepare  # noqa: E402
+from app.network.backends import make_backend  # noqa: E402
 from app.training.evaluate import split_data  # noqa: E402
 
 PRECISIONS = ("none", "fp16", "bf16")
@@ -69,7 +69,7 @@ def engine_sweep(
     rules = {"full": [1.0] * L, "calibrated": list(spec.thresholds)}
     # fp32 ("none") always runs: it is the reference for agreement.
     nets = {
-        q: prepare(artifact.load(model_dir).network, device, q)
+        q: make_backend(artifact.load(model_dir).network, device, q)
         for q in dict.fromkeys(("none", *precisions))
     }
     # Reference answers: fp32 on the same device, full depth and calibrated.

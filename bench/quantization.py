@@ -38,8 +38,9 @@ from torch import nn
 
 from app.benchmark import timed_pass, write_results
 from app.network import artifact
+from app.network.backends import Backend, make_backend
 from app.network.multi_exit import MultiExitNetwork
-from app.network.quantize import prepare, quantize_int8
+from app.network.quantize import quantize_int8
 from app.training.evaluate import all_exit_probs, batch_invariance, split_data
 
 BATCHES = (1, 8, 32)
@@ -56,17 +57,17 @@ def per_tensor_int8(net: MultiExitNetwork) -> None:
         )
 
 
-def build(model_dir: Path, kind: str) -> MultiExitNetwork:
+def build(model_dir: Path, kind: str) -> Backend:
     if kind == "int8 per-token (ONNX Runtime layers)":
-        return prepare(artifact.load(model_dir).network, "cpu", "int8", "onnxruntime")
-    net = prepare(artifact.load(model_dir).network, "cpu", "none")  # fused QKV, eval
+        return make_backend(artifact.load(model_dir).network, "cpu", "int8", "onnxruntime")
+    backend = make_backend(artifact.load(model_dir).network, "cpu", "none")  # fused QKV, eval
     if kind == "int8 per-tensor (torch.ao)":
-        per_tensor_int8(net)
+        per_tensor_int8(backend.model)
     elif kind == "int8 per-token (oneDNN)":
-        quantize_int8(net, "onednn")
+        quantize_int8(backend.model, "onednn")
     elif kind == "int8 per-token (_int_mm)":
-        quantize_int8(net, "int_mm")
-    return net
+        quantize_int8(backend.model, "int_mm")
+    return backend
 
 
 def ort_runner(model_dir: Path, threads: int) -> Callable[[list[list[int]]], Any]:

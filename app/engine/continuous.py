@@ -24,8 +24,8 @@ import torch
 
 from app.engine.executor import decide_on_logits
 from app.network import exit_rule
+from app.network.backends import Backend, RunningBatch
 from app.network.exit_rule import Prediction, Row
-from app.network.multi_exit import MultiExitNetwork, RunningBatch
 
 K = TypeVar("K")
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class _Group(Generic[K]):
 class ContinuousBatcher(Generic[K]):
     """Holds rows at every depth; `step` advances one depth group by one layer."""
 
-    network: MultiExitNetwork
+    backend: Backend
     max_batch_size: int = 32
     groups: dict[int, _Group[K]] = field(default_factory=dict)
 
@@ -55,16 +55,16 @@ class ContinuousBatcher(Generic[K]):
         """Embed new rows and place them at depth 0."""
         if not rows:
             return
-        exit_rule.check_rows(rows, self.network.num_layers)
+        exit_rule.check_rows(rows, self.backend.num_layers)
         with torch.inference_mode():
-            batch = self.network.begin([r.token_ids for r in rows])
+            batch = self.backend.begin([r.token_ids for r in rows])
         self._place(_Group(0, batch, list(rows), list(keys)))
 
     def _place(self, group: _Group[K]) -> None:
         held = self.groups.get(group.depth)
         if held is not None:
             with torch.inference_mode():
-                batch = self.network.join(held.batch, group.batch)
+                batch = self.backend.join(held.batch, group.batch)
             group = _Group(
                 group.depth,
                 batch,
@@ -78,14 +78,14 @@ class ContinuousBatcher(Generic[K]):
         # The shallowest group runs: it catches up with the groups waiting deeper and
         # merges with them, which is where the batching gain comes from. A group passed
         # over for L steps runs next, so deep rows wait a bounded time under any load.
-        L = self.network.num_layers
+        L = self.backend.num_layers
         starved = [d for d, g in self.groups.items() if g.waited >= L]
         depth = min(self.groups)
         if starved:
             depth = max(starved, key=lambda d: self.groups[d].waited)
         group = self.groups.pop(depth)
         if len(group.rows) > self.max_batch_size:  # run a full batch, keep the rest waiting
-            n, net = self.max_batch_size, self.network
+            n, net = self.max_batch_size, self.backend
             with torch.inference_mode():
                 first = net.keep(group.batch, range(n))
                 rest = net.keep(group.batch, range(n, len(group.rows)))
@@ -118,7 +118,7 @@ class ContinuousBatcher(Generic[K]):
         return len(g.rows)
 
     def _advance(self, g: _Group[K], on_answer: Callable[[K, Prediction], None]) -> None:
-        net, i = self.network, g.depth
+        net, i = self.backend, g.depth
         with torch.inference_mode():
             batch = net.step(i, g.batch, exit=exit_rule.may_leave(i, g.rows, net.num_layers))
             keep = decide_on_logits(

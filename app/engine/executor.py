@@ -5,7 +5,8 @@ that are confident enough (or reached their depth cap) are answered at once thro
 `on_answer`, and the batch is compacted: finished rows are dropped (and, padded on a
 GPU, padding is trimmed to the longest remaining row), so deeper layers only pay for
 what is left.
-This module knows the network's stage interface and nothing about HTTP or JSON.
+This module knows the backend interface (`app.network.backends`) and nothing about
+HTTP or JSON.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from app.network import exit_rule
+from app.network.backends import Backend
 from app.network.exit_rule import Prediction, Row
-from app.network.multi_exit import MultiExitNetwork
 
 __all__ = ["BatchResult", "Prediction", "Row", "decide_on_logits", "run_batch"]
 
@@ -30,7 +31,7 @@ class BatchResult:
 
 
 def run_batch(
-    network: MultiExitNetwork,
+    backend: Backend,
     rows: Sequence[Row],
     on_answer: Callable[[int, Prediction], None] | None = None,
     wide: bool = False,
@@ -39,9 +40,9 @@ def run_batch(
 
     Returns predictions in input order; `on_answer(index, prediction)` fires as soon as a
     row leaves, before deeper layers run for the rest of the batch. `wide`: a row alone
-    may take the threads of idle workers (`MultiExitNetwork.run_alone`).
+    may take the threads of idle workers (`Backend.run_alone`).
     """
-    exit_rule.check_rows(rows, network.num_layers)
+    exit_rule.check_rows(rows, backend.num_layers)
     out: list[Prediction | None] = [None] * len(rows)
     result = BatchResult(predictions=[])
     if not rows:
@@ -56,13 +57,13 @@ def run_batch(
     # few rows of different lengths one call each measured no faster than the layer
     # loop, which shares its work between layers over the batch, at 3 rows and slower
     # from 4 (paired in process, one thread: 1.07x at 1 row, 1.05x at 2, 0.96x at 8).
-    if len(rows) == 1 and (alone := run_alone(network, rows[0], wide)) is not None:
+    if len(rows) == 1 and (alone := run_alone(backend, rows[0], wide)) is not None:
         answer(0, alone)
         n = len(rows[0].token_ids)
         result.rows_per_layer += [1] * alone.exit_layer
         result.tokens_per_layer += [n] * alone.exit_layer
     else:
-        run_loop(network, rows, answer, result)
+        run_loop(backend, rows, answer, result)
     result.predictions = [p for p in out if p is not None]
     if len(result.predictions) != len(rows):
         raise RuntimeError("executor left rows unanswered")
@@ -70,7 +71,7 @@ def run_batch(
 
 
 def run_loop(
-    network: MultiExitNetwork,
+    backend: Backend,
     rows: Sequence[Row],
     answer: Callable[[int, Prediction], None],
     result: BatchResult,
@@ -81,27 +82,27 @@ def run_loop(
         # Longest first: rows of one length sit together, and attention runs once per
         # length (packed on the CPU); leaving rows keep the rest in this order.
         alive = sorted(range(len(rows)), key=lambda b: -len(rows[b].token_ids))
-        batch = network.begin([rows[a].token_ids for a in alive])
-        for i in range(network.num_layers):
+        batch = backend.begin([rows[a].token_ids for a in alive])
+        for i in range(backend.num_layers):
             result.rows_per_layer.append(batch.rows)
             result.tokens_per_layer.append(batch.tokens)
             running = [rows[a] for a in alive]
-            exit = exit_rule.may_leave(i, running, network.num_layers)
-            batch = network.step(i, batch, exit=exit)
+            exit = exit_rule.may_leave(i, running, backend.num_layers)
+            batch = backend.step(i, batch, exit=exit)
 
             def answered(j: int, p: Prediction, alive: list[int] = alive) -> None:
                 answer(alive[j], p)
 
-            keep = decide_on_logits(network, i, batch.logits, running, answered)
+            keep = decide_on_logits(backend, i, batch.logits, running, answered)
             if not keep:
                 break
             if len(keep) < len(alive):
                 alive = [alive[j] for j in keep]
-                batch = network.keep(batch, keep)
+                batch = backend.keep(batch, keep)
 
 
-def run_alone(network: MultiExitNetwork, row: Row, wide: bool = False) -> Prediction | None:
-    """A row alone in one call through the network (`MultiExitNetwork.run_alone`), or
+def run_alone(backend: Backend, row: Row, wide: bool = False) -> Prediction | None:
+    """A row alone in one call through the network (`Backend.run_alone`), or
     None where the network has no such path.
 
     The graph applies the exit rule itself; here the rule is applied again, exit after
@@ -111,21 +112,21 @@ def run_alone(network: MultiExitNetwork, row: Row, wide: bool = False) -> Predic
     torch's would, None: the caller runs it layer by layer.
     """
     with torch.inference_mode():
-        logits = network.run_alone(row.token_ids, row.thresholds, row.max_layers, wide)
+        logits = backend.run_alone(row.token_ids, row.thresholds, row.max_layers, wide)
     if logits is None:
         return None
     answer: list[Prediction] = []
-    L = network.num_layers
+    L = backend.num_layers
     for i in range(len(logits)):
         if exit_rule.may_leave(i, [row], L):
-            decide_on_logits(network, i, logits[i : i + 1], [row], lambda _, p: answer.append(p))
+            decide_on_logits(backend, i, logits[i : i + 1], [row], lambda _, p: answer.append(p))
             if answer:
                 return answer[0]
     return None
 
 
 def decide_on_logits(
-    network: MultiExitNetwork,
+    backend: Backend,
     i: int,
     logits: torch.Tensor | None,
     rows: Sequence[Row],
@@ -134,4 +135,4 @@ def decide_on_logits(
     """`exit_rule.decide` on exit i's logits (k, C) for `rows` (None: the head did not
     run); the positions that go on."""
     probs = None if logits is None else torch.softmax(logits.float(), dim=-1).cpu().tolist()
-    return exit_rule.decide(i, probs, rows, network.num_layers, on_exit)
+    return exit_rule.decide(i, probs, rows, backend.num_layers, on_exit)

@@ -13,8 +13,8 @@ import torch
 from app.engine.adapt import Ladder
 from app.engine.executor import Row, run_batch
 from app.network import artifact
-from app.network.multi_exit import MultiExitNetwork
-from app.network.quantize import batch_invariant, prepare, resolve, scheme
+from app.network.backends import Backend, make_backend
+from app.network.quantize import batch_invariant, resolve, scheme
 from app.network.quantize import int8_kernel as resolve_int8_kernel
 from app.network.tokenizer import TextTokenizer
 
@@ -33,17 +33,21 @@ class ModelRuntime:
     device: str
     dtype: str
     threads: int
-    network: MultiExitNetwork
+    backend: Backend
     tokenizer: TextTokenizer
     batch_invariant: bool = False  # a row's answer is bit-identical alone and in any batch
     scheme: str = ""  # how the weights and activations are represented
-    kernel: str = "torch"  # what runs the layers: "onnxruntime" graphs or torch ops
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
-        return self.network.num_layers
+        return self.backend.num_layers
+
+    @property
+    def kernel(self) -> str:
+        """What runs the layers: \"onnxruntime\" graphs or \"torch\" ops."""
+        return self.backend.name
 
     @property
     def ladder(self) -> Ladder:
@@ -100,7 +104,7 @@ def load_runtime(
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
     kernel = resolve_int8_kernel(int8_kernel) if quantization == "int8" else "torch"
-    net = prepare(loaded.network, device, quantization, kernel, wide_threads)
+    backend = make_backend(loaded.network, device, quantization, kernel, wide_threads)
     spec = loaded.spec
     rt = ModelRuntime(
         name=spec.name,
@@ -111,13 +115,12 @@ def load_runtime(
         device=device,
         dtype=quantization if quantization != "none" else "fp32",
         threads=threads,
-        network=net,
+        backend=backend,
         tokenizer=loaded.tokenizer,
         calibration=spec.calibration,
         evaluation=spec.evaluation,
         batch_invariant=batch_invariant(device, quantization),
         scheme=scheme(quantization),
-        kernel=kernel,
     )
     calibrated_as = spec.calibration.get("scheme")
     if spec.calibration and calibrated_as != rt.scheme and quantization == "int8":
@@ -143,10 +146,10 @@ def warm_up(rt: ModelRuntime) -> None:
     L = rt.num_layers
     for batch, length in ((1, 8), (4, 32), (8, rt.max_seq_len)):
         ids = [[1] * min(length, rt.max_seq_len)] * batch
-        run_batch(rt.network, [Row(r, [1.0] * L, L) for r in ids])
+        run_batch(rt.backend, [Row(r, [1.0] * L, L) for r in ids])
     # Mixed lengths take the unpadded path (per-length attention groups).
     mixed = [[1] * max(2, rt.max_seq_len >> k) for k in range(4)]
-    run_batch(rt.network, [Row(r, [1.0] * L, L) for r in mixed])
+    run_batch(rt.backend, [Row(r, [1.0] * L, L) for r in mixed])
 
 
 def time_batches(
@@ -162,7 +165,7 @@ def time_batches(
         layers = 0
         for _ in range(reps):
             t0 = time.perf_counter()
-            result = run_batch(rt.network, rows)
+            result = run_batch(rt.backend, rows)
             best = min(best, time.perf_counter() - t0)
             layers = sum(result.rows_per_layer)
         out.append((n, layers, best))

@@ -596,7 +596,7 @@ class Engine:
 
     def _run_continuous(self, i: int) -> None:
         batcher: ContinuousBatcher[_Pending] = ContinuousBatcher(
-            self.runtime.network, self.max_batch_size
+            self.runtime.backend, self.max_batch_size
         )
 
         def answered(p: _Pending, pred: Prediction) -> None:
@@ -673,7 +673,7 @@ class Engine:
             answered[0] += 1
 
         rows = self._rows(batch)
-        result = run_batch(self.runtime.network, rows, on_answer, wide)
+        result = run_batch(self.runtime.backend, rows, on_answer, wide)
         if self.observer is not None:
             self.observer.layer_steps(result.rows_per_layer)
         return sum(result.rows_per_layer)

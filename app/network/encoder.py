@@ -6,9 +6,9 @@ pretrained MiniLM weights load with a plain `load_state_dict`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,6 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(0.1)
-        # Set for int8 serving by `quantize.prepare`: `packed` in one graph call.
-        self.fast: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -69,10 +67,7 @@ class Embeddings(nn.Module):
 
     def packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Tokens without padding: ids and positions (N,) -> (N, H), each token exactly
-        what `forward` gives it in a padded batch (the same sums in the same order; `fast`
-        normalizes in ONNX Runtime, which rounds otherwise)."""
-        if self.fast is not None:
-            return self.fast(input_ids, positions)
+        what `forward` gives it in a padded batch (the same sums in the same order)."""
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
@@ -180,24 +175,12 @@ class Output(nn.Module):
         self.dropout = nn.Dropout(0.1)
 
 
-class FastBlocks(Protocol):
-    """A quantized layer run as compiled graphs on real tokens (`ort_layers.OrtLayer`)."""
-
-    def whole(self, x: torch.Tensor) -> torch.Tensor: ...  # (k, n, H) rows of one length
-
-    @property
-    def has_exit(self) -> bool: ...  # built with the exit head after this layer
-
-    def whole_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # + logits
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.attention = Attention(cfg)
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
-        self.fast: FastBlocks | None = None  # set for int8 serving by `quantize.prepare`
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # On the CPU, inference never lets padding touch a real row: per-token ops run on
@@ -222,15 +205,11 @@ class Layer(nn.Module):
     def packed(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Inference on packed rows: x (N, H) holds the real tokens of every row, row
         after row, and `runs` (length, rows) describes them as stretches of rows of one
-        length. In torch every per-token op (the linears, GELU, residuals, LayerNorms)
-        runs on all N tokens at once and attention once per stretch, on exactly its
-        tokens; the graphs (`fast`) run the whole layer once per stretch. No padding
+        length. Every per-token op (the linears, GELU, residuals, LayerNorms) runs on all
+        N tokens at once and attention per row, on exactly its tokens. No padding
         anywhere, and a row computes exactly what it computes alone.
         """
         H = x.shape[-1]
-        fast = self.fast
-        if fast is not None:  # one graph call per stretch (see `stretches`)
-            return joined([fast.whole(rows).view(-1, H) for rows in stretches(x, runs)])
         if len(runs) == 1:  # one length (every batch of one)
             n, k = runs[0]
             return self._feed_forward(self.attention(x.view(k, n, H), None)).view(k * n, H)
@@ -254,10 +233,7 @@ class Layer(nn.Module):
 def stretches(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
     """Packed tokens (N, D) as one (k, n, D) view per stretch of k rows of length n.
 
-    The graphs run a layer per stretch: one call each measured faster than projecting
-    and finishing all tokens together with attention per stretch between (7-15% more
-    sentences/s in process at batches of 2-16), which took three calls and the glue
-    between them; a row computes the same bits either way (tested)."""
+    The ONNX Runtime backend runs a layer per stretch, one graph call each."""
     views, start = [], 0
     for n, k in runs:
         views.append(x[start : start + n * k].view(k, n, -1))

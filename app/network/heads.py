@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,9 +42,6 @@ class ExitHead(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.pooling = pooling
-        # Set for int8 serving by `quantize.prepare`: the states of rows of one length
-        # (k, n, H) -> logits (k, C), pooling included, in one call (`packed_logits`).
-        self.fast: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
@@ -57,12 +54,10 @@ class ExitHead(nn.Module):
         return mean_pool(x, mask) if self.pooling == "mean" else x[:, 0]
 
     def packed_logits(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Packed rows (N, H), stretches of (length, rows) -> logits (B, C): `fast` one
-        stretch at a time when set; else pooled per stretch, where a row's pooled state
-        has the same bits as `pool` gives it in any padded batch (the sum over its real
-        tokens, then one division; padding adds exact zeros), and classified at once."""
-        if self.fast is not None:
-            return joined([self.fast(rows) for rows in stretches(x, runs)])
+        """Packed rows (N, H), stretches of (length, rows) -> logits (B, C): pooled per
+        stretch, where a row's pooled state has the same bits as `pool` gives it in any
+        padded batch (the sum over its real tokens, then one division; padding adds
+        exact zeros), and classified at once."""
         pooled = [
             rows.sum(1) / rows.shape[1] if self.pooling == "mean" else rows[:, 0]
             for rows in stretches(x, runs)

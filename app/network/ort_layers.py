@@ -13,14 +13,10 @@ in memory, each layer is built into two graphs over rows of one length (k, n, H)
               residual, LayerNorm, FFN with exact GELU, residual, LayerNorm
   whole_exit  x -> the layer's output and the logits of the exit head after it
 
-Batches run packed (`multi_exit.RunningBatch`): one call per stretch of rows of one
-length (`encoder.stretches`), so a batch of one takes one call per layer, its exit
-included. Projecting and finishing all of a mixed batch's tokens together, with
-attention per length between, measured 7-15% slower at 2-16 rows than a call per
-stretch (three calls per layer and the glue between them). Each exit head is also a
-graph of its own (`OrtHead`): the states of rows of one length to logits, pooling
-included, for steps that run the layer alone; and the embeddings of packed tokens are
-one more (`OrtEmbeddings`).
+Batches run packed (`backends.RunningBatch`, `backends.PackedOnnx`): one call per
+stretch of rows of one length (`encoder.stretches`), so a batch of one takes one call
+per layer, its exit included; the embeddings of packed tokens are one more
+(`OrtEmbeddings`), and a row alone takes one call for the whole network (`OrtRow`).
 
 Same scheme, same contract. Activations are quantized per token by `QuantizeLinear` with
 one block per token, the very rounding of `invariant.quantize_per_token` (x over amax /
@@ -358,7 +354,7 @@ class OrtRow:
     """A row alone through the whole network in one call, its early exit included.
 
     The embeddings, then each layer and its exit head (the very ops of `OrtLayer` and
-    `OrtHead`), then the exit rule on that head's answer: an ONNX `If` returns there when
+    `whole_exit`), then the exit rule on that head's answer: an ONNX `If` returns there when
     the row's confidence reaches its threshold for this exit (below 1) or the layer is
     its depth cap, and runs the next layer otherwise. An exit the row cannot leave at
     (threshold 1, not its cap) runs no head, as in the layer loop: full depth runs one.
@@ -372,7 +368,7 @@ class OrtRow:
     (`executor.run_alone`), so the graph only saves time, never changes an answer.
 
     `wide_threads` above `threads`: the same model also on that many threads, for a row
-    alone while the other workers idle (`Engine._alone`; `__call__(..., wide=True)`).
+    alone while the other workers idle (`scheduler.borrows_idle_threads`; `wide=True`).
     Its threads spin between the graph's parallel ops instead of sleeping and being
     woken for each: a row alone measured 1.24-1.29x faster so, with the same answers.
     """
@@ -474,22 +470,6 @@ class OrtEmbeddings:
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._graph(ids=ids, positions=positions)[0]
-
-
-class OrtHead:
-    """An int8 exit head as one graph on one stretch of rows of one length: states
-    (k, n, H) -> logits (k, C), pooling included (`_Builder.exit_head`); the same ops as
-    the head inside `OrtLayer.whole_exit`, so a row gets the same bits either way."""
-
-    def __init__(self, head: ExitHead, threads: int = 1) -> None:
-        g = _Builder()
-        logits = g.exit_head("states", head)
-        H = cast(Int8Linear, head.dense).in_features
-        C = cast(Int8Linear, head.classifier).out_features
-        self._graph = g.graph({"states": ["B", "T", H]}, {logits: ["B", C]}, threads)
-
-    def __call__(self, states: torch.Tensor) -> torch.Tensor:
-        return self._graph(states=states)[0]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from app.network import ort_layers
-from app.network.encoder import Layer, SelfAttention
+from app.network.encoder import SelfAttention
 from app.network.invariant import Int8Linear, best_time, quantize_per_token, quantize_weight
 from app.network.multi_exit import MultiExitNetwork
 
@@ -152,40 +151,16 @@ def torch_kernel_slowdown() -> float:
         torch.set_num_threads(previous)
 
 
-def prepare(
-    network: MultiExitNetwork,
-    device: str,
-    quantization: str,
-    kernel: str = "auto",
-    wide_threads: int = 0,
-) -> MultiExitNetwork:
-    """Move and quantize an fp32 network for serving; returns it in eval mode.
-
-    int8: `kernel` picks what runs the encoder layers (`int8_kernel`); the ONNX Runtime
-    graphs take as many intra-op threads as torch has now (set before this is called).
-    `wide_threads` above that: a second one-call graph for a row alone on that many
-    threads (`MultiExitNetwork.run_alone(..., wide=True)`), for when the other engine
-    workers are idle.
-    """
+def prepare_model(network: MultiExitNetwork, device: str, quantization: str) -> MultiExitNetwork:
+    """Move and quantize an fp32 network for serving, in place; returns it in eval mode
+    with query, key and value fused into one linear. The backend that runs it is chosen
+    in `backends.make_backend`."""
     network = network.eval()
     for module in list(network.modules()):
         if isinstance(module, SelfAttention) and module.qkv is None:
             module.fuse()
     if quantization == "int8":
         quantize_int8(network)
-        if int8_kernel(kernel) == "onnxruntime":
-            threads = torch.get_num_threads()
-            embeddings = network.encoder.embeddings
-            embeddings.fast = ort_layers.OrtEmbeddings(embeddings, threads)
-            layers = [cast(Layer, layer) for layer in network.encoder.encoder.layer]
-            heads = [network.head(i) for i in range(len(layers))]
-            for layer, head in zip(layers, heads, strict=True):
-                layer.fast = ort_layers.OrtLayer(layer, threads, head)
-                head.fast = ort_layers.OrtHead(head, threads)
-            row = ort_layers.OrtRow(embeddings, layers, heads, threads, wide_threads)
-            network.alone = row
-            if row.has_wide:  # one model, a second session on more threads
-                network.alone_wide = functools.partial(row, wide=True)
         return network
     network = network.to(device)
     if quantization == "fp16":

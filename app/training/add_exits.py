@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from app.network import artifact, checkpoint
+from app.network.backends import make_backend
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
-from app.network.quantize import prepare
 from app.network.tokenizer import TextTokenizer
 from app.training.data import load_splits
 from app.training.evaluate import all_exit_probs
@@ -107,7 +107,7 @@ def build(tc: AddExitsConfig) -> tuple[MultiExitNetwork, artifact.BaseWeights]:
 def serving(net: MultiExitNetwork, ids: list[list[int]]) -> dict[str, Any]:
     """fp32 on the CPU, with the full-depth answers int8 would change among `ids`."""
     original = all_exit_probs(net, ids)[-1].argmax(-1)  # (N,)
-    int8 = all_exit_probs(prepare(copy.deepcopy(net), "cpu", "int8"), ids)[-1].argmax(-1)
+    int8 = all_exit_probs(make_backend(copy.deepcopy(net), "cpu", "int8"), ids)[-1].argmax(-1)
     return {
         "cpu": "none",
         "why": "fp32 keeps the classifier's own full-depth answers; int8 changes some",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from app.network import artifact
-from app.network.multi_exit import MultiExitNetwork, pad_batch
+from app.network.backends import Backend
 from app.network.quantize import scheme
 from app.network.tokenizer import TextTokenizer
 from app.training.evaluate import all_exit_probs, judged, load_served, split_data
@@ -126,7 +126,7 @@ def global_threshold(
 
 
 def layer_costs(
-    network: MultiExitNetwork,
+    backend: Backend,
     tokenizer: TextTokenizer,
     texts: list[str],
     batch_size: int = 8,
@@ -148,15 +148,14 @@ def layer_costs(
             embed = layer = 0.0
             for chunk in chunks:
                 t0 = time.perf_counter()
-                ids, mask = pad_batch(tokenizer.encode(chunk), device=network.device)
-                x = network.embed(ids)
-                bias = network.attention_bias(mask)
+                batch = backend.begin(tokenizer.encode(chunk))
                 t1 = time.perf_counter()
-                for i in range(network.num_layers):
-                    x = network.layer(i, x, bias)
-                    network.exit_logits(i, x, mask).float().cpu()
+                for i in range(backend.num_layers):
+                    batch = backend.step(i, batch, exit=True)
+                    assert batch.logits is not None
+                    batch.logits.float().cpu()
                 embed += t1 - t0
-                layer += (time.perf_counter() - t1) / network.num_layers
+                layer += (time.perf_counter() - t1) / backend.num_layers
             best_embed = min(best_embed, embed / len(chunks))
             best_layer = min(best_layer, layer / len(chunks))
     return {
@@ -270,7 +269,7 @@ def calibrate(
     L = spec.config.num_layers
     allowed = exit_mask(exit_layers, L)
     texts, y = split_data(spec, "calibration")
-    probs = all_exit_probs(served.network, served.loaded.tokenizer.encode(texts))  # (L, N, C)
+    probs = all_exit_probs(served.backend, served.loaded.tokenizer.encode(texts))  # (L, N, C)
     pred = probs.argmax(-1)  # (L, N)
     unlabelled = int((y < 0).sum())
     y = judged(y, pred[-1])
@@ -296,7 +295,7 @@ def calibrate(
     th = candidates[method]
     th[-1] = 0.0
     acc, depth = adaptive_outcome(conf, correct, th)
-    costs = layer_costs(served.network, served.loaded.tokenizer, texts)
+    costs = layer_costs(served.backend, served.loaded.tokenizer, texts)
     ladder = operating_ladder(conf, correct, agree, th, costs["fixed"], allowed=allowed)
     record = {
         "method": f"{method} max-softmax threshold(s) on the calibration split, bounded by"

@@ -16,8 +16,9 @@ import torch
 
 from app.engine.executor import Row, run_batch
 from app.network import artifact
-from app.network.multi_exit import MultiExitNetwork, pad_batch
-from app.network.quantize import prepare, resolve, scheme
+from app.network.backends import Backend, as_is, make_backend
+from app.network.multi_exit import MultiExitNetwork
+from app.network.quantize import resolve, scheme
 from app.training.data import load_splits
 from app.training.stats import adaptive_outcome, binomial_upper_bound
 
@@ -25,12 +26,9 @@ from app.training.stats import adaptive_outcome, binomial_upper_bound
 @dataclass
 class ServedModel:
     loaded: artifact.LoadedModel
+    backend: Backend
     device: str
     quantization: str
-
-    @property
-    def network(self) -> MultiExitNetwork:
-        return self.loaded.network
 
 
 def load_served(
@@ -38,27 +36,29 @@ def load_served(
 ) -> ServedModel:
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
-    loaded.network = prepare(loaded.network, device, quantization, int8_kernel)
-    return ServedModel(loaded, device, quantization)
+    backend = make_backend(loaded.network, device, quantization, int8_kernel)
+    return ServedModel(loaded, backend, device, quantization)
 
 
 def all_exit_probs(
-    network: MultiExitNetwork, token_ids: list[list[int]], batch_size: int = 32
+    backend: Backend | MultiExitNetwork, token_ids: list[list[int]], batch_size: int = 32
 ) -> np.ndarray:
-    """Softmax of every exit for every row, full depth: (L, N, C)."""
+    """Softmax of every exit for every row, full depth: (L, N, C), computed as the
+    backend serves (a bare network: `backends.as_is`)."""
+    if isinstance(backend, MultiExitNetwork):
+        backend = as_is(backend)
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # less padding
-    out = np.zeros((network.num_layers, len(token_ids), len(network.cfg.labels)), np.float32)
+    out = np.zeros((backend.num_layers, len(token_ids), len(backend.labels)), np.float32)
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            ids, mask = pad_batch([token_ids[i] for i in idx], device=network.device)
-            logits = network(ids, mask).logits.float()  # (L, B, C)
+            logits = backend.all_exits([token_ids[i] for i in idx]).float()  # (L, B, C)
             out[:, idx] = torch.softmax(logits, -1).cpu().numpy()
     return out
 
 
 def batch_invariance(
-    net: MultiExitNetwork, ids: list[list[int]], thresholds: list[float], batch_size: int = 32
+    net: Backend, ids: list[list[int]], thresholds: list[float], batch_size: int = 32
 ) -> dict[str, float | int]:
     """Every input answered alone and inside a random batch of `batch_size`: how many labels
     and exit layers differ, and the largest score difference (all 0 when invariant)."""
@@ -107,7 +107,7 @@ def evaluate(
     batch_size: int = 32,
 ) -> dict[str, Any]:
     served = load_served(model_dir, device, quantization)
-    spec, tok, net = served.loaded.spec, served.loaded.tokenizer, served.network
+    spec, tok, net = served.loaded.spec, served.loaded.tokenizer, served.backend
     texts, y = split_data(spec, split)
     ids = tok.encode(texts)
     L, N = net.num_layers, len(texts)
@@ -170,7 +170,7 @@ def evaluate(
     report["executor_consistency"] = round(float((chosen == adaptive_pred).mean()), 4)
 
     if served.quantization != "none":
-        ref = artifact.load(model_dir).network  # fp32, same weights
+        ref = make_backend(artifact.load(model_dir).network, "cpu", "none")  # fp32
         fp32 = all_exit_probs(ref, ids, batch_size)
         report["fp32_final_accuracy"] = round(float((fp32[-1].argmax(-1) == y).mean()), 4)
         report["fp32_agreement"] = round(float((fp32[-1].argmax(-1) == final_pred).mean()), 4)

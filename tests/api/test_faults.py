@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.network.multi_exit import RunningBatch
+from app.network.backends import RunningBatch
 from tests.api.conftest import build_settings
 from tests.api.helpers import HeldEngine, assert_error, predict, sample, scrape, wait_until_idle
 
@@ -24,22 +24,22 @@ POISON = "rotten"  # a vocabulary word: any batch holding it fails inside the ne
 def poison_network(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = client.app.state.engine.runtime  # type: ignore[attr-defined]
     [poison_id] = [i for i in runtime.tokenizer.encode([POISON])[0] if i > 3]
-    begin = runtime.network.begin
+    begin = runtime.backend.begin
 
     def failing(token_ids: Sequence[Sequence[int]]) -> RunningBatch:
         if any(poison_id in row for row in token_ids):
             raise RuntimeError(f"{Path(__file__).resolve()}: CUDA error: device-side assert")
         return begin(token_ids)
 
-    run_alone = runtime.network.run_alone
+    run_alone = runtime.backend.run_alone
 
     def failing_alone(token_ids: Sequence[int], *rule: object) -> torch.Tensor | None:
         if poison_id in token_ids:  # a row alone runs in one call, without `begin`
             raise RuntimeError(f"{Path(__file__).resolve()}: CUDA error: device-side assert")
         return run_alone(token_ids, *rule)
 
-    monkeypatch.setattr(runtime.network, "begin", failing)
-    monkeypatch.setattr(runtime.network, "run_alone", failing_alone)
+    monkeypatch.setattr(runtime.backend, "begin", failing)
+    monkeypatch.setattr(runtime.backend, "run_alone", failing_alone)
 
 
 def test_a_failing_batch_is_500_without_internals_and_the_engine_serves_on(

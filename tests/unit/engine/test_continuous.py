@@ -7,16 +7,16 @@ import pytest
 from app.engine.continuous import ContinuousBatcher
 from app.engine.executor import Prediction, Row, run_batch
 from app.network import artifact
-from app.network.multi_exit import RunningBatch
+from app.network.backends import PackedTorch, RunningBatch
 from tests.tiny import random_texts
 
 
 def alone(loaded: artifact.LoadedModel, row: Row) -> Prediction:
-    return run_batch(loaded.network, [row]).predictions[0]
+    return run_batch(PackedTorch(loaded.network), [row]).predictions[0]
 
 
 def make_rows(loaded: artifact.LoadedModel, n: int, seed: int) -> list[Row]:
-    L = loaded.network.num_layers
+    L = PackedTorch(loaded.network).num_layers
     rules = [(list(loaded.spec.thresholds), L), ([1.0] * L, L), ([0.0] * L, L), ([1.0] * L, 2)]
     ids = loaded.tokenizer.encode(random_texts(n, seed=seed))
     return [Row(t, *rules[i % len(rules)]) for i, t in enumerate(ids)]
@@ -33,7 +33,9 @@ def drain(b: ContinuousBatcher[int], answers: dict[int, Prediction]) -> list[int
 
 
 def test_rows_added_in_waves_get_their_single_answers(tiny_loaded: artifact.LoadedModel) -> None:
-    b: ContinuousBatcher[int] = ContinuousBatcher(tiny_loaded.network, max_batch_size=8)
+    b: ContinuousBatcher[int] = ContinuousBatcher(
+        PackedTorch(tiny_loaded.network), max_batch_size=8
+    )
     rows = make_rows(tiny_loaded, 30, seed=11)
     answers: dict[int, Prediction] = {}
     b.add(rows[:10], list(range(10)))
@@ -52,10 +54,12 @@ def test_rows_added_in_waves_get_their_single_answers(tiny_loaded: artifact.Load
 
 
 def test_rows_from_different_waves_share_a_layer_step(tiny_loaded: artifact.LoadedModel) -> None:
-    L = tiny_loaded.network.num_layers
+    L = PackedTorch(tiny_loaded.network).num_layers
     ids = tiny_loaded.tokenizer.encode(random_texts(8, seed=2))
     full = [Row(t, [1.0] * L, L) for t in ids]  # never leave early
-    b: ContinuousBatcher[int] = ContinuousBatcher(tiny_loaded.network, max_batch_size=32)
+    b: ContinuousBatcher[int] = ContinuousBatcher(
+        PackedTorch(tiny_loaded.network), max_batch_size=32
+    )
     answers: dict[int, Prediction] = {}
     b.add(full[:4], [0, 1, 2, 3])
     assert b.step(answers.__setitem__, lambda k, e: None) == 4  # wave 1: depth 0 -> 1
@@ -73,9 +77,11 @@ def test_a_deep_row_runs_within_its_bound_under_a_stream_of_shallow_rows(
     # The shallowest group runs first, so a new shallow row at every step would keep a
     # deep row waiting for ever; a group passed over for L steps runs next instead, so
     # each of its L layers waits at most L other steps.
-    L = tiny_loaded.network.num_layers
+    L = PackedTorch(tiny_loaded.network).num_layers
     ids = tiny_loaded.tokenizer.encode(random_texts(1 + L * L * 2, seed=5))
-    b: ContinuousBatcher[int] = ContinuousBatcher(tiny_loaded.network, max_batch_size=32)
+    b: ContinuousBatcher[int] = ContinuousBatcher(
+        PackedTorch(tiny_loaded.network), max_batch_size=32
+    )
     answers: dict[int, Prediction] = {}
     b.add([Row(ids[0], [1.0] * L, L)], [0])  # deep: full depth
     steps = 0
@@ -90,7 +96,9 @@ def test_a_deep_row_runs_within_its_bound_under_a_stream_of_shallow_rows(
 
 
 def test_groups_larger_than_the_batch_limit_are_split(tiny_loaded: artifact.LoadedModel) -> None:
-    b: ContinuousBatcher[int] = ContinuousBatcher(tiny_loaded.network, max_batch_size=5)
+    b: ContinuousBatcher[int] = ContinuousBatcher(
+        PackedTorch(tiny_loaded.network), max_batch_size=5
+    )
     rows = make_rows(tiny_loaded, 12, seed=4)
     b.add(rows, list(range(12)))
     answers: dict[int, Prediction] = {}
@@ -102,7 +110,7 @@ def test_groups_larger_than_the_batch_limit_are_split(tiny_loaded: artifact.Load
 def test_a_failing_layer_fails_only_its_group(
     tiny_loaded: artifact.LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    net = tiny_loaded.network
+    net = PackedTorch(tiny_loaded.network)
     L = net.num_layers
     ids = tiny_loaded.tokenizer.encode(random_texts(6, seed=8))
     b: ContinuousBatcher[int] = ContinuousBatcher(net, max_batch_size=32)

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from app.engine.executor import BatchResult, run_batch
 from app.network import artifact
+from app.network.backends import Backend, PackedTorch, Padded, RunningBatch, make_backend
 from app.network.exit_rule import Prediction, Row
 from app.network.exit_rule import uniform as uniform_thresholds
-from app.network.multi_exit import MultiExitNetwork, RunningBatch
-from app.network.quantize import int8_kernel, prepare
+from app.network.quantize import int8_kernel
 from app.training.evaluate import all_exit_probs
 from app.training.stats import exit_layers
 from tests.tiny import random_texts
@@ -27,8 +27,14 @@ TEXTS = random_texts(40, seed=11, min_words=1, max_words=40)
 
 
 @pytest.fixture(scope="module")
-def net(tiny_loaded: artifact.LoadedModel):
-    return tiny_loaded.network
+def net(tiny_loaded: artifact.LoadedModel) -> Backend:
+    return PackedTorch(tiny_loaded.network)
+
+
+@pytest.fixture(scope="module")
+def padded_net(tiny_loaded: artifact.LoadedModel) -> Backend:
+    """Batches in flight run padded, as on a GPU."""
+    return Padded(tiny_loaded.network)
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +190,6 @@ def test_rows_per_layer_counts_the_rows_still_running(net, ids, calibrated) -> N
     assert res.rows_per_layer[0] == len(ids)
 
 
-@pytest.fixture
-def padded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches in flight run padded, as on a GPU (the CPU packs them)."""
-    monkeypatch.setattr(MultiExitNetwork, "packs", property(lambda self: False))
-
-
 def test_tokens_per_layer_counts_real_tokens_packed(net, ids, calibrated) -> None:
     res = run(net, ids, calibrated)
     exits = [p.exit_layer for p in res.predictions]
@@ -198,22 +198,21 @@ def test_tokens_per_layer_counts_real_tokens_packed(net, ids, calibrated) -> Non
 
 
 def test_tokens_per_layer_is_rows_times_longest_running_row_padded(
-    net, ids, calibrated, padded
+    padded_net, ids, calibrated
 ) -> None:
-    res = run(net, ids, calibrated)
+    res = run(padded_net, ids, calibrated)
     exits = [p.exit_layer for p in res.predictions]
     for k, tokens in enumerate(res.tokens_per_layer, start=1):
         running = [len(r) for r, e in zip(ids, exits, strict=True) if e >= k]
         assert tokens == len(running) * max(running)
 
 
-def test_the_padded_layout_answers_as_the_packed_one(net, ids, calibrated, monkeypatch) -> None:
+def test_the_padded_layout_answers_as_the_packed_one(net, padded_net, ids, calibrated) -> None:
     packed = run(net, ids, calibrated).predictions
-    monkeypatch.setattr(MultiExitNetwork, "packs", property(lambda self: False))
-    assert run(net, ids, calibrated).predictions == packed  # bit for bit
+    assert run(padded_net, ids, calibrated).predictions == packed  # bit for bit
 
 
-def test_padding_is_trimmed_when_the_longest_row_leaves(net, tiny_loaded, padded) -> None:
+def test_padding_is_trimmed_when_the_longest_row_leaves(padded_net, tiny_loaded) -> None:
     long, *short = tiny_loaded.tokenizer.encode(
         [
             "a very long and rather boring film about nothing at all " * 3,
@@ -224,7 +223,7 @@ def test_padding_is_trimmed_when_the_longest_row_leaves(net, tiny_loaded, padded
     )
     rows = [long, *short]
     thresholds = [uniform_thresholds(0.0, L)] + [uniform_thresholds(1.0, L)] * 3
-    res = run(net, rows, thresholds)
+    res = run(padded_net, rows, thresholds)
     assert len(long) == 32 and max(len(r) for r in short) == 4
     assert [p.exit_layer for p in res.predictions] == [1, L, L, L]
     assert res.rows_per_layer == [4, 3, 3, 3]
@@ -297,7 +296,7 @@ def int8(request, tiny_model_dir):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", kernel)
+        return make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8", kernel)
     finally:
         torch.set_num_threads(previous)
 

@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from app.engine.executor import Row, run_batch
 from app.network import artifact, ort_layers
+from app.network.backends import Backend, make_backend
 from app.network.exit_rule import exit_layers
-from app.network.multi_exit import MultiExitNetwork
-from app.network.quantize import int8_kernel, prepare
+from app.network.quantize import int8_kernel
 from app.training.evaluate import all_exit_probs
 from tests.tiny import random_texts
 
@@ -99,7 +99,7 @@ class LayerLoop(Implementation):
     """`exit_rule.decide` in the layer loop: two copies of the row in one batch (a batch
     of one would take the one-call path); both must leave at the same exit."""
 
-    def __init__(self, net: MultiExitNetwork) -> None:
+    def __init__(self, net: Backend) -> None:
         self.net = net
 
     def confidences(self, ids: list[int]) -> list[float]:
@@ -124,16 +124,14 @@ class OneCallGraph(Implementation):
     """`OrtRow`'s own rule: the exits it ran, read off its output; confidences from
     ONNX Runtime's softmax, the kernel inside the graph."""
 
-    def __init__(self, net: MultiExitNetwork) -> None:
-        assert net.alone is not None
-        self.graph = net.alone
-        self.positions = torch.arange(64)
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         self.softmax = _ort_softmax()
 
     def _run(self, ids: list[int], thresholds: Thresholds, cap: int) -> torch.Tensor:
-        t = torch.tensor(thresholds, dtype=torch.float32)
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        return self.graph(ids_t, self.positions[: len(ids)], t, cap)  # (e, C)
+        logits = self.backend.run_alone(ids, thresholds, cap)
+        assert logits is not None
+        return logits  # (e, C)
 
     def confidences(self, ids: list[int]) -> list[float]:
         # Capped at exit k with nothing else in use, the graph runs only exit k's head.
@@ -149,7 +147,7 @@ class Calibration(Implementation):
 
     capped = False
 
-    def __init__(self, net: MultiExitNetwork) -> None:
+    def __init__(self, net: Backend) -> None:
         self.net = net
 
     def confidences(self, ids: list[int]) -> list[float]:
@@ -176,14 +174,14 @@ def _ort_softmax() -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {"x": x.astype(np.float32)})[0]
 
 
-def _network(model_dir: Path, kernel: str, saturate: bool = False) -> MultiExitNetwork:
+def _network(model_dir: Path, kernel: str, saturate: bool = False) -> Backend:
     net = artifact.load(model_dir).network
     if saturate:
         # Logits thousands apart: every softmax rounds to exactly (1.0, 0.0).
         with torch.no_grad():
             for head in net.heads:
                 head.classifier.weight.mul_(1e4)
-    return prepare(net, "cpu", "int8", kernel)
+    return make_backend(net, "cpu", "int8", kernel)
 
 
 def _implementations(model_dir: Path, saturate: bool) -> dict[str, Implementation]:

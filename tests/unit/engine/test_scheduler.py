@@ -29,8 +29,8 @@ from app.engine.scheduler import (
     TooLate,
     borrows_idle_threads,
 )
+from app.network.backends import RunningBatch
 from app.network.exit_rule import ExitRule
-from app.network.multi_exit import RunningBatch
 
 T = TypeVar("T")
 GUARD_S = 10.0  # only ever reached when a test fails
@@ -164,22 +164,22 @@ def test_an_input_already_in_a_batch_finishes_after_its_deadline(
 def poison(runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, word: str) -> None:
     """The network raises (with a path in the message) for batches holding `word`."""
     [poison_id] = [i for i in runtime.tokenizer.encode([word])[0] if i > 3]  # not [CLS] etc.
-    begin = runtime.network.begin
+    begin = runtime.backend.begin
 
     def failing(token_ids: Sequence[Sequence[int]]) -> RunningBatch:
         if any(poison_id in row for row in token_ids):
             raise RuntimeError("/opt/secret/weights.bin: kernel exploded")
         return begin(token_ids)
 
-    run_alone = runtime.network.run_alone
+    run_alone = runtime.backend.run_alone
 
     def failing_alone(token_ids: Sequence[int], *rule: object) -> torch.Tensor | None:
         if poison_id in token_ids:  # a row alone may run in one call, without `begin`
             raise RuntimeError("/opt/secret/weights.bin: kernel exploded")
         return run_alone(token_ids, *rule)
 
-    monkeypatch.setattr(runtime.network, "begin", failing)
-    monkeypatch.setattr(runtime.network, "run_alone", failing_alone)
+    monkeypatch.setattr(runtime.backend, "begin", failing)
+    monkeypatch.setattr(runtime.backend, "run_alone", failing_alone)
 
 
 def test_a_failing_batch_fails_only_its_own_requests(
@@ -334,7 +334,7 @@ def test_an_early_answer_frees_its_place_while_its_batch_runs_on(
     engine = engine_of(max_queue_size=3, max_batch_size=8)
     held = Held(runtime, monkeypatch)
     entered_2, gate_2 = threading.Event(), threading.Event()
-    step = runtime.network.step
+    step = runtime.backend.step
 
     def layer_held_at_2(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         if i == 1 and "hard" in held.seen:  # the second batch only
@@ -342,7 +342,7 @@ def test_an_early_answer_frees_its_place_while_its_batch_runs_on(
             assert gate_2.wait(GUARD_S), "the test never released the second layer"
         return step(i, batch, exit)
 
-    monkeypatch.setattr(runtime.network, "step", layer_held_at_2)
+    monkeypatch.setattr(runtime.backend, "step", layer_held_at_2)
 
     async def main() -> None:
         first = asyncio.ensure_future(engine.submit(["first"]))
@@ -492,13 +492,13 @@ def test_a_lone_request_runs_on_the_idle_workers_threads_and_a_crowd_does_not(
     """Through the engine's surface: what the network is asked to run, per request."""
     runtime = load_runtime(tiny_model_dir, "cpu", "int8", 1, "auto", 2)  # wide: 2 threads
     widths: list[bool] = []
-    run_alone = runtime.network.run_alone
+    run_alone = runtime.backend.run_alone
 
     def spied(ids: Any, thresholds: Any, max_layers: int, wide: bool = False) -> Any:
         widths.append(wide)
         return run_alone(ids, thresholds, max_layers, wide)
 
-    monkeypatch.setattr(runtime.network, "run_alone", spied)
+    monkeypatch.setattr(runtime.backend, "run_alone", spied)
     engine = Engine(runtime, workers=2, max_queue_delay_s=0.0)
     engine.start()
     try:

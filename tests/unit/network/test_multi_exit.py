@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from app.network import artifact
+from app.network.backends import Backend, as_is, make_backend
 from app.network.encoder import EncoderConfig
 from app.network.invariant import Int8Linear
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
-from app.network.quantize import int8_kernel, prepare
+from app.network.quantize import int8_kernel
 from tests.tiny import random_texts
 
 SMALL = EncoderConfig(
@@ -27,10 +28,11 @@ SMALL = EncoderConfig(
 
 def test_stage_interface_equals_forward(tiny_loaded: artifact.LoadedModel) -> None:
     net = tiny_loaded.network
-    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(8, seed=1)))
+    rows = tiny_loaded.tokenizer.encode(random_texts(8, seed=1))
+    ids, mask = pad_batch(rows)
     with torch.inference_mode():
         expected = net(ids, mask, keep_hidden=True).logits  # (L, B, C), padded throughout
-        packed = net(ids, mask).logits  # inference on the CPU runs packed, as served
+        packed = as_is(net).all_exits(rows)  # inference on the CPU runs packed, as served
         bias = net.attention_bias(mask)
         x = net.embed(ids)
         staged = []
@@ -44,34 +46,33 @@ def test_stage_interface_equals_forward(tiny_loaded: artifact.LoadedModel) -> No
 
 
 @pytest.fixture(scope="module", params=["none/torch", "int8/torch", "int8/onnxruntime"])
-def served(request: pytest.FixtureRequest, tiny_model_dir: Path) -> MultiExitNetwork:
+def served(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Backend:
     """The tiny model as served on the CPU: fp32, and int8 on both kernels."""
     quantization, kernel = request.param.split("/")
     if kernel == "onnxruntime" and int8_kernel() != "onnxruntime":
         pytest.skip("onnx and onnxruntime are not installed")
-    return prepare(artifact.load(tiny_model_dir).network, "cpu", quantization, kernel)
+    return make_backend(artifact.load(tiny_model_dir).network, "cpu", quantization, kernel)
 
 
-def assert_same_bits_in_int8(net: MultiExitNetwork, got: torch.Tensor, want: torch.Tensor) -> None:
+def assert_same_bits_in_int8(net: Backend, got: torch.Tensor, want: torch.Tensor) -> None:
     """int8 sums are exact, so a row gets the same bits in any company; an fp32 GEMM picks
     its kernel by the number of rows, which moves the last bits (1e-6 measured)."""
-    if isinstance(net.head(0).dense, Int8Linear):
+    if isinstance(net.model.head(0).dense, Int8Linear):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_packed_batches_compute_what_padded_forward_computes(
-    served: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+def test_packed_batches_compute_what_all_exits_computes(
+    served: Backend, tiny_loaded: artifact.LoadedModel
 ) -> None:
-    """In flight on the CPU a batch is packed (no padding; attention per stretch of one
-    length; pooling per stretch). Every exit's logits are the bits `forward` gives the
-    rows in one padded batch, whatever the order of lengths."""
+    """In flight on the CPU a batch is packed (no padding; attention per row; pooling per
+    stretch). Every exit's logits are the bits `all_exits` (evaluation's path) gives the
+    rows in one batch, whatever the order of lengths."""
     ids = tiny_loaded.tokenizer.encode(random_texts(24, seed=5, min_words=1, max_words=40))
     ids += [ids[3], ids[3], ids[0]]  # stretches of equal lengths, in the middle and at the end
-    assert served.packs
     with torch.inference_mode():
-        want = served(*pad_batch(ids)).logits  # (L, B, C)
+        want = served.all_exits(ids)  # (L, B, C)
         for order in (list(range(len(ids))), sorted(range(len(ids)), key=lambda b: -len(ids[b]))):
             batch = served.begin([ids[b] for b in order])
             assert batch.packed and batch.tokens == sum(len(r) for r in ids)
@@ -82,11 +83,11 @@ def test_packed_batches_compute_what_padded_forward_computes(
 
 
 def test_rows_kept_and_joined_in_flight_compute_what_they_compute_alone(
-    served: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+    served: Backend, tiny_loaded: artifact.LoadedModel
 ) -> None:
     ids = tiny_loaded.tokenizer.encode(random_texts(12, seed=6, min_words=1, max_words=40))
     with torch.inference_mode():
-        want = served(*pad_batch(ids)).logits  # (L, B, C)
+        want = served.all_exits(ids)  # (L, B, C)
         a = served.step(0, served.begin(ids[:8]))
         b = served.step(0, served.begin(ids[8:]))
         joined = served.join(served.keep(a, [1, 4, 5]), b)

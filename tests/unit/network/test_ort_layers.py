@@ -4,17 +4,17 @@ same bits whichever way a row goes through them, and the kernel setting."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
 
 from app.network import artifact
+from app.network.backends import Backend, PackedOnnx, PackedTorch, make_backend
 from app.network.encoder import Layer
 from app.network.invariant import quantize_per_token
-from app.network.multi_exit import MultiExitNetwork, pad_batch
 from app.network.ort_layers import OrtLayer
-from app.network.quantize import int8_kernel, prepare
+from app.network.quantize import int8_kernel
 from tests.tiny import random_texts
 
 pytestmark = pytest.mark.skipif(
@@ -23,29 +23,29 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_model_dir: Path) -> MultiExitNetwork:
-    return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "torch")
+def eager(tiny_model_dir: Path) -> Backend:
+    return make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8", "torch")
 
 
 @pytest.fixture(scope="module")
-def fast(tiny_model_dir: Path) -> MultiExitNetwork:
-    return prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime")
+def fast(tiny_model_dir: Path) -> Backend:
+    return make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime")
 
 
 def test_the_kernel_setting(tiny_model_dir: Path) -> None:
-    def fast(quantization: str, kernel: str = "auto") -> list[object]:
-        net = prepare(artifact.load(tiny_model_dir).network, "cpu", quantization, kernel)
-        return [cast(Layer, x).fast for x in net.encoder.encoder.layer]
+    def backend(quantization: str, kernel: str = "auto") -> Backend:
+        return make_backend(artifact.load(tiny_model_dir).network, "cpu", quantization, kernel)
 
-    assert all(isinstance(f, OrtLayer) for f in fast("int8"))  # auto: ONNX Runtime
-    assert fast("int8", "torch") == [None] * 4
-    assert fast("none") == [None] * 4
+    assert type(backend("int8")) is PackedOnnx  # auto: ONNX Runtime
+    assert type(backend("int8", "torch")) is PackedTorch
+    assert type(backend("none")) is PackedTorch
+    assert [backend("int8").name, backend("none").name] == ["onnxruntime", "torch"]
     with pytest.raises(ValueError, match=r"unknown int8 kernel 'tvm'"):
         int8_kernel("tvm")
 
 
-def test_a_layer_computes_what_the_eager_int8_layer_computes(eager: MultiExitNetwork) -> None:
-    layer = cast(Layer, eager.encoder.encoder.layer[0])
+def test_a_layer_computes_what_the_eager_int8_layer_computes(eager: Backend) -> None:
+    layer = cast(Layer, eager.model.encoder.encoder.layer[0])
     ort = OrtLayer(layer)
     torch.manual_seed(0)
     x = torch.randn(3, 9, 32) * 2
@@ -97,9 +97,9 @@ def test_the_graphs_round_activations_exactly_as_quantize_per_token() -> None:
 
 
 def test_a_row_gets_the_same_bits_alone_or_among_rows_of_its_length(
-    eager: MultiExitNetwork,
+    eager: Backend,
 ) -> None:
-    ort = OrtLayer(cast(Layer, eager.encoder.encoder.layer[1]))
+    ort = OrtLayer(cast(Layer, eager.model.encoder.encoder.layer[1]))
     torch.manual_seed(1)
     x = torch.randn(4, 7, 32)
     whole = ort.whole(x)
@@ -108,7 +108,7 @@ def test_a_row_gets_the_same_bits_alone_or_among_rows_of_its_length(
 
 
 def test_a_mixed_batch_runs_a_call_per_length_and_gets_the_bits_of_each_row_alone(
-    fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+    fast: Backend, tiny_loaded: artifact.LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from app.network.encoder import runs_of
 
@@ -117,73 +117,53 @@ def test_a_mixed_batch_runs_a_call_per_length_and_gets_the_bits_of_each_row_alon
     lengths = [len(r) for r in ids]
     runs = runs_of(lengths)
     assert len(runs) > 3  # the data holds several lengths
-    layer = cast(Layer, fast.encoder.encoder.layer[0])
-    assert layer.fast is not None
     calls: list[tuple[int, ...]] = []
-    whole = layer.fast.whole
+    whole = OrtLayer.whole
 
-    def counted(x: torch.Tensor) -> torch.Tensor:
+    def counted(self: OrtLayer, x: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(x.shape[:2]))
-        return whole(x)
+        return whole(self, x)
 
-    layer.fast.whole = counted  # type: ignore[method-assign]
-    try:
-        with torch.inference_mode():
-            batch = fast.begin(ids)
-            packed = layer.packed(batch.x, batch.runs)
-            alone = [layer.packed(fast.begin([r]).x, [(len(r), 1)]) for r in ids]
-    finally:
-        del layer.fast.whole
+    monkeypatch.setattr(OrtLayer, "whole", counted)
+    with torch.inference_mode():
+        batch = fast.begin(ids)
+        packed = fast.step(0, batch).x
+        alone = [fast.step(0, fast.begin([r])).x for r in ids]
     assert calls[: len(runs)] == [(k, n) for n, k in runs]  # one call per stretch
     assert torch.equal(packed, torch.cat(alone))
 
 
 def test_served_answers_agree_with_the_eager_kernel(
-    eager: MultiExitNetwork, fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+    eager: Backend, fast: Backend, tiny_loaded: artifact.LoadedModel
 ) -> None:
-    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=21)))
+    ids = tiny_loaded.tokenizer.encode(random_texts(64, seed=21))
     with torch.inference_mode():
-        a = torch.softmax(eager(ids, mask).logits, -1)
-        b = torch.softmax(fast(ids, mask).logits, -1)
+        a = torch.softmax(eager.all_exits(ids), -1)
+        b = torch.softmax(fast.all_exits(ids), -1)
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95  # measured 1.0
     assert float((a - b).abs().median()) < 1e-4
 
 
-def test_exit_heads_run_as_one_graph_each(eager: MultiExitNetwork, fast: MultiExitNetwork) -> None:
-    from app.network.ort_layers import OrtHead
-
-    assert all(isinstance(fast.head(i).fast, OrtHead) for i in range(4))
-    assert all(eager.head(i).fast is None for i in range(4))
-    torch.manual_seed(2)
-    states = torch.randn(6, 5, 32)  # six rows of five tokens
-    head = OrtHead(eager.head(2))
-    with torch.inference_mode():
-        want = eager.head(2).classify(states.mean(1))
-    got = head(states)
-    # The same roundings; the pooling and the epilogue sum and multiply in another order.
-    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
-    # Per row: a row alone gets the same bits as among others.
-    assert torch.equal(head(states[3:4]), got[3:4])
-
-
-def test_a_layer_and_its_exit_in_one_call_equal_the_two_apart(eager: MultiExitNetwork) -> None:
-    from app.network.ort_layers import OrtHead
-
-    layer, head = cast(Layer, eager.encoder.encoder.layer[2]), eager.head(2)
+def test_a_layer_and_its_exit_in_one_call(eager: Backend) -> None:
+    """`whole_exit`: the layer's states are `whole`'s bits, the logits the eager head's
+    on them (to the rounding of the epilogues), and a row alone gets its bits."""
+    layer, head = cast(Layer, eager.model.encoder.encoder.layer[2]), eager.model.head(2)
     ort = OrtLayer(layer, head=head)
     torch.manual_seed(4)
     x = torch.randn(3, 11, 32)
     y, logits = ort.whole_exit(x)
     assert torch.equal(y, ort.whole(x))
-    assert torch.equal(logits, OrtHead(head)(y))
+    with torch.inference_mode():
+        want = head.classify(y.mean(1))
+    torch.testing.assert_close(logits, want, atol=0.05, rtol=0)
     assert torch.equal(ort.whole_exit(x[1:2])[1], logits[1:2])
     assert not OrtLayer(layer).has_exit
 
 
-def test_the_embeddings_graph_sums_and_normalizes_per_token(eager: MultiExitNetwork) -> None:
+def test_the_embeddings_graph_sums_and_normalizes_per_token(eager: Backend) -> None:
     from app.network.ort_layers import OrtEmbeddings
 
-    embeddings = eager.encoder.embeddings
+    embeddings = eager.model.encoder.embeddings
     graph = OrtEmbeddings(embeddings)
     ids = torch.tensor([5, 17, 3, 99, 5, 17])
     positions = torch.tensor([0, 1, 2, 0, 1, 0])
@@ -231,7 +211,7 @@ def test_an_int8_linear_sums_exactly_where_a_kernel_could_saturate(
 
 
 def test_a_row_alone_takes_one_call_and_gets_the_layer_loops_answer(
-    fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+    fast: Backend, tiny_loaded: artifact.LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`run_alone` (embeddings, layers, heads and the exit rule in one graph) against the
     layer loop on the same row: the same prediction, bit for bit, under random
@@ -240,38 +220,35 @@ def test_a_row_alone_takes_one_call_and_gets_the_layer_loops_answer(
 
     from app.engine.executor import Row, run_batch
 
-    assert fast.alone is not None
-    graph = fast.alone
+    run_alone = fast.run_alone
     calls: list[int] = []
 
-    def counted(*args: object) -> torch.Tensor:
-        logits = graph(*args)  # type: ignore[arg-type]
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+        logits = run_alone(*args, **kwargs)
+        assert logits is not None
         calls.append(len(logits))  # exits the graph ran
         return logits
 
     rng = random.Random(8)
     L = fast.num_layers
     rows = tiny_loaded.tokenizer.encode(random_texts(60, seed=13))
-    try:
-        for k, ids in enumerate(rows):
-            thresholds = [rng.choice([0.0, 0.5, 0.6, 0.7, 0.9, 1.0]) for _ in range(L)]
-            row = Row(ids, thresholds, rng.randint(1, L) if k % 3 == 0 else L)
-            fast.alone = counted
-            alone = run_batch(fast, [row])
-            fast.alone = None
-            loop = run_batch(fast, [row])
-            assert alone.predictions == loop.predictions
-            exit_layer = alone.predictions[0].exit_layer
-            assert alone.rows_per_layer == loop.rows_per_layer == [1] * exit_layer
-            assert alone.tokens_per_layer == [len(ids)] * exit_layer
-            assert calls[-1] == exit_layer
-    finally:
-        fast.alone = graph
+    for k, ids in enumerate(rows):
+        thresholds = [rng.choice([0.0, 0.5, 0.6, 0.7, 0.9, 1.0]) for _ in range(L)]
+        row = Row(ids, thresholds, rng.randint(1, L) if k % 3 == 0 else L)
+        monkeypatch.setattr(fast, "run_alone", counted)
+        alone = run_batch(fast, [row])
+        monkeypatch.setattr(fast, "run_alone", lambda *args, **kwargs: None)
+        loop = run_batch(fast, [row])
+        assert alone.predictions == loop.predictions
+        exit_layer = alone.predictions[0].exit_layer
+        assert alone.rows_per_layer == loop.rows_per_layer == [1] * exit_layer
+        assert alone.tokens_per_layer == [len(ids)] * exit_layer
+        assert calls[-1] == exit_layer
     assert len(calls) == len(rows)
 
 
 def test_the_executor_decides_again_on_what_the_graph_returns(
-    fast: MultiExitNetwork, tiny_loaded: artifact.LoadedModel
+    fast: Backend, tiny_loaded: artifact.LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The graph's exit rule runs on ONNX Runtime's softmax, the executor's on torch's:
     where they part by a rounding step the executor's decision stands. A graph that ran
@@ -279,51 +256,40 @@ def test_the_executor_decides_again_on_what_the_graph_returns(
     layer loop's."""
     from app.engine.executor import Row, run_batch
 
-    graph = fast.alone
-    assert graph is not None
     L = fast.num_layers
     ids = tiny_loaded.tokenizer.encode(random_texts(1, seed=14))[0]
-    below_one = torch.full((L,), 1.0).nextafter(torch.tensor(0.0))  # every head, no exit
-    everything = graph(torch.tensor(ids), torch.arange(len(ids)), below_one, L)
+    below_one = float(torch.tensor(1.0).nextafter(torch.tensor(0.0)))  # every head, no exit
+    everything = fast.run_alone(ids, [below_one] * L, L)
+    assert everything is not None
     assert everything.shape[0] == L and not everything.isnan().any()
-    skipped = graph(torch.tensor(ids), torch.arange(len(ids)), torch.ones(L), L)
+    skipped = fast.run_alone(ids, [1.0] * L, L)
+    assert skipped is not None
     assert skipped[:-1].isnan().all() and torch.equal(skipped[-1], everything[-1])  # one head
-    try:
-        fast.alone = lambda *args: everything  # ran on past exit 1
-        early = run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
-        fast.alone = lambda *args: everything[:2]  # stopped at exit 2 for a row that goes on
-        deep = run_batch(fast, [Row(ids, [1.0] * L, L)]).predictions[0]
-        fast.alone = None
-        assert early == run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
-        assert early.exit_layer == 1
-        assert deep == run_batch(fast, [Row(ids, [1.0] * L, L)]).predictions[0]
-        assert deep.exit_layer == L
-    finally:
-        fast.alone = graph
+    monkeypatch.setattr(fast, "run_alone", lambda *args, **kwargs: everything)  # ran on
+    early = run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
+    monkeypatch.setattr(fast, "run_alone", lambda *args, **kwargs: everything[:2])  # stopped
+    deep = run_batch(fast, [Row(ids, [1.0] * L, L)]).predictions[0]
+    monkeypatch.setattr(fast, "run_alone", lambda *args, **kwargs: None)
+    assert early == run_batch(fast, [Row(ids, [0.0] * L, L)]).predictions[0]
+    assert early.exit_layer == 1
+    assert deep == run_batch(fast, [Row(ids, [1.0] * L, L)]).predictions[0]
+    assert deep.exit_layer == L
 
 
 def test_a_row_alone_on_more_threads_gets_the_same_bits(
-    tiny_model_dir: Path, tiny_loaded: artifact.LoadedModel
+    tiny_model_dir: Path, tiny_loaded: artifact.LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The wide graph (a row alone while the other workers idle) against the one-thread
-    graph: the same logits, bit for bit, and the executor takes it only when asked."""
+    """The wide session (a row alone while the other workers idle) against the one-thread
+    one: the same logits, bit for bit, and the executor asks for it only when told."""
     from app.engine.executor import Row, run_batch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread per worker; the wide graph takes two
+    torch.set_num_threads(1)  # one thread per worker; the wide session takes two
     try:
-        net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime", 2)
+        net = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime", 2)
     finally:
         torch.set_num_threads(threads)
-    assert net.alone is not None and net.alone_wide is not None
-
-    def spins(graph: object) -> str:
-        opts = graph.session.get_session_options()  # type: ignore[attr-defined]
-        return str(opts.get_session_config_entry("session.intra_op.allow_spinning"))
-
-    # Only the wide graph spins: it runs while the other workers idle.
-    row = net.alone
-    assert (spins(row._wide), spins(row._graph)) == ("1", "0")  # type: ignore[attr-defined]
+    assert isinstance(net, PackedOnnx) and net.has_wide
     L = net.num_layers
     below_one = [0.999] * L
     rows = tiny_loaded.tokenizer.encode(random_texts(40, seed=15))
@@ -331,15 +297,33 @@ def test_a_row_alone_on_more_threads_gets_the_same_bits(
         narrow = net.run_alone(ids, below_one, L)
         wide = net.run_alone(ids, below_one, L, wide=True)
         assert narrow is not None and wide is not None and torch.equal(narrow, wide)
-    wide_graph, calls = net.alone_wide, []
+    widths: list[bool] = []
+    run_alone = net.run_alone
 
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return wide_graph(*args)  # type: ignore[arg-type]
+    def spied(ids: Any, thresholds: Any, max_layers: int, wide: bool = False) -> Any:
+        widths.append(wide)
+        return run_alone(ids, thresholds, max_layers, wide)
 
-    net.alone_wide = counted
+    monkeypatch.setattr(net, "run_alone", spied)
     row = Row(rows[0], [0.5] * L, L)
     assert run_batch(net, [row], wide=True).predictions == run_batch(net, [row]).predictions
-    assert len(calls) == 1
-    narrow_only = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime")
-    assert narrow_only.alone_wide is None
+    assert widths == [True, False]
+    narrow_only = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8", "onnxruntime")
+    assert isinstance(narrow_only, PackedOnnx) and not narrow_only.has_wide
+
+
+def test_only_the_wide_session_spins(tiny_model_dir: Path) -> None:
+    """Its threads wait for work by spinning: it runs only while the other workers idle."""
+    from app.network.ort_layers import OrtRow
+
+    net = artifact.load(tiny_model_dir).network
+    backend = make_backend(net, "cpu", "int8", "onnxruntime")
+    model = backend.model
+    layers = [cast(Layer, x) for x in model.encoder.encoder.layer]
+    row = OrtRow(model.encoder.embeddings, layers, [model.head(i) for i in range(4)], 1, 2)
+
+    def spins(graph: Any) -> str:
+        opts = graph.session.get_session_options()
+        return str(opts.get_session_config_entry("session.intra_op.allow_spinning"))
+
+    assert (spins(row._wide), spins(row._graph)) == ("1", "0")

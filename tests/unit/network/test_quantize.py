@@ -10,6 +10,7 @@ from torch import nn
 
 from app.engine.runtime import load_runtime
 from app.network import artifact, quantize
+from app.network.backends import as_is, make_backend
 from app.network.invariant import (
     Int8Linear,
     onednn_available,
@@ -17,14 +18,7 @@ from app.network.invariant import (
     quantize_per_token,
 )
 from app.network.multi_exit import pad_batch
-from app.network.quantize import (
-    _FakeQuantLinear,
-    batch_invariant,
-    fake_int8,
-    int8_kernel,
-    prepare,
-    resolve,
-)
+from app.network.quantize import _FakeQuantLinear, batch_invariant, fake_int8, int8_kernel, resolve
 from tests.tiny import random_texts
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -57,7 +51,7 @@ def test_cuda_without_gpu_is_rejected() -> None:
 
 
 def test_int8_replaces_encoder_linears_with_per_token_int8(tiny_model_dir: Path) -> None:
-    net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+    net = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8").model
     layer = net.encoder.encoder.layer[0]
     linears = {
         "qkv": layer.attention.self.qkv,
@@ -79,11 +73,11 @@ def test_int8_replaces_encoder_linears_with_per_token_int8(tiny_model_dir: Path)
 def test_int8_final_exit_agrees_with_fp32(
     tiny_model_dir: Path, tiny_loaded: artifact.LoadedModel
 ) -> None:
-    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=5)))
-    int8 = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+    rows = tiny_loaded.tokenizer.encode(random_texts(64, seed=5))
+    int8 = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8")
     with torch.inference_mode():
-        ref = tiny_loaded.network(ids, mask).logits  # (L, B, C)
-        got = int8(ids, mask).logits
+        ref = tiny_loaded.network(*pad_batch(rows)).logits  # (L, B, C)
+        got = int8.all_exits(rows)
     # Measured: 64/64 labels, largest logit difference 0.17 over every exit (logits span
     # about +-3; the heads' 32-wide int8 inputs round coarsest).
     assert torch.equal(ref[-1].argmax(-1), got[-1].argmax(-1))
@@ -135,7 +129,7 @@ def test_both_int8_kernels_give_identical_bits() -> None:
 
 
 def test_auto_gives_the_exit_heads_int_mm(tiny_model_dir: Path) -> None:
-    net = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+    net = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8").model
     heads = {m.kernel for m in net.heads.modules() if isinstance(m, Int8Linear)}
     encoder = {m.kernel for m in net.encoder.modules() if isinstance(m, Int8Linear)}
     assert heads == {"int_mm"}
@@ -143,14 +137,15 @@ def test_auto_gives_the_exit_heads_int_mm(tiny_model_dir: Path) -> None:
 
 
 def test_fake_int8_simulates_what_is_served(tiny_model_dir: Path, tiny_loaded) -> None:
-    ids, mask = pad_batch(tiny_loaded.tokenizer.encode(random_texts(64, seed=5)))
-    served = prepare(artifact.load(tiny_model_dir).network, "cpu", "int8")
+    rows = tiny_loaded.tokenizer.encode(random_texts(64, seed=5))
+    ids, mask = pad_batch(rows)
+    served = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8")
     net = artifact.load(tiny_model_dir).network.eval()
     with torch.no_grad():
         fp32 = net(ids, mask).logits
         with fake_int8(net):
             simulated = net(ids, mask).logits
-        got = served(ids, mask).logits
+        got = served.all_exits(rows)
     # Same roundings; only the order of float products differs (fp32 sums of scaled values
     # in training, exact int32 sums scaled once when served), which now and then moves a
     # value across a rounding step. Measured 0.043 against an int8-vs-fp32 difference of
@@ -228,17 +223,17 @@ def test_fake_int8_restores_the_module_tree_after_an_error(tiny_model_dir: Path)
 
 
 def test_serving_preparation_keeps_fp32_answers(tiny_model_dir: Path) -> None:
-    # prepare() fuses query/key/value into one linear; in fp32 that must not change logits.
+    # make_backend() fuses query/key/value into one linear; in fp32 that must not change logits.
     from app.network.multi_exit import pad_batch
     from tests.tiny import random_texts
 
     ref = artifact.load(tiny_model_dir)
-    fused = prepare(artifact.load(tiny_model_dir).network, "cpu", "none")
-    assert fused.encoder.encoder.layer[0].attention.self.qkv is not None
-    ids, mask = pad_batch(ref.tokenizer.encode(random_texts(16, seed=3)))
+    fused = make_backend(artifact.load(tiny_model_dir).network, "cpu", "none")
+    assert fused.model.encoder.encoder.layer[0].attention.self.qkv is not None
+    rows = ref.tokenizer.encode(random_texts(16, seed=3))
     with torch.inference_mode():
         torch.testing.assert_close(
-            fused(ids, mask).logits, ref.network(ids, mask).logits, atol=1e-5, rtol=1e-5
+            fused.all_exits(rows), ref.network(*pad_batch(rows)).logits, atol=1e-5, rtol=1e-5
         )
 
 
@@ -249,13 +244,13 @@ def test_half_precision_path_runs_the_executor(tiny_model_dir: Path, mode: str) 
     from tests.tiny import random_texts
 
     ref = artifact.load(tiny_model_dir)
-    half = prepare(artifact.load(tiny_model_dir).network, "cpu", mode)
-    assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    half = make_backend(artifact.load(tiny_model_dir).network, "cpu", mode)
+    assert half.model.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
     ids = ref.tokenizer.encode(random_texts(32, seed=5))
     L = ref.network.num_layers
     rows = [Row(r, [1.0] * L, L) for r in ids]
     got = run_batch(half, rows).predictions
-    want = run_batch(ref.network, rows).predictions
+    want = run_batch(as_is(ref.network), rows).predictions
     # Measured: 32/32 labels; scores within 0.021 (bf16, 8-bit mantissa) and 0.0014 (fp16).
     assert [g.label_index for g in got] == [w.label_index for w in want]
     tol = {"bf16": 0.05, "fp16": 0.005}[mode]

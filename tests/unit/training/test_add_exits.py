@@ -16,7 +16,7 @@ from app.cli import main
 from app.engine.executor import Row, run_batch
 from app.engine.runtime import load_runtime
 from app.network import artifact
-from app.network.multi_exit import RunningBatch
+from app.network.backends import RunningBatch
 from app.network.quantize import resolve
 from app.training.evaluate import all_exit_probs, split_data
 from tests.checkpoints import reference_probs, write_checkpoint, write_data
@@ -75,7 +75,7 @@ def test_full_depth_answers_are_the_original_classifiers(made: tuple) -> None:
         assert rt.dtype == "fp32"
         L = rt.num_layers
         rows = [Row(r, [1.0] * (L - 1) + [0.0], L) for r in rt.tokenize(texts)]
-        preds = run_batch(rt.network, rows).predictions
+        preds = run_batch(rt.backend, rows).predictions
         assert [p.label_index for p in preds] == original.argmax(-1).tolist(), quantization
         assert all(p.exit_layer == L for p in preds)
         got = torch.tensor([p.probs for p in preds])
@@ -166,14 +166,14 @@ def test_exits_can_be_limited_to_chosen_layers(
     assert histogram[0] == histogram[2] == 0 and histogram[1] > 0
     rt = load_runtime(out, "cpu")
     ran = [0] * 4
-    step = rt.network.step
+    step = rt.backend.step
 
     def counted(i: int, batch: RunningBatch, exit: bool = False) -> RunningBatch:
         ran[i] += exit
         return step(i, batch, exit)
 
-    rt.network.step = counted  # type: ignore[method-assign]
+    rt.backend.step = counted  # type: ignore[method-assign]
     texts, _ = split_data(spec, "test")
     rows = [Row(r, rt.thresholds, 4) for r in rt.tokenize(texts)]
-    run_batch(rt.network, rows)
+    run_batch(rt.backend, rows)
     assert ran[0] == ran[2] == 0 and ran[1] == 1
