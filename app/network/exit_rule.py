@@ -140,6 +140,18 @@ def exit_layers(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 Op = Callable[..., str]  # a graph builder's op(kind, *inputs, **attrs) -> output name
 
 
+def float32_thresholds(thresholds: Sequence[float]) -> np.ndarray:
+    """Thresholds for a graph that compares in float32: each rounded up to the nearest
+    float32 at or above it. A confidence is a float32, so `confidence >= t` holds for
+    exactly the confidences at or above that float32 (rounding to nearest could move a
+    threshold down onto a confidence the rule keeps)."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    t32 = t.astype(np.float32)
+    below = t32.astype(np.float64) < t
+    t32[below] = np.nextafter(t32[below], np.float32(np.inf))
+    return t32
+
+
 def onnx_in_use(op: Op, threshold: str, one: str) -> str:
     """A threshold below 1: rows may leave at this exit by confidence (`leaves`)."""
     return op("Less", threshold, one)

@@ -15,7 +15,7 @@ from typing import cast
 
 import torch
 
-from app.network import ort_layers
+from app.network import exit_rule, ort_layers
 from app.network.backends.packed import PackedTorch, Runs
 from app.network.encoder import Layer, joined, stretches
 from app.network.multi_exit import MultiExitNetwork
@@ -71,5 +71,5 @@ class PackedOnnx(PackedTorch):
         never inside a sum)."""
         positions = self.positions(len(token_ids))
         ids = torch.tensor(list(token_ids), dtype=torch.long)
-        t = torch.tensor(list(thresholds), dtype=torch.float32)
+        t = torch.from_numpy(exit_rule.float32_thresholds(thresholds))
         return self._row(ids, positions, t, max_layers, wide=wide)

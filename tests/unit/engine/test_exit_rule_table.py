@@ -257,6 +257,20 @@ def test_threshold_one_never_leaves_early_even_at_confidence_one(
         assert impl.exit(row, [1.0, 1.0, 0.5, 1.0], L) == 3
 
 
+def test_a_threshold_between_two_float32s_is_the_rule_in_the_graph_too(
+    implementations: dict[str, Implementation], ids: list[list[int]]
+) -> None:
+    """A request's threshold is a double: just above a confidence, it keeps the row, in the
+    graph too, whose thresholds are float32 (rounded up, never to nearest)."""
+    impl = _get(implementations, "one-call graph")
+    for row in ids:
+        c = impl.confidences(row)[0]
+        just_above = c + (up(c) - c) / 4  # rounds to nearest onto c itself
+        assert np.float32(just_above) == np.float32(c) and just_above > c
+        assert impl.exit(row, [just_above, *_rest(L - 1)], L) == L
+        assert impl.exit(row, [c, *_rest(L - 1)], L) == 1
+
+
 @pytest.mark.parametrize("kernel", ["torch", "onnxruntime"])
 def test_each_row_keeps_its_own_rule_beside_neighbours_with_another(
     implementations: dict[str, Implementation],
