@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.scheduler import (
+from app.engine.errors import (
     DeadlineExceeded,
     Draining,
     InferenceFailed,

@@ -13,40 +13,13 @@ from app import __version__
 from app.api import health, info, oip, predict
 from app.api.middleware import ServiceMiddleware
 from app.config import Settings
-from app.engine.adapt import LoadController
-from app.engine.runtime import ModelRuntime, load_runtime, time_batches, worker_plan
+from app.engine.adapt import controller_for
+from app.engine.runtime import load_runtime, time_batches, worker_plan
 from app.engine.scheduler import Engine
 from app.errors import install as install_errors
 from app.metrics import Metrics
 
 log = logging.getLogger("exitserve")
-
-
-def load_controller(runtime: ModelRuntime, s: Settings, workers: int) -> LoadController:
-    ladder = runtime.ladder
-    controller = LoadController(
-        ladder, s.latency_target_ms / 1000, s.max_accuracy_drop, workers, s.max_batch_size
-    )
-    if not controller.enabled:
-        log.info("no latency target: the calibrated thresholds serve at any load")
-    elif len(ladder) == 1 and s.max_accuracy_drop > 0:
-        log.warning(
-            "%s has no operating ladder (calibrated before ladders existed): run"
-            " `exitserve calibrate` to let it adapt to load",
-            runtime.name,
-        )
-    else:
-        p = ladder.points[controller.floor]
-        log.info(
-            "latency target %g ms; under load down to point %d of %d (calibration accuracy"
-            " %.2f%%, mean depth %.2f)",
-            s.latency_target_ms,
-            controller.floor,
-            len(ladder) - 1,
-            100 * p.accuracy,
-            p.mean_layers,
-        )
-    return controller
 
 
 @asynccontextmanager
@@ -64,7 +37,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # without ever turning ready.
         log.error("cannot serve the model in %s: %s", s.model_dir, e)
         raise
-    controller = load_controller(runtime, s, workers)
+    controller = controller_for(
+        runtime.ladder,
+        runtime.name,
+        s.latency_target_ms / 1000,
+        s.max_accuracy_drop,
+        workers,
+        s.max_batch_size,
+    )
     if controller.enabled:
         timed = await asyncio.to_thread(time_batches, runtime, s.max_batch_size)
         controller.costs.anchor([(controller.work(n, layers), t) for n, layers, t in timed])

@@ -13,7 +13,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.config import Settings
-from app.engine.scheduler import Engine, NotRunning
+from app.engine.errors import NotRunning
+from app.engine.scheduler import Engine
 from app.errors import Unauthorized
 from app.metrics import Metrics
 

@@ -22,7 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import authorized
-from app.engine.scheduler import TooLate
+from app.engine.errors import TooLate
 from app.errors import ENGINE_ERRORS, RETRY_AFTER_S, error_body, retry_after
 from app.metrics import Metrics
 

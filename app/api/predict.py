@@ -17,7 +17,8 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from app.api.deps import get_engine, require_api_key
 from app.config import Settings
-from app.engine.scheduler import Answer, Engine
+from app.engine.requests import Answer
+from app.engine.scheduler import Engine
 from app.errors import InvalidInput, TooLarge
 from app.network.exit_rule import ExitRule
 from app.schemas import ErrorResponse, PredictRequest, PredictResponse

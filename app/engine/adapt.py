@@ -343,3 +343,38 @@ class LoadController:
             "expected_wait_s": self.expected_latency(inputs),
             "degraded_s": self.degraded_s,
         }
+
+
+def controller_for(
+    ladder: Ladder,
+    name: str,
+    latency_target_s: float,
+    max_accuracy_drop: float,
+    workers: int,
+    max_batch_size: int,
+) -> LoadController:
+    """The load controller a server of model `name` runs with, and one log line that
+    says what it will do under load."""
+    controller = LoadController(
+        ladder, latency_target_s, max_accuracy_drop, workers, max_batch_size
+    )
+    if not controller.enabled:
+        log.info("no latency target: the calibrated thresholds serve at any load")
+    elif len(ladder) == 1 and max_accuracy_drop > 0:
+        log.warning(
+            "%s has no operating ladder (calibrated before ladders existed): run"
+            " `exitserve calibrate` to let it adapt to load",
+            name,
+        )
+    else:
+        p = ladder.points[controller.floor]
+        log.info(
+            "latency target %g ms; under load down to point %d of %d (calibration accuracy"
+            " %.2f%%, mean depth %.2f)",
+            1000 * latency_target_s,
+            controller.floor,
+            len(ladder) - 1,
+            100 * p.accuracy,
+            p.mean_layers,
+        )
+    return controller

@@ -1,4 +1,5 @@
-"""The engine: admission, dynamic batching and the worker that runs the layer loop.
+"""The engine: admission and lifecycle; its worker loops are in `workers`, the
+batching policy in `policy`, the errors in `errors`.
 
 Requests are split into inputs that queue individually (bounded: a full queue refuses
 at once). One worker thread gathers up to `max_batch_size` inputs, waiting at most
@@ -34,174 +35,28 @@ import threading
 import time
 from asyncio import FIRST_EXCEPTION
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Sequence
 
 from app.engine.adapt import LoadController
-from app.engine.continuous import ContinuousBatcher
-from app.engine.executor import run_batch
+from app.engine.errors import (
+    DeadlineExceeded,
+    Draining,
+    NotRunning,
+    Overloaded,
+    TooLate,
+)
+from app.engine.policy import next_arrival_gap
+from app.engine.requests import Answer, EngineObserver, Pending, raise_first_error, settle
 from app.engine.runtime import ModelRuntime
-from app.network.exit_rule import ExitRule, Prediction, Row
+from app.engine.workers import WorkerLoops
+from app.network.exit_rule import ExitRule
 
 log = logging.getLogger(__name__)
 
 CALIBRATED = ExitRule()  # the model's own exits, left to the load controller
 
 
-class EngineError(Exception):
-    """Base of the engine's domain errors."""
-
-
-class Overloaded(EngineError):
-    """The engine cannot take the request's inputs now: its queue is full, or it could
-    not answer them within their budget."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s  # when a retry could be served in time
-
-
-class TooLate(Overloaded):
-    """The queue has room, but the load controller expects the request's inputs to be
-    answered only after its budget, even at the lowest operating point allowed."""
-
-
-class Draining(EngineError):
-    """The engine is shutting down and takes no new work."""
-
-
-class NotRunning(EngineError):
-    """The engine has not started, or its worker has stopped."""
-
-
-class InferenceFailed(EngineError):
-    """The batch holding this input failed; the engine itself keeps running."""
-
-
-class DeadlineExceeded(EngineError):
-    """The request's deadline passed before all of its inputs could start."""
-
-
-class EngineObserver(Protocol):
-    """Receives what the engine did; the metrics module implements it."""
-
-    def answered(
-        self, exit_layer: int, num_layers: int, queue_s: float, inference_s: float
-    ) -> None: ...
-
-    def layer_steps(self, rows_per_layer: Sequence[int]) -> None: ...
-
-    def load(self, queued: int, inflight: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class Answer:
-    label: str
-    score: float
-    exit_layer: int
-    scores: dict[str, float]
-    queue_s: float
-    inference_s: float
-    # The load controller's operating point the input was served at (0: calibrated);
-    # None when the request chose its own threshold or depth cap.
-    operating_point: int | None = 0
-
-
-class _Pending:
-    __slots__ = (
-        "admitted",
-        "deadline",
-        "future",
-        "loop",
-        "point",
-        "rule",
-        "started",
-        "taken",
-        "text",
-    )
-
-    def __init__(
-        self, text: str, rule: ExitRule, loop: asyncio.AbstractEventLoop, deadline: float
-    ) -> None:
-        self.text = text
-        self.rule = rule
-        self.loop = loop
-        self.future: asyncio.Future[Answer] = loop.create_future()
-        self.admitted = time.perf_counter()
-        self.deadline = deadline  # perf_counter time; inf: none
-        self.taken = False  # in a batch: it will run to its answer
-        self.started = 0.0
-        self.point: int | None = 0  # operating point its batch ran it at
-
-
-def next_arrival_gap(average: float, gap: float, window: float) -> float:
-    """The moving average of seconds between arrivals, after one more `gap`.
-
-    A silence longer than the batching window says nothing about the gaps in a burst, so
-    it counts as twice the window: clearly past it, and not so long that the average
-    stays there once a burst begins. (Counted as exactly the window, one short gap left
-    the average below the window for good, since it can only approach the cap: a lone
-    client then waited out the whole window on every request.)
-    """
-    gap = min(gap, 2.0 * window)
-    return gap if average == float("inf") else 0.8 * average + 0.2 * gap
-
-
-def batch_wait(
-    now: float,
-    first: float,
-    last_arrival: float,
-    gap: float,
-    window: float,
-    idle_workers: int = 1,
-) -> float:
-    """Seconds worth waiting for one more arrival before closing a batch (<= 0: close now).
-
-    `first` is when the oldest queued input arrived, `last_arrival` the latest, `gap` the
-    average gap between arrivals. Wait only while the next arrival is due before the
-    window closes, and never past two typical gaps without one (the burst is over).
-    Never while another worker is idle (`idle_workers` counts the asking one): it would
-    start the next arrival at once, so holding this batch back only idles a core; on
-    the CPU a bigger batch saves little per row (about 10% from 1 to 8 rows).
-    """
-    if idle_workers > 1:
-        return 0.0
-    deadline = first + window
-    if last_arrival + gap >= deadline:
-        return 0.0  # the window closes before the next arrival is due
-    return min(deadline, last_arrival + 2.0 * gap) - now
-
-
-def borrows_idle_threads(arrival_load: float, queued: int, others_busy: bool) -> bool:
-    """Whether a row alone may take the idle workers' threads as well as its own.
-
-    Only with nothing queued, no other worker at work, and traffic so sparse that
-    arrivals find the engine empty (`arrival_load`, a moving average of the inputs an
-    arrival finds admitted, under half an input). On 2 cores a row alone in one call on
-    two threads measured 1.29x one thread in process, and 1.16x the requests over HTTP at
-    one client; at 16 clients, going wide whenever the other worker happened to be idle
-    served 11% fewer: the next arrival soon wanted that core back.
-    """
-    return arrival_load < 0.5 and not queued and not others_busy
-
-
-def _settle(fut: asyncio.Future[Answer], answer: Answer | None, error: Exception | None) -> None:
-    if fut.done():  # the client went away and the request was cancelled
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(answer)  # type: ignore[arg-type]
-
-
-def _raise_first_error(futures: list[asyncio.Future[Answer]]) -> None:
-    for f in futures:
-        if f.done() and not f.cancelled() and f.exception() is not None:
-            raise f.exception()  # type: ignore[misc]
-
-
-class Engine:
+class Engine(WorkerLoops):
     def __init__(
         self,
         runtime: ModelRuntime,
@@ -228,7 +83,7 @@ class Engine:
         self.max_queue_size = max_queue_size
         self.observer = observer
         self.stuck_after_s = stuck_after_s
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Pending] = deque()
         self._inflight = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -326,7 +181,7 @@ class Engine:
             self._queue.clear()
             self._cond.notify_all()
         for p in leftover:
-            p.loop.call_soon_threadsafe(_settle, p.future, None, Draining("server shutting down"))
+            p.loop.call_soon_threadsafe(settle, p.future, None, Draining("server shutting down"))
         for t in self._threads:
             t.join(timeout=max(1.0, deadline - time.monotonic()))
         return drained
@@ -365,7 +220,7 @@ class Engine:
             return []
         loop = asyncio.get_running_loop()
         deadline = float("inf") if timeout_s is None else time.perf_counter() + timeout_s
-        items = [_Pending(t, rule, loop, deadline) for t in texts]
+        items = [Pending(t, rule, loop, deadline) for t in texts]
         with self._cond:
             load = len(self._queue) + self._inflight
             if load + len(items) > self.max_queue_size:
@@ -391,23 +246,23 @@ class Engine:
             self._abandon(items)  # the client left, a sibling failed or time ran out
             raise
 
-    async def _collect(self, items: list[_Pending]) -> list[Answer]:
+    async def _collect(self, items: list[Pending]) -> list[Answer]:
         futures = [p.future for p in items]
         deadline = items[0].deadline
         timeout = None if deadline == float("inf") else max(0.0, deadline - time.perf_counter())
         _, pending = await asyncio.wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
-        _raise_first_error(futures)
+        raise_first_error(futures)
         if pending:
             if self._withdraw(items):
                 raise DeadlineExceeded("deadline passed while queued")
             # Every input left is in a batch and allowed to finish, unless that batch is stuck.
             await asyncio.wait(pending, timeout=self.stuck_after_s, return_when=FIRST_EXCEPTION)
-            _raise_first_error(futures)
+            raise_first_error(futures)
             if not all(f.done() for f in futures):
                 raise DeadlineExceeded("deadline passed while the batch was stuck")
         return [f.result() for f in futures]
 
-    def _withdraw(self, items: list[_Pending]) -> int:
+    def _withdraw(self, items: list[Pending]) -> int:
         """Take the inputs that no batch holds yet out of the queue; how many there were."""
         with self._cond:
             waiting = {id(p) for p in items if not p.taken}
@@ -418,65 +273,14 @@ class Engine:
             self._report_load()
         return len(waiting)
 
-    def _abandon(self, items: list[_Pending]) -> None:
+    def _abandon(self, items: list[Pending]) -> None:
         """Nobody will read these answers: drop what has not started, and cancel the
         futures so that late answers and errors are discarded, not logged as unread."""
         self._withdraw(items)
         for p in items:
             p.future.cancel()
 
-    # -- worker ------------------------------------------------------------------------
-    def _report_load(self) -> None:
-        if self.observer is not None:
-            self.observer.load(len(self._queue), self._inflight)
-
-    def _take_batch(self) -> list[_Pending] | None:
-        """The next batch (never empty), or None once the engine stops."""
-        with self._cond:
-            while True:
-                while not self._queue and not self._stopping:
-                    self._cond.wait(self._next_check())
-                    self._update_point()
-                if self._stopping:
-                    return None
-                first = self._queue[0].admitted
-                while len(self._queue) < self.max_batch_size and not self._stopping:
-                    wait = batch_wait(
-                        time.perf_counter(),
-                        first,
-                        self._last_arrival,
-                        self._arrival_gap,
-                        self.max_queue_delay_s,
-                        idle_workers=sum(t is None for t in self._busy_since),
-                    )
-                    if wait <= 0.0:
-                        break
-                    self._cond.wait(wait)
-                batch = self._pop(self.max_batch_size)
-                if batch:
-                    return batch
-
-    def _next_check(self) -> float | None:
-        """How long a worker may sleep before the controller wants an update; the
-        caller holds the lock."""
-        c = self.controller
-        return None if c is None else c.next_check(time.monotonic())
-
-    def _update_point(self) -> None:
-        """Let the controller choose its point for the current load; the caller holds
-        the lock."""
-        if self.controller is not None:
-            self.controller.update(len(self._queue) + self._inflight, time.monotonic())
-
-    def _measured(self, inputs: int, layers_run: int, seconds: float) -> None:
-        """A worker spent `seconds` on `inputs` new inputs and `layers_run` row-layers."""
-        c = self.controller
-        if c is None:
-            return
-        with self._cond:
-            c.observe(c.work(inputs, layers_run), seconds)
-            self._update_point()
-
+    # -- the load controller ---------------------------------------------------------
     def late_by(self, inputs: int = 1) -> float | None:
         """Seconds past the latency target that `inputs` more inputs would be answered,
         even at the controller's floor; None when in time (or with no controller). Read
@@ -488,192 +292,3 @@ class Engine:
         """The controller's state for the metrics; None without a controller."""
         c = self.controller
         return None if c is None else c.state(len(self._queue) + self._inflight)
-
-    def _take_ready(self, limit: int) -> list[_Pending]:
-        """What is queued now, without waiting (the batcher has work in hand)."""
-        with self._cond:
-            return self._pop(limit)
-
-    def _pop(self, limit: int) -> list[_Pending]:
-        """Move up to `limit` queued inputs in flight; the caller holds the lock.
-
-        Inputs whose deadline has passed are dropped here, so they never reach the network.
-        """
-        now = time.perf_counter()
-        batch: list[_Pending] = []
-        expired = False
-        while self._queue and len(batch) < limit:
-            p = self._queue.popleft()
-            if p.deadline < now:
-                expired = True
-                p.loop.call_soon_threadsafe(
-                    _settle, p.future, None, DeadlineExceeded("deadline passed while queued")
-                )
-            else:
-                p.taken = True
-                batch.append(p)
-        self._inflight += len(batch)
-        if expired:
-            self._cond.notify_all()  # stop() waits for the queue to empty
-        return batch
-
-    def _point(self) -> tuple[int, Sequence[float]]:
-        """The operating point a batch starting now runs at, and its thresholds."""
-        c = self.controller
-        if c is None:
-            return 0, self.runtime.thresholds
-        with self._cond:
-            k = c.point
-        return k, c.ladder.points[k].thresholds
-
-    def _rows(self, batch: list[_Pending]) -> list[Row]:
-        rt = self.runtime
-        L = rt.num_layers
-        point, point_thresholds = self._point()
-        now = time.perf_counter()
-        rows = []
-        for p, tokens in zip(batch, rt.tokenize([p.text for p in batch]), strict=True):
-            p.started = now
-            # A request's own rule is kept whatever the load (no operating point).
-            p.point = point if p.rule.default else None
-            th = p.rule.thresholds(rt.thresholds, point_thresholds)
-            rows.append(Row(tokens, th, p.rule.max_layers or L))
-        return rows
-
-    def _answer(self, p: _Pending, pred: Prediction) -> None:
-        labels, L = self.runtime.labels, self.runtime.num_layers
-        now = time.perf_counter()
-        answer = Answer(
-            label=labels[pred.label_index],
-            score=pred.score,
-            exit_layer=pred.exit_layer,
-            scores=dict(zip(labels, pred.probs, strict=True)),
-            queue_s=p.started - p.admitted,
-            inference_s=now - p.started,
-            operating_point=p.point,
-        )
-        # Counted before the caller can hold the answer, so /metrics never lags it.
-        if self.observer is not None:
-            self.observer.answered(pred.exit_layer, L, answer.queue_s, answer.inference_s)
-        p.loop.call_soon_threadsafe(_settle, p.future, answer, None)
-
-    def _finish(self, n: int) -> None:
-        with self._cond:
-            self._inflight -= n
-            if not self._inflight:
-                # Only stop() waits for flight to end; waking the other workers (who wait
-                # on the same condition for work) at every answer would only cost them.
-                self._cond.notify_all()
-
-    @staticmethod
-    def _reject(p: _Pending) -> None:
-        p.loop.call_soon_threadsafe(_settle, p.future, None, InferenceFailed("inference failed"))
-
-    def _fail(self, p: _Pending, error: Exception) -> None:
-        self._reject(p)
-        self._finish(1)
-
-    def _work(self, i: int, target: Callable[[int], None]) -> None:
-        try:
-            target(i)
-            if not self._stopping:
-                raise RuntimeError("engine worker returned while the engine runs")
-        except BaseException:
-            # Only a bug gets here (a batch's errors are caught with the batch). `failed`
-            # now tells the health probes; fail what waits if no worker is left to run it.
-            # The death is marked before anyone is failed, so a caller that sees its
-            # InferenceFailed also sees `failed`, even while this thread is still ending.
-            log.critical("engine worker %d died", i, exc_info=True)
-            with self._cond:
-                self._dead.add(i)
-                if len(self._dead) < len(self._threads):
-                    return
-                leftover = list(self._queue)
-                self._queue.clear()
-                self._cond.notify_all()
-            for p in leftover:
-                self._reject(p)
-
-    def _run_continuous(self, i: int) -> None:
-        batcher: ContinuousBatcher[_Pending] = ContinuousBatcher(
-            self.runtime.backend, self.max_batch_size
-        )
-
-        def answered(p: _Pending, pred: Prediction) -> None:
-            self._answer(p, pred)
-            self._finish(1)
-
-        # The controller's cost model counts batches: L layer steps (about one batch's
-        # worth, and a batch's worth of per-step overhead) are reported as one.
-        steps, inputs, layers_run, busy = 0, 0, 0, 0.0
-        while True:
-            if len(batcher):
-                batch = self._take_ready(self.max_batch_size)
-            else:
-                taken = self._take_batch()
-                if taken is None:
-                    return
-                batch = taken
-            began = self._busy_since[i] = time.monotonic()
-            if batch:
-                try:
-                    batcher.add(self._rows(batch), batch)
-                except Exception as e:
-                    log.exception("admitting %d inputs failed", len(batch))
-                    for p in batch:
-                        self._fail(p, e)
-                self._report_load()
-            rows = batcher.step(answered, self._fail)
-            steps, inputs, layers_run = steps + 1, inputs + len(batch), layers_run + rows
-            busy += time.monotonic() - began
-            if steps >= self.runtime.num_layers or not len(batcher):
-                self._measured(inputs, layers_run, busy)
-                steps, inputs, layers_run, busy = 0, 0, 0, 0.0
-            if rows and self.observer is not None:
-                self.observer.layer_steps([rows])
-            self._busy_since[i] = None  # after the metrics: `idle` waits for both
-            if rows:
-                self._report_load()
-
-    def _run(self, i: int) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            began = self._busy_since[i] = time.monotonic()
-            answered = [0]  # inputs of this batch answered, and so already out of flight
-            try:
-                self._report_load()
-                layers_run = self._run_batch(batch, answered, self._alone(i))
-                self._measured(len(batch), layers_run, time.monotonic() - began)
-            except Exception:
-                log.exception("batch of %d inputs failed", len(batch))
-                for p in batch:
-                    self._reject(p)  # those already answered keep their answer
-            finally:
-                self._busy_since[i] = None
-                self._finish(len(batch) - answered[0])
-                self._report_load()
-
-    def _alone(self, i: int) -> bool:
-        """Whether worker i, which has just taken a batch, may give a row alone the idle
-        workers' threads too (`borrows_idle_threads`)."""
-        others_busy = any(t is not None for j, t in enumerate(self._busy_since) if j != i)
-        return borrows_idle_threads(self._arrival_load, len(self._queue), others_busy)
-
-    def _run_batch(self, batch: list[_Pending], answered: list[int], wide: bool = False) -> int:
-        """Run one batch to its last answer; how many row-layers it ran. `wide`: a row
-        alone may use the threads of idle workers."""
-
-        def on_answer(i: int, pred: Prediction) -> None:
-            self._answer(batch[i], pred)
-            # Out of flight at once: an input that left at layer 1 frees its place in
-            # the queue's bound while the rest of its batch still runs.
-            self._finish(1)
-            answered[0] += 1
-
-        rows = self._rows(batch)
-        result = run_batch(self.runtime.backend, rows, on_answer, wide)
-        if self.observer is not None:
-            self.observer.layer_steps(result.rows_per_layer)
-        return sum(result.rows_per_layer)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.api.predict import timing_headers
-from app.engine.scheduler import Answer
+from app.engine.requests import Answer
 from tests.api.conftest import async_client
 from tests.api.helpers import metric_samples, predict, predictions, sample
 from tests.tiny import random_texts

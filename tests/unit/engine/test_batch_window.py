@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.scheduler import batch_wait, next_arrival_gap
+from app.engine.policy import batch_wait, next_arrival_gap
 
 WINDOW = 0.002
 

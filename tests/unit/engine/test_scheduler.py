@@ -18,17 +18,11 @@ import pytest
 import torch
 
 from app.engine.adapt import Ladder, LoadController, OperatingPoint
+from app.engine.errors import DeadlineExceeded, Draining, InferenceFailed, NotRunning, TooLate
+from app.engine.policy import borrows_idle_threads
+from app.engine.requests import Answer
 from app.engine.runtime import ModelRuntime, load_runtime
-from app.engine.scheduler import (
-    Answer,
-    DeadlineExceeded,
-    Draining,
-    Engine,
-    InferenceFailed,
-    NotRunning,
-    TooLate,
-    borrows_idle_threads,
-)
+from app.engine.scheduler import Engine
 from app.network.backends import RunningBatch
 from app.network.exit_rule import ExitRule
 
