@@ -17,36 +17,27 @@ per unit of work. Both are fitted by least squares over the batches the engine r
 runs, recent ones weighing most, so the estimate follows thread contention and the mix
 of exits as they are now; Q inputs ahead then drain in ceil(Q / batch size) x a +
 Q x cost x b seconds, over the workers, and the input's own batch of n takes a +
-n x cost x b on one worker. Without the per-batch term, a service that
-had seen only lone requests would expect a burst to be served one by one, 2x (on the
-default model) to 10x (on a tiny one) slower than its batches really run, and refuse
-what it could serve. Two timed batches at start-up (one input, a full batch) anchor
-the fit until traffic has shown both sizes.
+n x cost x b on one worker (without the per-batch term a burst looks far slower than
+its batches run). Two timed batches at start-up (one input, a full batch) anchor the fit
+until traffic has shown both sizes.
 
-Moves: down (to the highest point whose estimate is under `down_at` x target, at most
-to the floor) as soon as the current point's estimate passes `down_at` x target; up one
-point once the point above has stayed under `up_at` x target for `hold_s`, and again
-after each further `hold_s`. The gap between the two fractions and the hold are the
-hysteresis: a point is not left and retaken on every batch. The floor is the lowest
-point whose calibration accuracy is within `max_drop` of point 0's (and every point
-above it too); a drop of 0 keeps point 0 always.
+Moves (point 0 is the calibrated point; a higher index is shallower): to a shallower
+point (the deepest whose estimate is under `down_at` x target, at most to the floor, the
+shallowest allowed) as soon as the current point's estimate passes `down_at` x target;
+one point deeper once that point has stayed under `up_at` x target for `hold_s`, and
+again after each further `hold_s`. The gap between the two fractions and the hold are
+the hysteresis. The floor is the shallowest point whose calibration accuracy is within
+`max_drop` of point 0's (and every point deeper too); a drop of 0 keeps point 0 always.
 
 Admission: a request whose expected latency even at the floor exceeds `admit_at` of its
 budget (its own deadline, or the target) is refused at once, with a retry delay computed
 from the wait: queuing it would only make it fail later and slow down everyone behind
-it. The estimate is a typical latency; the tail of the real ones runs above it (on the
-default model at 2x capacity, admitting up to the whole target gave a p99 of 1.5x the
-target, up to 0.8 of it 1.25x), hence the fraction.
+it. The estimate is typical, the tail runs above it: hence the fraction.
 
-Moves follow the load smoothed over `smooth_s`; admission reads it as it is. The
-controller moves down below the admission fraction (`down_at < admit_at`): with the two
-the other way round, admission capped the queue before the estimate at point 0 ever
-reached the move, and at 2x capacity the service refused a third of its traffic at
-point 0 instead of serving it lower on the ladder (measured). The fractions and the
-smoothing were set with `bench/overload.py` on 2 cores: moving down on the raw load,
-the controller left the calibrated point for most of a run at 1x capacity (the bursts
-of a Poisson stream, not overload) and, the way up needing the point above under 0.4
-of the target for a whole hold, never came back while that load lasted.
+Moves follow the load smoothed over `smooth_s` (a Poisson stream's bursts are not
+overload); admission reads it as it is, and `down_at < admit_at` so that the controller
+goes shallower before admission caps the queue. The figures behind the fractions and
+the smoothing: docs/decisions.md ("Adapting to load").
 
 No lock of its own and no clock read: the engine calls it under its queue lock and
 passes the time, so tests drive it with a fake clock and synthetic rates.
@@ -259,8 +250,7 @@ class LoadController:
         """Choose the point for `inputs` queued or in flight at time `now`; the point.
 
         Moves follow the load smoothed over `smooth_s`: a Poisson stream near capacity
-        has bursts that fill the queue for a moment, and answering each with a move
-        left the calibrated point most of the time at 1x capacity (measured), while a
+        has bursts that fill the queue for a moment, which are not overload, while a
         real overload keeps the queue up and is followed within a few `smooth_s`.
         Admission (`refusal`) reads the queue as it is.
         """

@@ -1,8 +1,8 @@
 """Layer-wise continuous batching: rows from different requests meet at each depth.
 
-Optional (EXITSERVE_BATCHING=continuous): on 2 cores, 8 closed-loop clients, it
-measured slower than static batches (256 vs 336 requests/s with calibrated exits):
-shallowest-first steps run small groups, and small layer steps waste the threads.
+Optional (EXITSERVE_BATCHING=continuous): on 2 cores it measured slower than static
+batches (docs/decisions.md): shallowest-first steps run small groups, and small layer
+steps waste the threads.
 
 With early exit a batch thins out as it goes deeper: after a few layers one or two
 hard rows remain, and in a static batch every new arrival waits until they reach the

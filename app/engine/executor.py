@@ -53,10 +53,8 @@ def run_batch(
         if on_answer is not None:
             on_answer(j, p)
 
-    # A row alone goes through in one call where the network can (`run_alone`). For a
-    # few rows of different lengths one call each measured no faster than the layer
-    # loop, which shares its work between layers over the batch, at 3 rows and slower
-    # from 4 (paired in process, one thread: 1.07x at 1 row, 1.05x at 2, 0.96x at 8).
+    # A row alone goes through in one call where the backend can (`run_alone`); for a
+    # few rows, one call each was no faster than the layer loop (docs/decisions.md).
     if len(rows) == 1 and (alone := run_alone(backend, rows[0], wide)) is not None:
         answer(0, alone)
         n = len(rows[0].token_ids)

@@ -48,9 +48,8 @@ def borrows_idle_threads(arrival_load: float, queued: int, others_busy: bool) ->
 
     Only with nothing queued, no other worker at work, and traffic so sparse that
     arrivals find the engine empty (`arrival_load`, a moving average of the inputs an
-    arrival finds admitted, under half an input). On 2 cores a row alone in one call on
-    two threads measured 1.29x one thread in process, and 1.16x the requests over HTTP at
-    one client; at 16 clients, going wide whenever the other worker happened to be idle
-    served 11% fewer: the next arrival soon wanted that core back.
+    arrival finds admitted, under half an input): going wide whenever another worker
+    happened to be idle served fewer requests under load, since the next arrival soon
+    wanted that core back (docs/decisions.md).
     """
     return arrival_load < 0.5 and not queued and not others_busy

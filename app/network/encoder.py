@@ -121,11 +121,9 @@ class SelfAttention(nn.Module):
         p = self.dropout_p if self.training else 0.0
         if bias is None:
             # Inference on the CPU, a stretch of rows of one length: one call per row, the
-            # very call the row makes alone. Over several rows, the CPU kernels (flash,
-            # and the math kernel's batched products) split the work by the number of
-            # rows and threads, and a row's states came out one ulp apart alone and in a
-            # batch (2 threads, 29 tokens; 1 thread, MiniLM at 11 tokens). Attention
-            # costs rows times one row's anyway: what the loop adds is the dispatch.
+            # very call the row makes alone. Over several rows torch's CPU kernels split
+            # the work by the number of rows and threads, which moved a row's bits
+            # (docs/decisions.md); attention costs rows times one row's anyway.
             y = joined(
                 [
                     F.scaled_dot_product_attention(q[one], k[one], v[one], dropout_p=p)

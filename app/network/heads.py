@@ -27,12 +27,9 @@ class ExitHead(nn.Module):
     `BertForSequenceClassification` classifier, which is how `add-exits` keeps a
     fine-tuned model's own classifier as its last exit.
 
-    Measured on the frozen encoder (bench/head_choice.py, results in bench/results/):
-    mean pooling beat the [CLS] state at every layer (72-77% against 59-69%; [CLS]
-    states barely vary between sentences before fine-tuning). The hidden layer's edge
-    over a linear head there was within seed noise (up to 1.6 points at layer 5); it is
-    kept for the fine-tuned exits, where shallow layers must re-map features the deeper
-    ones would have produced, but was not A/B-tested under fine-tuning.
+    Mean pooling beat the [CLS] state at every layer on the frozen encoder, and the hidden
+    layer is kept for fine-tuned exits, where shallow layers must re-map features the
+    deeper ones would have produced (docs/decisions.md, "Exit heads").
     """
 
     def __init__(

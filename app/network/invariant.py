@@ -84,9 +84,8 @@ def onednn_preferred() -> bool:
     """True when oneDNN's int8 linear sums exactly here and is not slower than
     `_int_mm` (both give the same bits, so speed alone decides); probed once.
 
-    On some CPUs oneDNN takes a slow path: measured on an AMD EPYC with AVX-512 VNNI,
-    27 x 384 x 1536 took 250 ms against `_int_mm`'s 95 us, and a server on that kernel
-    needed four minutes to warm up. The probe times a mid-sized product, best of three each.
+    On some CPUs oneDNN takes a slow path, thousands of times slower (docs/decisions.md).
+    The probe times a mid-sized product, best of three each.
     """
     if not onednn_available():
         return False

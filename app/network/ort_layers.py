@@ -1,13 +1,10 @@
 """Encoder layers, exit heads and embeddings as ONNX Runtime graphs: the same int8
 scheme in one call per layer.
 
-In eager PyTorch a layer is some forty small ops (an int8 linear with per-token scales
-alone is about ten: two reductions, the scale, the rounding, the cast, the GEMM, the
-epilogue). Each pays dispatch overhead and takes the GIL, and in the server two engine
-workers, the event loop and the clients contend for it: measured over HTTP on 2 cores,
-graphs served 1.3x (1 client), 1.8x (4) and 1.5x (16) the requests of the eager ops,
-at two thirds of their CPU per request. At start-up, from the quantized weights already
-in memory, each layer is built into two graphs over rows of one length (k, n, H):
+In eager PyTorch a layer is some forty small ops, each paying dispatch overhead and the
+GIL that the server's workers and event loop contend for; a graph call per layer serves
+more requests for less CPU (docs/decisions.md). At start-up, from the quantized weights
+already in memory, each layer is built into two graphs over rows of one length (k, n, H):
 
   whole       x -> the layer's output: QKV projection, attention, out-projection,
               residual, LayerNorm, FFN with exact GELU, residual, LayerNorm
@@ -20,8 +17,7 @@ per layer, its exit included; the embeddings of packed tokens are one more
 
 Same scheme, same contract. Activations are quantized per token by `QuantizeLinear` with
 one block per token, the very rounding of `invariant.quantize_per_token` (x over amax /
-127, half to even; one op where the elementwise form took seven, 15% of a layer at 27
-tokens), weights are the int8 per-channel values `Int8Linear` holds, and `MatMulInteger`
+127, half to even), weights are the int8 per-channel values `Int8Linear` holds, and `MatMulInteger`
 sums the products in int32 (uint8 activations with zero point 128 against int8 weights:
 exactly the signed sums; on a CPU whose kernel for that saturates, uint8 weights with
 zero point 128 as well, the same sums: `signed_weights_exact`). Every other op works
@@ -261,8 +257,7 @@ def open_session(model: bytes, threads: int, spin: bool = False) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    # No fusions: a subgraph must run the very same kernels in every graph holding it
-    # (and ORT's extended fusions measured slower here: 1.1x against 1.35x the export).
+    # No fusions: a subgraph must run the very same kernels in every graph holding it.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
@@ -370,7 +365,7 @@ class OrtRow:
     `wide_threads` above `threads`: the same model also on that many threads, for a row
     alone while the other workers idle (`scheduler.borrows_idle_threads`; `wide=True`).
     Its threads spin between the graph's parallel ops instead of sleeping and being
-    woken for each: a row alone measured 1.24-1.29x faster so, with the same answers.
+    woken for each: faster for a row alone, with the same answers (docs/decisions.md).
     """
 
     def __init__(

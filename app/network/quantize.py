@@ -78,8 +78,7 @@ def quantize_int8(network: MultiExitNetwork, kernel: str = "auto") -> None:
 
     `auto` gives the exit heads `_int_mm` whatever the encoder gets: a head multiplies one
     pooled row per input by a narrow matrix, where oneDNN's int8 linear pays a large fixed
-    cost (measured, one thread: 384 -> 2 at 32 rows 743 us against 61 us, 384 -> 384 at
-    one row 93 us against 55 us). The two kernels give the same bits (tested).
+    cost (docs/decisions.md). The two kernels give the same bits (tested).
     """
     heads = {id(m) for m in network.heads.modules()}
     for module, name, child in _linears(network):
@@ -136,8 +135,7 @@ def int8_kernel(kernel: str = "auto") -> str:
 def torch_kernel_slowdown() -> float:
     """How many times longer the eager int8 linear (`Int8Linear`, its `auto` kernel)
     takes than the same product as an ONNX Runtime graph, on one thread at a layer's
-    shape (32 tokens, 384 -> 384; best of five each). Measured: 1.6x on an AMD EPYC
-    where `_int_mm` serves; where oneDNN took its slow path there, over 1,000x."""
+    shape (32 tokens, 384 -> 384; best of five each)."""
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(0)
         eager = Int8Linear(nn.Linear(384, 384))
