@@ -20,8 +20,8 @@ test: install
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check app tests bench locustfile.py
-	$(BIN)/ruff format --check app tests bench locustfile.py
+	$(BIN)/ruff check app tests bench devtools locustfile.py
+	$(BIN)/ruff format --check app tests bench devtools locustfile.py
 	$(BIN)/mypy
 
 # Rebuild the default models (about 10 minutes each on 2 cores). Retrain rarely:

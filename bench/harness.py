@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import http_bench as hb  # noqa: E402
+from devtools.server_process import free_port, running_command  # noqa: E402
 
 SYSTEMS = ("exitserve", "naive", "onnx")
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # config -> (system, request parameters)
@@ -368,9 +369,9 @@ def tune_peer_d(
                     warmup=min(1.0, o.warmup))  # fmt: skip
     trials = []
     for instances, threads in peer_d_candidates(cpus):
-        port = hb.free_port()
+        port = free_port()
         argv = onnx_argv(o.model_dir, onnx, port, instances, threads)
-        with hb.running_command(argv, peer_env(), port, o.startup_timeout) as proc:
+        with running_command(argv, peer_env(), port, o.startup_timeout) as proc:
             windows = hb._run_async(
                 load({"onnx": (port, proc.pid)}, {"onnx_int8": request_set}, labels, short, log)
             )
@@ -390,7 +391,7 @@ def servers(o: Options, threads: int, log: Any) -> Iterator[dict[str, tuple[int,
     with ExitStack() as stack:
         running: dict[str, tuple[int, int]] = {}
         for system in o.systems:
-            port = hb.free_port()
+            port = free_port()
             if system == "exitserve":
                 opts = hb.Options(model_dir=o.model_dir, concurrency=o.concurrency, threads=threads)
                 argv = [sys.executable, "-m", "app.cli", "serve"]
@@ -408,7 +409,7 @@ def servers(o: Options, threads: int, log: Any) -> Iterator[dict[str, tuple[int,
             else:
                 raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
             log(f"starting {system} on port {port}")
-            proc = stack.enter_context(hb.running_command(argv, env, port, o.startup_timeout))
+            proc = stack.enter_context(running_command(argv, env, port, o.startup_timeout))
             running[system] = (port, proc.pid)
         yield running
 

@@ -58,12 +58,10 @@ from bench.http_bench import (
     ProtocolError,
     add_server_arguments,
     build_request,
-    exitserve_env,
-    exitserve_server,
-    http_get,
     percentile,
 )
 from bench.soak import _fmt, closed_loop, connect, due_count
+from devtools.server_process import exitserve_env, exitserve_server, http_get
 
 CONFIGS = ("static", "admission", "adaptive", "default")
 

@@ -73,7 +73,7 @@ def build(model_dir: Path, kind: str) -> Backend:
 
 def ort_runner(model_dir: Path, threads: int) -> Callable[[list[list[int]]], Any]:
     from bench.peers.onnx_export import ensure_export
-    from bench.peers.onnx_server import open_session, run_padded
+    from bench.peers.ort_session import open_session, run_padded
 
     meta = ensure_export(model_dir)
     session = open_session(meta["int8_path"], threads)

@@ -67,11 +67,9 @@ from bench.http_bench import (
     _run_async,
     add_server_arguments,
     build_request,
-    exitserve_env,
-    exitserve_server,
-    http_get,
     percentile,
 )
+from devtools.server_process import exitserve_env, exitserve_server, http_get
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_DEPTH = {"threshold": 1.0}

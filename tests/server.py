@@ -1,4 +1,5 @@
-"""Start the real server in its own process on a free loopback port, for tests."""
+"""Start the real server in its own process on a free loopback port, for tests
+(`devtools.server_process` holds what tests and benchmarks share)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.http_bench import exitserve_env, free_port, running_command
+from devtools.server_process import exitserve_env, free_port, running_command
 
 __all__ = ["ROOT", "free_port", "running_command", "server_process"]
 

@@ -205,7 +205,7 @@ def compare(
     from app.config import usable_cpus
     from app.network.multi_exit import pad_batch
     from app.training.evaluate import split_data
-    from bench.peers.onnx_server import open_session, run_padded
+    from bench.peers.ort_session import open_session, run_padded
 
     loaded = artifact.load(model_dir)
     texts, y = split_data(loaded.spec, split)

@@ -22,7 +22,7 @@ from app.network import artifact
 from app.network.multi_exit import pad_batch
 from bench.peers.common import PredictRequest
 from bench.peers.onnx_export import ExportOptions, ensure_export
-from bench.peers.onnx_server import open_session, run_padded
+from bench.peers.ort_session import open_session, run_padded
 from tests.server import ROOT, free_port, running_command
 from tests.tiny import make_tiny_model, random_texts
 
