@@ -16,8 +16,9 @@ install: $(BIN)/exitserve
 serve: install
 	$(BIN)/exitserve serve
 
+# In parallel over every core where pytest-xdist is installed (the dev extras have it).
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $$($(BIN)/python -c 'import xdist; print("-n auto")' 2>/dev/null)
 
 lint: install
 	$(BIN)/ruff check app tests bench devtools locustfile.py
