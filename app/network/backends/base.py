@@ -7,7 +7,7 @@ row through every layer it needs in one call where the backend can. `all_exits` 
 every exit's logits for a padded batch, computed exactly as serving computes them, for
 calibration and evaluation. Implementations: `packed.PackedTorch` (the CPU in torch,
 fp32 or eager int8), `onnx.PackedOnnx` (the CPU's int8 layers as ONNX Runtime graphs)
-and `padded.Padded` (a GPU); `select.make_backend` picks one from the settings.
+and `padded.Padded` (a GPU); `make_backend` (this package) picks one from the settings.
 """
 
 from __future__ import annotations
