@@ -1,8 +1,11 @@
 """HTTP load benchmark: the real server, calibrated early exit against full depth.
 
 Starts the real server (`python -m app.cli serve`) on a free loopback port and drives
-it with a minimal asyncio HTTP/1.1 keep-alive client (it shares the CPUs with the
-server, so it is written on `asyncio.open_connection` to cost little). Closed loop: each
+it with a minimal asyncio HTTP/1.1 keep-alive client (`Connection`). Kept by hand
+because it shares the CPUs with the server: against the real server at 16 connections
+it cost 0.05-0.07 ms of client CPU per request, httpx's async client 1.0-1.1 ms, which on
+2 cores cut the requests served from about 2,000/s to about 750/s
+(`bench/client_cost.py`, `bench/results/client-cost-2026-12-04-amd-epyc-vnni.json`). Closed loop: each
 of C workers owns one connection and sends its next request the moment the last one is
 answered, one test-split text per request, cycling, each worker at its own offset.
 
