@@ -5,9 +5,10 @@ it with a minimal asyncio HTTP/1.1 keep-alive client (`Connection`). Kept by han
 because it shares the CPUs with the server: against the real server at 16 connections
 it cost 0.05-0.07 ms of client CPU per request, httpx's async client 1.0-1.1 ms, which on
 2 cores cut the requests served from about 2,000/s to about 750/s
-(`bench/client_cost.py`, `bench/results/client-cost-2026-12-04-amd-epyc-vnni.json`). Closed loop: each
-of C workers owns one connection and sends its next request the moment the last one is
-answered, one test-split text per request, cycling, each worker at its own offset.
+(`bench/client_cost.py`, `bench/results/client-cost-2026-12-04-amd-epyc-vnni.json`).
+Closed loop: each of C workers owns one connection and sends its next request the
+moment the last one is answered, one test-split text per request, cycling, each worker
+at its own offset.
 
 Two configurations, on the same server, interleaved in alternating order over
 `--rounds` windows at each concurrency level:
