@@ -564,19 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         help="peer (d)'s setting (default: the best measured before the run)",
     )
     a = p.parse_args(argv)
-    o = Options(
-        model_dir=a.model_dir,
-        out=a.out,
-        duration=a.duration,
-        concurrency=a.concurrency,
-        rounds=a.rounds,
-        warmup=a.warmup,
-        systems=a.systems,
-        threads=a.threads,
-        quiet=a.quiet,
-        tag=a.tag,
-        peer_d=tuple(a.peer_d) if a.peer_d else None,
-    )
+    o = hb.options_from(Options, a, peer_d=tuple(a.peer_d) if a.peer_d else None)
     command = " ".join(["bench/harness.py", *(sys.argv[1:] if argv is None else argv)])
     result, path = run(o, command)
     print(markdown(result))

@@ -48,7 +48,7 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -64,6 +64,7 @@ from devtools.server_process import (
 
 CONFIGS: dict[str, dict[str, Any]] = {"calibrated": {}, "full_depth": {"threshold": 1.0}}
 T = TypeVar("T")
+O = TypeVar("O")
 
 
 # -- pure pieces: HTTP parsing, statistics, aggregation, ratios, report -----------------
@@ -815,6 +816,13 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     return result, write_results(o.out, stem, result, markdown(result))
 
 
+def options_from(cls: type[O], a: argparse.Namespace, **overrides: Any) -> O:
+    """A script's options dataclass from its parsed arguments: every field the arguments
+    name, then `overrides` for those that need converting; the rest keep their defaults."""
+    given = {f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}  # type: ignore[arg-type]
+    return cls(**{**given, **overrides})
+
+
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     """The options every load script shares: how to start the server, where results go."""
     p.add_argument("--device", default="cpu", help="server device: cpu | cuda | auto")
@@ -848,26 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
-    result, path = run(
-        Options(
-            model_dir=a.model_dir,
-            out=a.out,
-            duration=a.duration,
-            concurrency=a.concurrency,
-            rounds=a.rounds,
-            warmup=a.warmup,
-            threads=a.threads or None,
-            max_batch_size=a.max_batch_size,
-            max_queue_delay_ms=a.max_queue_delay_ms,
-            batching=a.batching,
-            workers=a.workers,
-            device=a.device,
-            quantization=a.quantization,
-            startup_timeout=a.startup_timeout,
-            in_process=not a.no_in_process,
-            quiet=a.quiet,
-        )
-    )
+    o = options_from(Options, a, threads=a.threads or None, in_process=not a.no_in_process)
+    result, path = run(o)
     print(markdown(result))
     print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
     return 0

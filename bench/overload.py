@@ -58,6 +58,7 @@ from bench.http_bench import (
     ProtocolError,
     add_server_arguments,
     build_request,
+    options_from,
     percentile,
 )
 from bench.soak import _fmt, closed_loop, connect, due_count
@@ -488,23 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="name for the results instead of the host")
     add_server_arguments(p)
     a = p.parse_args(argv)
-    o = Options(
-        model_dir=a.model_dir,
-        target_ms=a.target_ms,
-        drop=a.drop,
-        loads=tuple(a.loads),
-        configs=tuple(a.configs),
-        seconds=a.seconds,
-        capacity=a.capacity,
-        capacity_seconds=a.capacity_seconds,
-        connections=a.connections,
-        threads=a.threads,
-        device=a.device,
-        quantization=a.quantization,
-        startup_timeout=a.startup_timeout,
-        out=a.out,
-        tag=a.tag,
-    )
+    o = options_from(Options, a, loads=tuple(a.loads), configs=tuple(a.configs))
     result, stem = run(o)
     print(markdown(result))
     print(f"wrote {stem}.json, .md, .png", file=sys.stderr)

@@ -67,6 +67,7 @@ from bench.http_bench import (
     _run_async,
     add_server_arguments,
     build_request,
+    options_from,
     percentile,
 )
 from devtools.server_process import exitserve_env, exitserve_server, http_get
@@ -602,33 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", help="names the result files; default: the host name")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
-    result, path = run(
-        Options(
-            model_dir=a.model_dir,
-            steady=a.steady,
-            duration=a.duration,
-            overload=a.overload,
-            steady_fraction=a.steady_fraction,
-            capacity=a.capacity,
-            capacity_seconds=a.capacity_seconds,
-            capacity_connections=a.capacity_connections,
-            connections=a.connections,
-            texts=a.texts,
-            max_texts=a.max_texts,
-            flip_gap=a.flip_gap,
-            rss_every=a.rss_every,
-            rss_warmup=a.rss_warmup,
-            threads=a.threads or None,
-            max_batch_size=a.max_batch_size,
-            max_queue_size=a.max_queue_size,
-            device=a.device,
-            quantization=a.quantization,
-            startup_timeout=a.startup_timeout,
-            out=a.out,
-            tag=a.tag,
-            quiet=a.quiet,
-        )
-    )
+    result, path = run(options_from(Options, a, threads=a.threads or None))
     print(markdown(result))
     print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
     return 0 if result["passed"] else 1
