@@ -20,11 +20,11 @@ def adaptation(engine: Engine, settings: Settings) -> dict[str, object]:
     return {
         "latency_target_ms": settings.latency_target_ms,
         "max_accuracy_drop": settings.max_accuracy_drop,
-        # Refuses by expected wait (a target is set) / moves down the ladder (a floor
-        # below point 0 too).
+        # Refuses by expected wait (a target is set) / moves to shallower points (a
+        # floor, the shallowest point allowed, past point 0 too).
         "admission": c is not None and c.enabled,
-        "moves": c is not None and c.enabled and c.floor > 0,
-        "floor": 0 if c is None else c.floor,
+        "moves": c is not None and c.enabled and c.shallowest > 0,
+        "floor": 0 if c is None else c.shallowest,
         "point": int(state.get("point", 0)),
         "expected_wait_ms": round(1000 * state.get("expected_wait_s", 0.0), 3),
         "ladder": [

@@ -22,21 +22,22 @@ its batches run). Two timed batches at start-up (one input, a full batch) anchor
 until traffic has shown both sizes.
 
 Moves (point 0 is the calibrated point; a higher index is shallower): to a shallower
-point (the deepest whose estimate is under `down_at` x target, at most to the floor, the
-shallowest allowed) as soon as the current point's estimate passes `down_at` x target;
-one point deeper once that point has stayed under `up_at` x target for `hold_s`, and
+point (the deepest whose estimate is under `shallower_at` x target, at most to
+`shallowest`) as soon as the current point's estimate passes `shallower_at` x target;
+one point deeper once that point has stayed under `deeper_at` x target for `hold_s`, and
 again after each further `hold_s`. The gap between the two fractions and the hold are
-the hysteresis. The floor is the shallowest point whose calibration accuracy is within
-`max_drop` of point 0's (and every point deeper too); a drop of 0 keeps point 0 always.
+the hysteresis. `shallowest` is the shallowest point whose calibration accuracy is
+within `max_drop` of point 0's (and every point deeper too; /info calls it the floor);
+a drop of 0 keeps point 0 always.
 
-Admission: a request whose expected latency even at the floor exceeds `admit_at` of its
+Admission: a request whose expected latency even at `shallowest` exceeds `admit_at` of its
 budget (its own deadline, or the target) is refused at once, with a retry delay computed
 from the wait: queuing it would only make it fail later and slow down everyone behind
 it. The estimate is typical, the tail runs above it: hence the fraction.
 
 Moves follow the load smoothed over `smooth_s` (a Poisson stream's bursts are not
-overload); admission reads it as it is, and `down_at < admit_at` so that the controller
-goes shallower before admission caps the queue. The figures behind the fractions and
+overload); admission reads it as it is, and `shallower_at < admit_at` so that the
+controller goes shallower before admission caps the queue. The figures behind the fractions and
 the smoothing: docs/decisions.md ("Adapting to load").
 
 No lock of its own and no clock read: the engine calls it under its queue lock and
@@ -95,8 +96,8 @@ class Ladder:
         """Work per input at point k, in layer units."""
         return self.fixed_cost + self.points[k].mean_layers
 
-    def floor(self, max_drop: float) -> int:
-        """The lowest point reachable without any point on the way losing more than
+    def shallowest(self, max_drop: float) -> int:
+        """The shallowest point reachable without any point on the way losing more than
         `max_drop` of calibration accuracy against point 0."""
         if max_drop < 0:
             raise ValueError(f"max_drop must be >= 0, got {max_drop}")
@@ -190,9 +191,9 @@ class LoadController:
         max_drop: float,
         workers: int = 1,
         batch_size: int = 32,
-        down_at: float = 0.7,
+        shallower_at: float = 0.7,
         admit_at: float = 0.8,
-        up_at: float = 0.4,
+        deeper_at: float = 0.4,
         hold_s: float = 0.5,
         smooth_s: float = 0.25,
         memory_s: float = 2.0,
@@ -201,15 +202,16 @@ class LoadController:
             raise ValueError(f"target_s must be >= 0, got {target_s}")
         if workers < 1 or batch_size < 1:
             raise ValueError(f"workers and batch_size must be >= 1, got {workers}, {batch_size}")
-        if not 0 < up_at < down_at < admit_at <= 1:
+        if not 0 < deeper_at < shallower_at < admit_at <= 1:
             raise ValueError(
-                f"need 0 < up_at < down_at < admit_at <= 1, got {up_at}, {down_at}, {admit_at}"
+                "need 0 < deeper_at < shallower_at < admit_at <= 1,"
+                f" got {deeper_at}, {shallower_at}, {admit_at}"
             )
         self.ladder = ladder
         self.target_s = target_s  # 0: no target; never moves, never refuses
-        self.floor = ladder.floor(max_drop) if target_s > 0 else 0
+        self.shallowest = ladder.shallowest(max_drop) if target_s > 0 else 0
         self.workers, self.batch_size = workers, batch_size
-        self.down_at, self.up_at, self.hold_s = down_at, up_at, hold_s
+        self.shallower_at, self.deeper_at, self.hold_s = shallower_at, deeper_at, hold_s
         self.admit_at = admit_at
         self.smooth_s = smooth_s
         self._level: float | None = None  # inputs queued or in flight, smoothed
@@ -260,21 +262,22 @@ class LoadController:
         self._last = now
         keep = math.exp(-dt / self.smooth_s) if self._level is not None else 0.0
         level = self._level = keep * (self._level or 0.0) + (1.0 - keep) * inputs
-        if not self.enabled or self.floor == 0:
+        if not self.enabled or self.shallowest == 0:
             return self.point
         was = self.point
-        high = self.down_at * self.target_s
+        high = self.shallower_at * self.target_s
         # Below one input queued on average there is no queue to clear: the estimate is
         # one input's own service time, which no point of the ladder is there to cut
         # (an `a` fitted under a burst's contention kept the way up closed for good).
         queued = level >= 1.0
-        if queued and self.point < self.floor and self.expected_latency(level) > high:
+        if queued and self.point < self.shallowest and self.expected_latency(level) > high:
             k = self.point + 1
-            while k < self.floor and self.expected_latency(level, k) > high:
+            while k < self.shallowest and self.expected_latency(level, k) > high:
                 k += 1
             self.point, self._clear_since = k, None
         elif self.point > 0 and (
-            not queued or self.expected_latency(level, self.point - 1) < self.up_at * self.target_s
+            not queued
+            or self.expected_latency(level, self.point - 1) < self.deeper_at * self.target_s
         ):
             if self._clear_since is None:
                 self._clear_since = now
@@ -320,7 +323,7 @@ class LoadController:
         budget = budget_s if budget_s is not None else self.target_s
         if not self.enabled or budget <= 0 or ahead < self.batch_size:
             return None
-        wait = self.expected_latency(ahead + new, self.floor)
+        wait = self.expected_latency(ahead + new, self.shallowest)
         if wait <= self.admit_at * budget:
             return None
         return wait - self.admit_at * budget
@@ -357,12 +360,12 @@ def controller_for(
             name,
         )
     else:
-        p = ladder.points[controller.floor]
+        p = ladder.points[controller.shallowest]
         log.info(
             "latency target %g ms; under load down to point %d of %d (calibration accuracy"
             " %.2f%%, mean depth %.2f)",
             1000 * latency_target_s,
-            controller.floor,
+            controller.shallowest,
             len(ladder) - 1,
             100 * p.accuracy,
             p.mean_layers,

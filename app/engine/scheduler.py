@@ -14,7 +14,7 @@ runs the forward pass.
 
 Load: with a `LoadController` (app.engine.adapt), inputs that keep the model's default
 exits take the thresholds of the controller's operating point when their batch
-begins, and a request whose expected latency, even at the controller's floor,
+begins, and a request whose expected latency, even at the controller's shallowest point,
 exceeds its budget is refused at once (Overloaded, with a retry delay). The worker
 reports every batch's busy time and work to the controller, and wakes it while it is
 below point 0 so that it climbs back even when no traffic comes.
@@ -283,7 +283,7 @@ class Engine(WorkerLoops):
     # -- the load controller ---------------------------------------------------------
     def late_by(self, inputs: int = 1) -> float | None:
         """Seconds past the latency target that `inputs` more inputs would be answered,
-        even at the controller's floor; None when in time (or with no controller). Read
+        even at the controller's shallowest point; None when in time (or with no controller). Read
         without the lock: a hint for shedding before a request's body is parsed."""
         c = self.controller
         return None if c is None else c.refusal(len(self._queue) + self._inflight, inputs, None)

@@ -6,9 +6,9 @@ GIL that the server's workers and event loop contend for; a graph call per layer
 more requests for less CPU (docs/decisions.md). At start-up, from the quantized weights
 already in memory, each layer is built into two graphs over rows of one length (k, n, H):
 
-  whole       x -> the layer's output: QKV projection, attention, out-projection,
-              residual, LayerNorm, FFN with exact GELU, residual, LayerNorm
-  whole_exit  x -> the layer's output and the logits of the exit head after it
+  layer           x -> the layer's output: QKV projection, attention, out-projection,
+                  residual, LayerNorm, FFN with exact GELU, residual, LayerNorm
+  layer_and_exit  x -> the layer's output and the logits of the exit head after it
 
 Batches run packed (`backends.RunningBatch`, `backends.PackedOnnx`): one call per
 stretch of rows of one length (`encoder.stretches`), so a batch of one takes one call
@@ -315,33 +315,33 @@ def embedding_ops(g: _Builder, embeddings: Embeddings, ids: str, positions: str)
 
 class OrtLayer:
     """One quantized encoder layer's graphs (see the module docstring); given the exit
-    head after the layer, also `whole_exit`: the layer and that head in one call."""
+    head after the layer, also `layer_and_exit`: the layer and that head in one call."""
 
     def __init__(self, layer: Layer, threads: int = 1, head: ExitHead | None = None) -> None:
         g = _Builder()
         y = layer_ops(g, layer, "x")
         H = layer.attention.output.dense.out_features
-        self._whole = g.graph({"x": ["B", "T", H]}, {y: ["B", "T", H]}, threads)
-        self._whole_exit: _Graph | None = None
+        self._layer = g.graph({"x": ["B", "T", H]}, {y: ["B", "T", H]}, threads)
+        self._layer_and_exit: _Graph | None = None
         if head is not None:  # the same layer, then the head on its output
             logits = g.exit_head(y, head)
             C = cast(Int8Linear, head.classifier).out_features
-            self._whole_exit = g.graph(
+            self._layer_and_exit = g.graph(
                 {"x": ["B", "T", H]}, {y: ["B", "T", H], logits: ["B", C]}, threads
             )
 
     @property
     def has_exit(self) -> bool:
-        return self._whole_exit is not None
+        return self._layer_and_exit is not None
 
-    def whole(self, x: torch.Tensor) -> torch.Tensor:
-        return self._whole(x=x)[0]
+    def layer(self, x: torch.Tensor) -> torch.Tensor:
+        return self._layer(x=x)[0]
 
-    def whole_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_and_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, n, H), rows of one length -> the layer's states and its exit's logits (k, C)."""
-        if self._whole_exit is None:
+        if self._layer_and_exit is None:
             raise RuntimeError("this layer's graphs were built without its exit head")
-        y, logits = self._whole_exit(x=x)
+        y, logits = self._layer_and_exit(x=x)
         return y, logits
 
 
@@ -349,7 +349,7 @@ class OrtRow:
     """A row alone through the whole network in one call, its early exit included.
 
     The embeddings, then each layer and its exit head (the very ops of `OrtLayer` and
-    `whole_exit`), then the exit rule on that head's answer: an ONNX `If` returns there when
+    `layer_and_exit`), then the exit rule on that head's answer: an ONNX `If` returns there when
     the row's confidence reaches its threshold for this exit (below 1) or the layer is
     its depth cap, and runs the next layer otherwise. An exit the row cannot leave at
     (threshold 1, not its cap) runs no head, as in the layer loop: full depth runs one.

@@ -289,7 +289,7 @@ def test_a_request_expected_to_miss_its_budget_is_refused_with_a_computed_retry_
     c = client.app.state.engine.controller  # type: ignore[attr-defined]
     c.costs = CostModel()
     c.costs.observe(1.0, 2.0)  # as if the engine were measured at 2 s per layer unit
-    wait = c.expected_latency(2, c.floor)  # one input ahead, one new
+    wait = c.expected_latency(2, c.shallowest)  # one input ahead, one new
     assert wait > 1.0
     held = HeldEngine(client, monkeypatch)
     engine = client.app.state.engine  # type: ignore[attr-defined]

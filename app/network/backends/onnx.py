@@ -50,12 +50,12 @@ class PackedOnnx(PackedTorch):
 
     def layer(self, i: int, x: torch.Tensor, runs: Runs) -> torch.Tensor:
         H = self._hidden
-        return joined([self._layers[i].whole(rows).view(-1, H) for rows in stretches(x, runs)])
+        return joined([self._layers[i].layer(rows).view(-1, H) for rows in stretches(x, runs)])
 
     def layer_and_exit(
         self, i: int, x: torch.Tensor, runs: Runs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = [self._layers[i].whole_exit(rows) for rows in stretches(x, runs)]
+        out = [self._layers[i].layer_and_exit(rows) for rows in stretches(x, runs)]
         H = self._hidden
         return joined([y.view(-1, H) for y, _ in out]), joined([lg for _, lg in out])
 

@@ -32,10 +32,10 @@ def controller(max_drop: float = 0.02, target_s: float = 0.2, **kw: float) -> Lo
 
 
 def test_floor_is_the_last_point_within_the_drop() -> None:
-    assert LADDER.floor(0.0) == 0
-    assert LADDER.floor(0.006) == 1  # 0.830 - 0.824 = 0.006: exactly at the bound counts
-    assert LADDER.floor(0.02) == 2  # 0.819 is within 0.02 of 0.830; 0.808 is not
-    assert LADDER.floor(0.1) == 4
+    assert LADDER.shallowest(0.0) == 0
+    assert LADDER.shallowest(0.006) == 1  # 0.830 - 0.824 = 0.006: exactly at the bound counts
+    assert LADDER.shallowest(0.02) == 2  # 0.819 is within 0.02 of 0.830; 0.808 is not
+    assert LADDER.shallowest(0.1) == 4
 
 
 def test_floor_stops_at_the_first_point_past_the_drop() -> None:
@@ -48,7 +48,7 @@ def test_floor_stops_at_the_first_point_past_the_drop() -> None:
             OperatingPoint((0.7, 0.0), 0.79, 1.3),
         )
     )
-    assert bumpy.floor(0.02) == 0
+    assert bumpy.shallowest(0.02) == 0
 
 
 def test_a_ladder_must_not_grow_deeper() -> None:
@@ -108,7 +108,7 @@ def test_nothing_measured_means_no_wait_and_no_refusal() -> None:
 
 def test_moves_down_as_far_as_needed_but_never_past_the_floor() -> None:
     c = controller(max_drop=0.02)  # floor 2
-    assert c.floor == 2
+    assert c.shallowest == 2
     # Each load held for seconds, far longer than the smoothing.
     # 38 inputs: 133 ms at point 0, under 70% of the 200 ms target: stay.
     assert c.update(38, now=0.0) == 0
@@ -151,7 +151,7 @@ def test_comes_back_up_one_point_per_hold_after_the_queue_clears() -> None:
 def test_hysteresis_holds_the_point_between_the_two_fractions() -> None:
     c = controller(max_drop=0.1, hold_s=0.5)
     assert c.update(41, now=0.0) == 1  # 143.5 ms at point 0 > 140: down
-    # 25 inputs: 87.5 ms at point 0, between up_at (80 ms) and down_at (140 ms): no
+    # 25 inputs: 87.5 ms at point 0, between deeper_at (80 ms) and shallower_at (140 ms): no
     # move, however long it lasts.
     for t in (1.0, 2.0, 5.0, 10.0):
         assert c.update(25, now=t) == 1

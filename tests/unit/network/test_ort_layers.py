@@ -51,7 +51,7 @@ def test_a_layer_computes_what_the_eager_int8_layer_computes(eager: Backend) -> 
     x = torch.randn(3, 9, 32) * 2
     with torch.inference_mode():
         want = layer._feed_forward(layer.attention(x, None))
-        got = ort.whole(x)
+        got = ort.layer(x)
     # Same roundings; the float epilogues multiply in another order, so a value can land
     # on the other side of a rounding step now and then. Measured 1e-6 on the MiniLM
     # layers (real activations), 2e-2 here at most where a step flips.
@@ -102,9 +102,9 @@ def test_a_row_gets_the_same_bits_alone_or_among_rows_of_its_length(
     ort = OrtLayer(cast(Layer, eager.model.encoder.encoder.layer[1]))
     torch.manual_seed(1)
     x = torch.randn(4, 7, 32)
-    whole = ort.whole(x)
+    whole = ort.layer(x)
     for b in range(4):
-        assert torch.equal(ort.whole(x[b : b + 1]), whole[b : b + 1])
+        assert torch.equal(ort.layer(x[b : b + 1]), whole[b : b + 1])
 
 
 def test_a_mixed_batch_runs_a_call_per_length_and_gets_the_bits_of_each_row_alone(
@@ -118,13 +118,13 @@ def test_a_mixed_batch_runs_a_call_per_length_and_gets_the_bits_of_each_row_alon
     runs = runs_of(lengths)
     assert len(runs) > 3  # the data holds several lengths
     calls: list[tuple[int, ...]] = []
-    whole = OrtLayer.whole
+    whole = OrtLayer.layer
 
     def counted(self: OrtLayer, x: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(x.shape[:2]))
         return whole(self, x)
 
-    monkeypatch.setattr(OrtLayer, "whole", counted)
+    monkeypatch.setattr(OrtLayer, "layer", counted)
     with torch.inference_mode():
         batch = fast.begin(ids)
         packed = fast.step(0, batch).x
@@ -145,18 +145,18 @@ def test_served_answers_agree_with_the_eager_kernel(
 
 
 def test_a_layer_and_its_exit_in_one_call(eager: Backend) -> None:
-    """`whole_exit`: the layer's states are `whole`'s bits, the logits the eager head's
+    """`layer_and_exit`: the layer's states are `layer`'s bits, the logits the eager head's
     on them (to the rounding of the epilogues), and a row alone gets its bits."""
     layer, head = cast(Layer, eager.model.encoder.encoder.layer[2]), eager.model.head(2)
     ort = OrtLayer(layer, head=head)
     torch.manual_seed(4)
     x = torch.randn(3, 11, 32)
-    y, logits = ort.whole_exit(x)
-    assert torch.equal(y, ort.whole(x))
+    y, logits = ort.layer_and_exit(x)
+    assert torch.equal(y, ort.layer(x))
     with torch.inference_mode():
         want = head.classify(y.mean(1))
     torch.testing.assert_close(logits, want, atol=0.05, rtol=0)
-    assert torch.equal(ort.whole_exit(x[1:2])[1], logits[1:2])
+    assert torch.equal(ort.layer_and_exit(x[1:2])[1], logits[1:2])
     assert not OrtLayer(layer).has_exit
 
 
