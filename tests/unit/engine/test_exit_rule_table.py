@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from app.engine.executor import Row, run_batch
 from app.network import artifact, ort_layers
-from app.network.backends import Backend, make_backend
+from app.network.backends import Backend, Padded, make_backend
 from app.network.exit_rule import exit_layers
-from app.network.quantize import int8_kernel
+from app.network.quantize import int8_kernel, prepare_model
 from app.training.evaluate import all_exit_probs
 from tests.tiny import random_texts
 
@@ -175,12 +175,16 @@ def _ort_softmax() -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _network(model_dir: Path, kernel: str, saturate: bool = False) -> Backend:
+    """The tiny model as served on the CPU in int8; `kernel` "padded": in fp32 on the
+    padded backend, the GPU's, here on the CPU."""
     net = artifact.load(model_dir).network
     if saturate:
         # Logits thousands apart: every softmax rounds to exactly (1.0, 0.0).
         with torch.no_grad():
             for head in net.heads:
                 head.classifier.weight.mul_(1e4)
+    if kernel == "padded":
+        return Padded(prepare_model(net, "cpu", "none"))
     return make_backend(net, "cpu", "int8", kernel)
 
 
@@ -190,6 +194,9 @@ def _implementations(model_dir: Path, saturate: bool) -> dict[str, Implementatio
         "layer loop, torch int8": LayerLoop(torch_net),
         "alone, torch int8": Alone(torch_net),
         "calibration numpy": Calibration(torch_net),
+        # One row at a time: fp32 products move with the number of rows, so a tie is
+        # exact only against the row's confidences alone.
+        "alone, padded fp32": Alone(_network(model_dir, "padded", saturate)),
     }
     if int8_kernel() == "onnxruntime":
         ort_net = _network(model_dir, "onnxruntime", saturate)
@@ -203,6 +210,7 @@ NAMES = [
     "layer loop, torch int8",
     "alone, torch int8",
     "calibration numpy",
+    "alone, padded fp32",
     "layer loop, onnxruntime int8",
     "alone, onnxruntime int8",
     "one-call graph",
