@@ -54,6 +54,7 @@ from itertools import pairwise
 from typing import Any
 
 log = logging.getLogger(__name__)
+STARTUP_LOG = logging.getLogger("exitserve")  # the server's start-up lines, as before
 
 
 @dataclass(frozen=True)
@@ -352,16 +353,16 @@ def controller_for(
         ladder, latency_target_s, max_accuracy_drop, workers, max_batch_size
     )
     if not controller.enabled:
-        log.info("no latency target: the calibrated thresholds serve at any load")
+        STARTUP_LOG.info("no latency target: the calibrated thresholds serve at any load")
     elif len(ladder) == 1 and max_accuracy_drop > 0:
-        log.warning(
+        STARTUP_LOG.warning(
             "%s has no operating ladder (calibrated before ladders existed): run"
             " `exitserve calibrate` to let it adapt to load",
             name,
         )
     else:
         p = ladder.points[controller.shallowest]
-        log.info(
+        STARTUP_LOG.info(
             "latency target %g ms; under load down to point %d of %d (calibration accuracy"
             " %.2f%%, mean depth %.2f)",
             1000 * latency_target_s,

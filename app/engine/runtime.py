@@ -15,7 +15,6 @@ from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.backends import Backend, make_backend
 from app.network.quantize import batch_invariant, resolve, scheme
-from app.network.quantize import int8_kernel as resolve_int8_kernel
 from app.network.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -103,8 +102,7 @@ def load_runtime(
     torch.set_num_threads(threads)
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
-    kernel = resolve_int8_kernel(int8_kernel) if quantization == "int8" else "torch"
-    backend = make_backend(loaded.network, device, quantization, kernel, wide_threads)
+    backend = make_backend(loaded.network, device, quantization, int8_kernel, wide_threads)
     spec = loaded.spec
     rt = ModelRuntime(
         name=spec.name,

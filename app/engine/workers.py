@@ -23,7 +23,7 @@ from app.engine.requests import Answer, EngineObserver, Pending, settle
 from app.engine.runtime import ModelRuntime
 from app.network.exit_rule import Prediction, Row
 
-log = logging.getLogger("app.engine.scheduler")
+log = logging.getLogger(__name__)
 
 
 class WorkerLoops:
