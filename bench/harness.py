@@ -1,7 +1,7 @@
 """Benchmark exitserve against full depth and against two peer servers: tables and plots.
 
 Starts every server itself on loopback, all at once (an idle server costs no CPU), and
-drives them in turn with the closed-loop keep-alive client of `bench/http_bench.py`:
+drives them in turn with the closed loop of `bench/http_bench.py`:
 C workers, each sending its next request the moment the last is answered, one
 test-split text per request. Configurations:
   calibrated   (a) exitserve, the model's calibrated exit thresholds
@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import http_bench as hb  # noqa: E402
+from bench.client import HOST, build_request, run_async  # noqa: E402
 from devtools.server_process import free_port, running_command  # noqa: E402
 
 SYSTEMS = ("exitserve", "naive", "onnx")
@@ -372,9 +373,8 @@ def tune_peer_d(
         port = free_port()
         argv = onnx_argv(o.model_dir, onnx, port, instances, threads)
         with running_command(argv, peer_env(), port, o.startup_timeout) as proc:
-            windows = hb._run_async(
-                load({"onnx": (port, proc.pid)}, {"onnx_int8": request_set}, labels, short, log)
-            )
+            windows = load({"onnx": (port, proc.pid)}, {"onnx_int8": request_set}, labels,
+                           short, log)  # fmt: skip
         rps = {w.concurrency: w.summary()["throughput_rps"] for w in windows}
         score = statistics.geometric_mean(max(v, 1e-9) for v in rps.values())
         trials.append({"instances": instances, "threads": threads,
@@ -414,40 +414,20 @@ def servers(o: Options, threads: int, log: Any) -> Iterator[dict[str, tuple[int,
         yield running
 
 
-async def load(
+def load(
     ports: dict[str, tuple[int, int]],
     request_sets: dict[str, list[bytes]],
     labels: Sequence[str],
     o: Options,
     log: Any,
 ) -> list[hb.Window]:
-    windows: list[hb.Window] = []
-    n = len(labels)
-    configs = list(request_sets)
+    """Every configuration in `request_sets` against the server of its system."""
+    targets = {name: ports[CONFIGS[name][0]] for name in request_sets}
     window_s = o.duration / o.rounds
-    for c in o.concurrency:
-        cursors = {name: [i * n // c for i in range(c)] for name in configs}
-        for r in range(o.rounds):
-            k = (r + o.concurrency.index(c)) % len(configs)
-            for name in configs[k:] + configs[:k]:
-                port, pid = ports[CONFIGS[name][0]]
-                conns = [hb.Connection("127.0.0.1", port) for _ in range(c)]
-                state = hb._State()
-                workers = [
-                    hb._http_worker(conns[i], request_sets[name], labels, cursors[name], i, state)
-                    for i in range(c)
-                ]
-                try:
-                    secs, server_cpu, own_cpu = await hb.run_window(
-                        workers, state, o.warmup, window_s, pid
-                    )
-                finally:
-                    for conn in conns:
-                        conn.close()
-                w = hb.Window(name, c, r, secs, server_cpu, own_cpu, state.samples)
-                windows.append(w)
-                log(json.dumps(w.summary()))
-    return windows
+    return run_async(
+        hb.http_load(targets, request_sets, labels, o.concurrency, o.rounds, o.warmup,
+                     window_s, log)
+    )  # fmt: skip
 
 
 def run(o: Options, command: str = "") -> tuple[dict[str, Any], Path]:
@@ -473,8 +453,8 @@ def run(o: Options, command: str = "") -> tuple[dict[str, Any], Path]:
     configs = [name for name, (system, _) in CONFIGS.items() if system in o.systems]
     request_sets = {
         name: [
-            hb.build_request(
-                "127.0.0.1",
+            build_request(
+                HOST,
                 "/predict",
                 json.dumps(
                     {"inputs": t, "parameters": CONFIGS[name][1]}, ensure_ascii=False
@@ -492,7 +472,7 @@ def run(o: Options, command: str = "") -> tuple[dict[str, Any], Path]:
         peer_d["instances"], peer_d["threads"] = o.peer_d
         peer_d["max_delay_ms"] = 0
     with servers(o, threads, log) as ports:
-        windows = hb._run_async(load(ports, request_sets, labels, o, log))
+        windows = load(ports, request_sets, labels, o, log)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for c in o.concurrency:
         for name in configs:

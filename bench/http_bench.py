@@ -1,11 +1,7 @@
 """HTTP load benchmark: the real server, calibrated early exit against full depth.
 
 Starts the real server (`python -m app.cli serve`) on a free loopback port and drives
-it with a minimal asyncio HTTP/1.1 keep-alive client (`Connection`). Kept by hand
-because it shares the CPUs with the server: against the real server at 16 connections
-it cost 0.05-0.07 ms of client CPU per request, httpx's async client 1.0-1.1 ms, which on
-2 cores cut the requests served from about 2,000/s to about 750/s
-(`bench/client_cost.py`, `bench/results/client-cost-2026-12-04-amd-epyc-vnni.json`).
+it with the benchmarks' own keep-alive client (`bench/client.py`, and why it is kept).
 Closed loop: each of C workers owns one connection and sends its next request the
 moment the last one is answered, one test-split text per request, cycling, each worker
 at its own offset.
@@ -56,11 +52,15 @@ from typing import Any, NamedTuple, TypeVar
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools.server_process import (
-    exitserve_env,
-    exitserve_server,
-    http_get,
+from bench.client import (
+    HOST,
+    Connection,
+    build_request,
+    percentile,
+    process_cpu_seconds,
+    run_async,
 )
+from devtools.server_process import exitserve_env, exitserve_server, http_get
 
 CONFIGS: dict[str, dict[str, Any]] = {"calibrated": {}, "full_depth": {"threshold": 1.0}}
 T = TypeVar("T")
@@ -68,118 +68,6 @@ O = TypeVar("O")
 
 
 # -- pure pieces: HTTP parsing, statistics, aggregation, ratios, report -----------------
-class ProtocolError(Exception):
-    """The bytes the server sent are not an HTTP/1.1 response this client understands."""
-
-
-class Response(NamedTuple):
-    status: int
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-
-def build_request(host: str, path: str, body: bytes) -> bytes:
-    """A keep-alive HTTP/1.1 POST of a JSON body."""
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-def _dechunk(buf: bytes | bytearray, start: int) -> tuple[bytes, int] | None:
-    """Decode a chunked body starting at `start`: (body, end offset) or None if incomplete."""
-    out = bytearray()
-    pos = start
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size_field = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_field, 16)
-        except ValueError as e:
-            raise ProtocolError(f"bad chunk size {size_field!r}") from e
-        pos = eol + 2
-        if size == 0:
-            # Trailers (usually none), then an empty line.
-            while True:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    return None
-                if eol == pos:
-                    return bytes(out), eol + 2
-                pos = eol + 2
-        if len(buf) < pos + size + 2:
-            return None
-        out += buf[pos : pos + size]
-        if buf[pos + size : pos + size + 2] != b"\r\n":
-            raise ProtocolError("chunk not followed by CRLF")
-        pos += size + 2
-
-
-def parse_response(buf: bytes | bytearray) -> tuple[Response, int] | None:
-    """Parse one response from the front of `buf`.
-
-    Returns (response, bytes consumed), or None while the response is incomplete; bytes
-    after it (a pipelined next response) are left for the next call. Bodies are delimited
-    by Content-Length or chunked encoding; 1xx/204/304 responses have none.
-    """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ProtocolError(f"bad status line {lines[0]!r}")
-    status = int(parts[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ProtocolError(f"bad header line {line!r}")
-        headers[name.strip().lower()] = value.strip()
-    start = end + 4
-    if status < 200 or status in (204, 304):
-        return Response(status, headers, b""), start
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        decoded = _dechunk(buf, start)
-        if decoded is None:
-            return None
-        return Response(status, headers, decoded[0]), decoded[1]
-    if "content-length" not in headers:
-        raise ProtocolError("response has neither Content-Length nor chunked encoding")
-    try:
-        length = int(headers["content-length"])
-    except ValueError as e:
-        raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from e
-    if len(buf) < start + length:
-        return None
-    return Response(status, headers, bytes(buf[start : start + length])), start + length
-
-
-def cpu_seconds_from_stat(stat: str, clock_ticks: int) -> float:
-    """utime + stime (all threads) from a /proc/<pid>/stat line, in seconds."""
-    # Field 2, the command name, is in parentheses and may hold spaces and ')'.
-    fields = stat.rpartition(")")[2].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / clock_ticks
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear interpolation between closest ranks
-    (numpy's default method)."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100], got {q}")
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 class Sample(NamedTuple):
     """One request answered inside a measured window."""
 
@@ -398,40 +286,6 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 # -- the load generator ----------------------------------------------------------------
-class Connection:
-    """One keep-alive HTTP/1.1 connection; reopened after an error or `Connection: close`."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._buf = bytearray()
-
-    async def roundtrip(self, request: bytes) -> Response:
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-            self._buf.clear()
-        assert self._reader is not None
-        self._writer.write(request)
-        await self._writer.drain()
-        while (parsed := parse_response(self._buf)) is None:
-            data = await self._reader.read(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            self._buf += data
-        response, used = parsed
-        del self._buf[:used]
-        if response.headers.get("connection", "").lower() == "close":
-            self.close()
-        return response
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-        self._buf.clear()
-
-
 class _State:
     __slots__ = ("samples", "stopped", "t0")
 
@@ -460,18 +314,14 @@ async def _http_worker(
         cursors[i] = k + 1
         started = time.perf_counter()
         try:
-            resp = await conn.roundtrip(requests[k])
-            status = resp.status
-        except (OSError, ProtocolError, asyncio.IncompleteReadError):
-            conn.close()
-            status, resp = 0, None
+            resp = await conn.send(requests[k])
         except asyncio.CancelledError:
             conn.close()  # an answer may still be on its way: never reuse this connection
             raise
         latency = time.perf_counter() - started
         if state.t0 is None or state.stopped:
             continue
-        exit_layer = correct = None
+        status, exit_layer, correct = 0 if resp is None else resp.status, None, None
         if status == 200 and resp is not None:
             try:
                 exit_layer, correct = _judge(resp.body, labels[k])
@@ -506,11 +356,6 @@ async def _in_process_worker(
             )
 
 
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-        return cpu_seconds_from_stat(f.read(), os.sysconf("SC_CLK_TCK"))
-
-
 async def run_window(
     workers: Sequence[Coroutine[Any, Any, None]],
     state: _State,
@@ -543,14 +388,6 @@ async def run_window(
     return t1 - t0, cpu1 - cpu0, own1 - own0
 
 
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def _event_loop_name() -> str:
     try:
         import uvloop  # noqa: F401
@@ -560,8 +397,7 @@ def _event_loop_name() -> str:
 
 
 async def http_load(
-    port: int,
-    server_pid: int,
+    targets: dict[str, tuple[int, int]],
     request_sets: dict[str, list[bytes]],
     labels: Sequence[str],
     concurrency: Sequence[int],
@@ -571,32 +407,35 @@ async def http_load(
     log: Any = None,
 ) -> list[Window]:
     """Every configuration at every concurrency, interleaved: at each level, `rounds`
-    rounds, alternating which configuration goes first (ABBA) so drift hits both alike."""
+    rounds, the configuration that goes first rotating so that drift hits all alike.
+    `targets` maps each configuration to the (port, pid) of the server it runs on."""
     windows: list[Window] = []
     n = len(labels)
     names = list(request_sets)
-    for c in concurrency:
-        conns = [Connection("127.0.0.1", port) for _ in range(c)]
+    for ci, c in enumerate(concurrency):
         # Each configuration walks the texts from the same offsets, one per worker.
         cursors = {name: [i * n // c for i in range(c)] for name in names}
-        try:
-            for r in range(rounds):
-                for name in names if r % 2 == 0 else names[::-1]:
-                    state = _State()
-                    workers = [
-                        _http_worker(conns[i], request_sets[name], labels, cursors[name], i, state)
-                        for i in range(c)
-                    ]
+        for r in range(rounds):
+            k = (r + ci) % len(names)
+            for name in names[k:] + names[:k]:
+                port, pid = targets[name]
+                conns = [Connection(HOST, port) for _ in range(c)]
+                state = _State()
+                workers = [
+                    _http_worker(conns[i], request_sets[name], labels, cursors[name], i, state)
+                    for i in range(c)
+                ]
+                try:
                     secs, server_cpu, own_cpu = await run_window(
-                        workers, state, warmup, window_seconds, server_pid
+                        workers, state, warmup, window_seconds, pid
                     )
-                    w = Window(name, c, r, secs, server_cpu, own_cpu, state.samples)
-                    windows.append(w)
-                    if log:
-                        log(json.dumps(w.summary()))
-        finally:
-            for conn in conns:
-                conn.close()
+                finally:
+                    for conn in conns:
+                        conn.close()
+                w = Window(name, c, r, secs, server_cpu, own_cpu, state.samples)
+                windows.append(w)
+                if log:
+                    log(json.dumps(w.summary()))
     return windows
 
 
@@ -691,7 +530,7 @@ def in_process_run(o: Options, threads: int, texts: Sequence[str], labels: Seque
     engine.start()
     try:
         state = _State()
-        secs, cpu, own = _run_async(
+        secs, cpu, own = run_async(
             run_window(
                 [_in_process_worker(engine, texts, labels, [0], state)],
                 state,
@@ -722,11 +561,10 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     labels = [spec.labels[int(i)] for i in y]
     if not texts:
         raise ValueError("the test split is empty")
-    host_header = "127.0.0.1"
     request_sets = {
         name: [
             build_request(
-                host_header,
+                HOST,
                 "/predict",
                 json.dumps({"inputs": t, "parameters": params}, ensure_ascii=False).encode(),
             )
@@ -739,10 +577,9 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     with running_server(o, threads) as (proc, port):
         server_info = json.loads(http_get(port, "/info")[1])
         log(f"server ready on port {port}, pid {proc.pid}")
-        windows = _run_async(
+        windows = run_async(
             http_load(
-                port,
-                proc.pid,
+                dict.fromkeys(CONFIGS, (port, proc.pid)),
                 request_sets,
                 labels,
                 o.concurrency,

@@ -53,15 +53,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench.http_bench import (
-    Connection,
-    ProtocolError,
-    add_server_arguments,
-    build_request,
-    options_from,
-    percentile,
-)
-from bench.soak import _fmt, closed_loop, connect, due_count
+from bench.client import Reply, build_request, closed_loop, open_loop, percentile
+from bench.http_bench import add_server_arguments, options_from
+from bench.soak import _fmt
 from devtools.server_process import exitserve_env, exitserve_server, http_get
 
 CONFIGS = ("static", "admission", "adaptive", "default")
@@ -158,61 +152,30 @@ def ms(headers: dict[str, str], name: str) -> float | None:
     return float(headers[name]) / 1000 if name in headers else None
 
 
+def sample_of(reply: Reply) -> Sample:
+    r = reply.response
+    if r is None:
+        return Sample(reply.index, 0, reply.latency_s, None, False, None)
+    point = r.headers.get("x-operating-point")
+    return Sample(
+        reply.index,
+        r.status,
+        reply.latency_s,
+        None if point is None else int(point),
+        "retry-after" in r.headers,
+        json.loads(r.body)["predictions"][0]["label"] if r.status == 200 else None,
+        ms(r.headers, "x-total-time"),
+        ms(r.headers, "x-queue-time"),
+    )
+
+
 async def offer(
     port: int, requests: Sequence[bytes], rate: float, seconds: float, connections: int
 ) -> tuple[list[Sample], int]:
-    """Open loop at `rate` requests/s: (samples, offered). A request that finds every
-    connection busy and one already waiting is not sent (the client was the limit)."""
-    tickets: asyncio.Queue[int | None] = asyncio.Queue()
-    samples: list[Sample] = []
-    conns = await connect(port, connections)
-
-    async def worker(conn: Connection) -> None:
-        while (k := await tickets.get()) is not None:
-            i = k % len(requests)
-            sent = time.perf_counter()
-            try:
-                try:
-                    r = await conn.roundtrip(requests[i])
-                except (OSError, ProtocolError, asyncio.IncompleteReadError):
-                    # The server closes a keep-alive connection left idle past its timeout
-                    # (uvicorn: 5 s), as at a low rate over many connections; a client
-                    # sends again on a new one. A second failure is a broken connection.
-                    conn.close()
-                    r = await conn.roundtrip(requests[i])
-            except (OSError, ProtocolError, asyncio.IncompleteReadError):
-                conn.close()
-                samples.append(Sample(i, 0, time.perf_counter() - sent, None, False, None))
-                continue
-            took = time.perf_counter() - sent
-            label = json.loads(r.body)["predictions"][0]["label"] if r.status == 200 else None
-            point = r.headers.get("x-operating-point")
-            samples.append(
-                Sample(
-                    i,
-                    r.status,
-                    took,
-                    None if point is None else int(point),
-                    "retry-after" in r.headers,
-                    label,
-                    ms(r.headers, "x-total-time"),
-                    ms(r.headers, "x-queue-time"),
-                )
-            )
-        conn.close()
-
-    workers = [asyncio.ensure_future(worker(c)) for c in conns]
-    start, offered = time.perf_counter(), 0
-    while (elapsed := time.perf_counter() - start) < seconds:
-        for k in range(offered, due_count(elapsed, rate)):
-            if tickets.qsize() < connections:
-                tickets.put_nowait(k)
-            offered += 1
-        await asyncio.sleep(0.001)
-    for _ in workers:
-        tickets.put_nowait(None)
-    await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
-    return samples, offered
+    """Open loop at `rate` requests/s (`client.open_loop`, sending again once on a new
+    connection where an idle one was closed): (samples, offered)."""
+    replies, offered, _ = await open_loop(port, requests, rate, seconds, connections, retry=True)
+    return [sample_of(r) for r in replies], offered
 
 
 def summarize(

@@ -61,15 +61,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench.http_bench import (
+from bench.client import (
+    HOST,
     Connection,
-    ProtocolError,
-    _run_async,
-    add_server_arguments,
+    Reply,
     build_request,
-    options_from,
+    closed_loop,
+    open_loop,
     percentile,
+    run_async,
 )
+from bench.http_bench import add_server_arguments, options_from
 from devtools.server_process import exitserve_env, exitserve_server, http_get
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,9 +135,15 @@ def rss_bytes(pid: int) -> int:
         return read_rss_bytes(f.read())
 
 
-def due_count(elapsed_s: float, rate: float) -> int:
-    """Requests due by `elapsed_s` at a steady `rate` per second (the first at 0)."""
-    return int(elapsed_s * rate) + 1 if elapsed_s >= 0 else 0
+def outcome_of(reply: Reply) -> Outcome:
+    """A reply judged: an accepted answer whose label cannot be read counts as broken."""
+    status, label = reply.status, None
+    if status == 200 and reply.response is not None:
+        try:
+            label = label_of(reply.response.body)
+        except (ValueError, KeyError, IndexError, TypeError):
+            status = 0
+    return Outcome(reply.index, status, reply.latency_s, reply.delay_s, label)
 
 
 def summarize(
@@ -276,140 +284,50 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 # -- the load ------------------------------------------------------------------------
-async def _send(conn: Connection, request: bytes) -> tuple[int, bytes]:
-    try:
-        resp = await conn.roundtrip(request)
-    except (OSError, ProtocolError, asyncio.IncompleteReadError):
-        conn.close()
-        return 0, b""
-    return resp.status, resp.body
-
-
-HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-async def connect(port: int, n: int, at_once: int = 32) -> list[Connection]:
-    """`n` open keep-alive connections, opened a few at a time before the clock starts:
-    hundreds of simultaneous SYNs overflow the listen queue, and the retries (1 s, 2 s)
-    would be measured as latency."""
-    conns = [Connection("127.0.0.1", port) for _ in range(n)]
-    gate = asyncio.Semaphore(at_once)
-
-    async def open_one(c: Connection) -> None:
-        async with gate:
-            status, _ = await _send(c, HEALTH)
-            if status != 200:
-                raise RuntimeError(f"could not open a connection to the server ({status})")
-
-    await asyncio.gather(*(open_one(c) for c in conns))
-    return conns
-
-
 async def ask_alone(port: int, texts: Sequence[str]) -> list[Reference]:
     """Each text alone, one request at a time: the reference answers."""
-    conn = Connection("127.0.0.1", port)
+    conn = Connection(HOST, port)
     refs = []
     try:
         for t in texts:
             body = json.dumps({"inputs": [t], "parameters": {**FULL_DEPTH, "all_scores": True}})
-            status, answer = await _send(
-                conn, build_request("127.0.0.1", "/predict", body.encode())
-            )
-            if status != 200:
-                raise RuntimeError(f"reference request answered {status}: {answer[:200]!r}")
-            refs.append(reference_of(answer))
+            r = await conn.send(build_request(HOST, "/predict", body.encode()))
+            if r is None or r.status != 200:
+                raise RuntimeError(f"reference request answered {r}")
+            refs.append(reference_of(r.body))
     finally:
         conn.close()
     return refs
 
 
-async def closed_loop(
-    port: int, requests: Sequence[bytes], connections: int, seconds: float
-) -> float:
-    """Answered requests per second with `connections` clients sending back to back."""
-    answered = 0
-    stop = time.perf_counter() + seconds
-
-    async def client(i: int) -> None:
-        nonlocal answered
-        conn = Connection("127.0.0.1", port)
-        k = i
-        try:
-            while time.perf_counter() < stop:
-                status, _ = await _send(conn, requests[k % len(requests)])
-                answered += status == 200
-                k += connections
-        finally:
-            conn.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(connections)))
-    return answered / (time.perf_counter() - started)
-
-
-async def open_loop(
+async def open_loop_sampling_rss(
     port: int,
     requests: Sequence[bytes],
     rate: float,
     seconds: float,
     connections: int,
-    pid: int | None = None,
-    rss_every: float = 0.0,
+    pid: int,
+    rss_every: float,
 ) -> tuple[list[Outcome], int, float, list[tuple[float, int]]]:
-    """Offer `rate` requests/s for `seconds`, each due at its own time.
-
-    Returns (outcomes, offered, seconds, RSS samples). A request is offered when due; it
-    is sent by the next free connection, and not sent at all if every connection is
-    busy with one already waiting (the client, not the server, is then the limit).
-    """
-    tickets: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
-    outcomes: list[Outcome] = []
-    n = len(requests)
-    conns = await connect(port, connections)
-
-    async def worker(conn: Connection) -> None:
-        try:
-            while (ticket := await tickets.get()) is not None:
-                k, due = ticket
-                sent = time.perf_counter()
-                status, body = await _send(conn, requests[k % n])
-                done = time.perf_counter()
-                label = None
-                if status == 200:
-                    try:
-                        label = label_of(body)
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        status = 0
-                outcomes.append(Outcome(k % n, status, done - sent, max(0.0, sent - due), label))
-        finally:
-            conn.close()
-
+    """`client.open_loop`, judged, with the server's RSS sampled every `rss_every` s
+    (0: none): (outcomes, offered, seconds, RSS samples)."""
     samples: list[tuple[float, int]] = []
-    workers = [asyncio.ensure_future(worker(c)) for c in conns]
     start = time.perf_counter()
-    offered = 0
-    next_sample = 0.0
+
+    async def sample() -> None:
+        while True:
+            samples.append((time.perf_counter() - start, rss_bytes(pid)))
+            await asyncio.sleep(rss_every)
+
+    sampler = asyncio.ensure_future(sample()) if rss_every > 0 else None
     try:
-        while (elapsed := time.perf_counter() - start) < seconds:
-            for k in range(offered, due_count(elapsed, rate)):
-                if tickets.qsize() < connections:
-                    tickets.put_nowait((k, start + k / rate))
-                offered += 1
-            if pid is not None and rss_every > 0 and elapsed >= next_sample:
-                samples.append((elapsed, rss_bytes(pid)))
-                next_sample += rss_every
-            await asyncio.sleep(0.001)
-        took = time.perf_counter() - start
-        for _ in workers:
-            tickets.put_nowait(None)
-        await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
+        replies, offered, took = await open_loop(port, requests, rate, seconds, connections)
     finally:
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-    if pid is not None and rss_every > 0:
+        if sampler is not None:
+            sampler.cancel()
+    if sampler is not None:
         samples.append((took, rss_bytes(pid)))
-    return outcomes, offered, took, samples
+    return [outcome_of(r) for r in replies], offered, took, samples
 
 
 # -- the server ------------------------------------------------------------------------
@@ -490,7 +408,7 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     texts = load_texts(o)
     requests = [
         build_request(
-            "127.0.0.1",
+            HOST,
             "/predict",
             json.dumps({"inputs": [t], "parameters": FULL_DEPTH}, ensure_ascii=False).encode(),
         )
@@ -501,13 +419,13 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     with server as (proc, port):
         info = json.loads(http_get(port, "/info")[1])
         log(f"references: {len(texts)} texts, one at a time")
-        refs = _run_async(ask_alone(port, texts))
+        refs = run_async(ask_alone(port, texts))
         capacity = o.capacity
         if capacity is None:
             log(
                 f"capacity: closed loop, {o.capacity_connections} clients, {o.capacity_seconds:g} s"
             )
-            capacity = _run_async(
+            capacity = run_async(
                 closed_loop(port, requests, o.capacity_connections, o.capacity_seconds)
             )
         rate = capacity * (o.steady_fraction if o.steady else o.overload)
@@ -515,16 +433,9 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
         log(
             f"{o.mode}: capacity {capacity:.1f} req/s, offering {rate:.1f} req/s for {duration:g} s"
         )
-        outcomes, offered, took, samples = _run_async(
-            open_loop(
-                port,
-                requests,
-                rate,
-                duration,
-                connections,
-                proc.pid,
-                o.rss_every if o.steady else 0.0,
-            )
+        every = o.rss_every if o.steady else 0.0
+        outcomes, offered, took, samples = run_async(
+            open_loop_sampling_rss(port, requests, rate, duration, connections, proc.pid, every)
         )
         rss_after = rss_bytes(proc.pid)
         ready_after = http_get(port, "/readyz")[0] == 200

@@ -8,136 +8,25 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from bench.client import Connection, build_request
 from bench.http_bench import (
-    Connection,
     Options,
-    ProtocolError,
     Sample,
     Window,
     _http_worker,
     _State,
     aggregate,
-    build_request,
     compute_ratios,
     correctness_by_text,
-    cpu_seconds_from_stat,
     exit_metric_lines,
     markdown,
     paired_accuracy_difference,
-    parse_response,
-    percentile,
-    process_cpu_seconds,
     run,
     run_window,
 )
 from tests.tiny import make_tiny_model_with_data
-
-OK = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: 13\r\n"
-    b"x-total-time: 1.5\r\n\r\n"
-    b'{"ok": "yes"}'
-)
-
-
-# -- HTTP response parsing -----------------------------------------------------------
-def test_parse_complete_response() -> None:
-    parsed = parse_response(OK)
-    assert parsed is not None
-    resp, used = parsed
-    assert resp.status == 200
-    assert resp.headers["content-length"] == "13"
-    assert resp.headers["x-total-time"] == "1.5"  # names lower-cased, values stripped
-    assert json.loads(resp.body) == {"ok": "yes"}
-    assert used == len(OK)
-
-
-@pytest.mark.parametrize("cut", [0, 10, OK.index(b"\r\n\r\n") + 2, len(OK) - 1])
-def test_parse_incomplete_response_waits(cut: int) -> None:
-    assert parse_response(OK[:cut]) is None
-    assert parse_response(bytearray(OK[:cut])) is None
-
-
-def test_parse_leaves_the_next_response_in_the_buffer() -> None:
-    second = b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\nRetry-After: 1\r\n\r\n{}"
-    buf = bytearray(OK + second)
-    parsed = parse_response(buf)
-    assert parsed is not None
-    first, used = parsed
-    assert first.status == 200
-    del buf[:used]
-    parsed = parse_response(buf)
-    assert parsed is not None
-    assert parsed[0].status == 429 and parsed[0].body == b"{}" and parsed[1] == len(second)
-
-
-def test_parse_chunked_and_bodyless() -> None:
-    chunked = (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"4\r\nWiki\r\n6;ext=1\r\npedia \r\n0\r\n\r\nHTTP/1.1"
-    )
-    parsed = parse_response(chunked)
-    assert parsed is not None
-    assert parsed[0].body == b"Wikipedia "
-    assert chunked[parsed[1] :] == b"HTTP/1.1"
-    assert parse_response(chunked[:-12]) is None  # last chunk's terminator missing
-    no_content = b"HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n"
-    parsed = parse_response(no_content)
-    assert parsed is not None
-    assert parsed[0].status == 204 and parsed[0].body == b"" and parsed[1] == len(no_content)
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"SPDY/3 200 OK\r\nContent-Length: 0\r\n\r\n",
-        b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nServer: y\r\n\r\n",  # no length, not chunked
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-    ],
-)
-def test_parse_malformed_raises(raw: bytes) -> None:
-    with pytest.raises(ProtocolError):
-        parse_response(raw)
-
-
-def test_build_request_is_well_formed() -> None:
-    body = json.dumps({"inputs": "très bien", "parameters": {}}, ensure_ascii=False).encode()
-    req = build_request("127.0.0.1", "/predict", body)
-    head, _, rest = req.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "POST /predict HTTP/1.1"
-    assert f"Content-Length: {len(body)}" in lines  # bytes, not characters
-    assert rest == body
-
-
-# -- /proc/<pid>/stat -------------------------------------------------------------------
-def test_cpu_seconds_from_stat_handles_odd_command_names() -> None:
-    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-    # utime stime ...
-    line = "4242 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0 100 200 300"
-    assert cpu_seconds_from_stat(line, 100) == pytest.approx(3.0)
-    assert process_cpu_seconds(os.getpid()) > 0
-
-
-# -- statistics ------------------------------------------------------------------------
-def test_percentile_matches_numpy() -> None:
-    rng = np.random.default_rng(0)
-    for n in (1, 2, 3, 10, 101, 1000):
-        x = rng.exponential(5.0, n).tolist()
-        for q in (0, 1, 50, 95, 99, 99.9, 100):
-            assert percentile(x, q) == pytest.approx(float(np.percentile(x, q)))
-
-
-def test_percentile_rejects_bad_input() -> None:
-    with pytest.raises(ValueError):
-        percentile([], 50)
-    with pytest.raises(ValueError):
-        percentile([1.0], 101)
 
 
 def _window(config: str, c: int, seconds: float, samples: list[Sample], cpu: float = 0.5) -> Window:

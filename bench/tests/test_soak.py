@@ -15,7 +15,6 @@ from bench.soak import (
     Outcome,
     Reference,
     bars,
-    due_count,
     judge,
     label_of,
     markdown,
@@ -68,21 +67,6 @@ def test_rss_of_this_process_is_plausible() -> None:
     import os
 
     assert 1 << 20 < rss_bytes(os.getpid()) < 1 << 40
-
-
-@pytest.mark.parametrize(
-    ("elapsed", "rate", "due"),
-    [
-        (-0.1, 10, 0),
-        (0.0, 10, 1),
-        (0.099, 10, 1),
-        (0.1, 10, 2),
-        (1.0, 10, 11),
-        (2.5, 0.5, 2),
-    ],
-)
-def test_due_count(elapsed: float, rate: float, due: int) -> None:
-    assert due_count(elapsed, rate) == due
 
 
 REFS = [Reference("pos", 0.9), Reference("neg", 0.02), Reference("pos", 0.6)]
