@@ -19,10 +19,35 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """`name=weight,...` as a dict; each weight a positive number."""
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, sep, weight = item.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name.strip() or not 0 < value < float("inf"):
+            raise ValueError(f"model weight {item!r}: expected name=positive number")
+        out[name.strip()] = value
+    return out
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXITSERVE_", extra="ignore", frozen=True)
 
-    model_dir: Path = Path("models/rt-sentiment-minilm")
+    # One model directory, or several separated by commas: each served under the name in
+    # its model.json, the first the default (`model_dirs`).
+    model_dir: str = "models/rt-sentiment-minilm"
+    # none: every configured model is loaded at start-up and stays; explicit: also the
+    # repository routes' load and unload (Triton's model control mode of that name).
+    model_control: Literal["none", "explicit"] = "none"
+    # Shares of the cores when several models want them at once: `name=weight,...`;
+    # a model not named weighs 1 (app.engine.shares).
+    model_weights: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantization: Literal["auto", "int8", "fp16", "bf16", "none"] = "auto"
     # What runs int8 layers on the CPU: onnxruntime (one graph call per layer, fewer ops
@@ -68,6 +93,21 @@ class Settings(BaseSettings):
     # and the line cost 13% of the event loop's time at 16 clients (py-spy).
     access_log: bool = False
 
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _dirs(cls, v: object) -> object:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, list | tuple):
+            return ",".join(str(x) for x in v)
+        return v
+
+    @field_validator("model_weights")
+    @classmethod
+    def _weights_parse(cls, v: str) -> str:
+        parse_weights(v)
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
@@ -110,6 +150,18 @@ class Settings(BaseSettings):
         """The latency a request asked for (its own `timeout_ms`, capped), against which
         it is admitted; None: it asked for none and the latency target applies."""
         return None if requested_ms is None else self.timeout_s(requested_ms)
+
+    @cached_property
+    def model_dirs(self) -> tuple[Path, ...]:
+        """The model directories, in order: the first is the default model."""
+        dirs = tuple(Path(d.strip()) for d in self.model_dir.split(",") if d.strip())
+        if not dirs:
+            raise ValueError("EXITSERVE_MODEL_DIR names no model directory")
+        return dirs
+
+    @cached_property
+    def weights(self) -> dict[str, float]:
+        return parse_weights(self.model_weights)
 
     @cached_property
     def keys(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from app.engine.errors import (
     NotRunning,
     Overloaded,
     TooLate,
+    UnknownModel,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     NotRunning: (503, "unavailable", "model not ready"),
     InferenceFailed: (500, "internal", "internal error"),
     DeadlineExceeded: (504, "timeout", "deadline passed before the request could run"),
+    UnknownModel: (404, "not_found", "unknown model"),
 }
 RETRY_AFTER_S = "1"
 
@@ -109,7 +111,7 @@ def _count_rejection(request: Request, exc: Exception) -> None:
     reason = REJECT_REASON.get(type(exc))
     metrics = getattr(request.app.state, "metrics", None)
     if reason is not None and metrics is not None:
-        metrics.rejected.labels(reason=reason).inc()
+        metrics.reject(reason, request.scope.get("model", ""))
 
 
 def install(app: FastAPI, overload_status: int) -> None:
@@ -126,6 +128,8 @@ def install(app: FastAPI, overload_status: int) -> None:
     async def engine_error(request: Request, exc: Exception) -> JSONResponse:
         _count_rejection(request, exc)
         status, kind, message = table[type(exc)]
+        if isinstance(exc, UnknownModel):
+            message = f"unknown model {clip(exc.name)!r}; this server serves {exc.served}"
         headers = {"Retry-After": retry_after(exc)} if status in (429, 503) else None
         return JSONResponse(error_body(message, kind), status, headers=headers)
 

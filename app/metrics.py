@@ -1,10 +1,14 @@
 """Every Prometheus metric of the service, its labels and buckets, in one place.
 
+Every series about a model carries a `model` label, with one model or several; request
+counts carry the model the request named (empty for routes of no model).
+
 Each app gets its own registry, so tests can build many apps in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -27,81 +31,100 @@ AdaptationState = Callable[[], dict[str, float] | None]
 
 
 class _DegradedSeconds(Collector):
-    """A counter whose value the controller keeps: seconds spent below point 0."""
+    """A counter whose value each model's controller keeps: seconds spent below point 0."""
 
     def __init__(self) -> None:
-        self.read: AdaptationState = lambda: None
+        self.read: dict[str, AdaptationState] = {}
 
     def collect(self) -> Iterator[Metric]:
-        state = self.read()
         family = CounterMetricFamily(
             "exitserve_degraded_seconds",
             "Seconds served below the calibrated operating point",
+            labels=["model"],
         )
-        family.add_metric([], 0.0 if state is None else state["degraded_s"])
+        for model, read in list(self.read.items()):
+            state = read()
+            family.add_metric([model], 0.0 if state is None else state["degraded_s"])
         yield family
 
 
 class Metrics:
-    def __init__(self, num_layers: int, registry: CollectorRegistry | None = None) -> None:
+    """The service's metrics; every series a model produces carries its `model` label
+    (`for_model` hands an engine its view)."""
+
+    def __init__(self, max_layers: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.num_layers = num_layers
+        self.max_layers = max_layers
         self.requests = Counter(
-            "exitserve_requests", "HTTP requests", ["endpoint", "status"], registry=r
+            "exitserve_requests", "HTTP requests", ["endpoint", "status", "model"], registry=r
         )
         self.request_duration = Histogram(
             "exitserve_request_duration_seconds",
             "End-to-end request time",
-            ["endpoint"],
+            ["endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_duration = Histogram(
             "exitserve_queue_duration_seconds",
             "Admission to first layer, per input",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_duration = Histogram(
             "exitserve_inference_duration_seconds",
             "First layer to answer, per input",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.exit_layer = Histogram(
             "exitserve_exit_layer",
             "Layer at which inputs left the network",
-            buckets=tuple(range(1, num_layers + 1)),
+            ["model"],
+            buckets=tuple(range(1, max_layers + 1)),
             registry=r,
         )
         self.exits = Counter(
-            "exitserve_exits", "Inputs answered at each exit", ["exit_layer"], registry=r
+            "exitserve_exits", "Inputs answered at each exit", ["model", "exit_layer"], registry=r
         )
         self.layers_executed = Counter(
-            "exitserve_layers_executed", "Encoder layers run, summed over inputs", registry=r
+            "exitserve_layers_executed",
+            "Encoder layers run, summed over inputs",
+            ["model"],
+            registry=r,
         )
         self.layers_skipped = Counter(
             "exitserve_layers_skipped",
             "Encoder layers saved by early exit, summed over inputs",
+            ["model"],
             registry=r,
         )
         self.batch_size = Histogram(
-            "exitserve_batch_size", "Rows per layer step", buckets=BATCH_BUCKETS, registry=r
+            "exitserve_batch_size",
+            "Rows per layer step",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
-        self.queue_size = Gauge("exitserve_queue_size", "Inputs waiting for a batch", registry=r)
+        self.queue_size = Gauge(
+            "exitserve_queue_size", "Inputs waiting for a batch", ["model"], registry=r
+        )
         self.inflight = Gauge(
-            "exitserve_inflight_inputs", "Inputs in the running batch", registry=r
+            "exitserve_inflight_inputs", "Inputs in the running batch", ["model"], registry=r
         )
         self.rejected = Counter(
             "exitserve_rejected",
             "Requests refused before inference (deadline: dropped from the queue, 504)",
-            ["reason"],
+            ["reason", "model"],
             registry=r,
         )
         self.ready = Gauge(
             "exitserve_ready",
             "1 while the engine takes new work; 0 while loading, draining, stuck or failed",
+            ["model"],
             registry=r,
         )
         self.model_info = Gauge(
@@ -114,29 +137,75 @@ class Metrics:
             "exitserve_operating_point",
             "Operating point of the load controller: 0 = calibrated thresholds, 1, 2, ..."
             " down the ladder (less depth, less accuracy)",
+            ["model"],
             registry=r,
         )
         self.expected_accuracy = Gauge(
             "exitserve_expected_accuracy",
             "Calibration-split accuracy of the current operating point",
+            ["model"],
             registry=r,
         )
         self.expected_wait = Gauge(
             "exitserve_expected_wait_seconds",
             "Expected latency of a new input at the current operating point",
+            ["model"],
             registry=r,
         )
         self._degraded = _DegradedSeconds()
         r.register(self._degraded)
-        for k in range(1, num_layers + 1):  # every exit shows up, even before traffic
-            self.exits.labels(exit_layer=str(k))
+        self._views: dict[str, ModelMetrics] = {}
+
+    def for_model(self, name: str, num_layers: int) -> ModelMetrics:
+        """The series of one model, created now so that they show before any traffic."""
+        if num_layers > self.max_layers:
+            raise ValueError(
+                f"model {name!r} has {num_layers} layers; the exit histogram was sized for"
+                f" {self.max_layers}"
+            )
+        view = ModelMetrics(self, name, num_layers)
+        self._views[name] = view
+        return view
+
+    def forget(self, name: str) -> None:
+        """Remove every series of an unloaded model (its counters restart if it returns)."""
+        view = self._views.pop(name, None)
+        if view is not None:
+            view.remove()
+        self._degraded.read.pop(name, None)
+
+    def reject(self, reason: str, model: str = "") -> None:
+        self.rejected.labels(reason=reason, model=model).inc()
+
+
+class ModelMetrics:
+    """One model's series: the engine's observer (`EngineObserver`), its readiness and
+    its load controller's state."""
+
+    def __init__(self, metrics: Metrics, name: str, num_layers: int) -> None:
+        self.metrics, self.name = metrics, name
+        m, n = metrics, name
+        self._queue_duration = m.queue_duration.labels(n)
+        self._inference_duration = m.inference_duration.labels(n)
+        self._exit_layer = m.exit_layer.labels(n)
+        self._exits = {k: m.exits.labels(n, str(k)) for k in range(1, num_layers + 1)}
+        self._executed = m.layers_executed.labels(n)
+        self._skipped = m.layers_skipped.labels(n)
+        self._batch_size = m.batch_size.labels(n)
+        self._queue_size = m.queue_size.labels(n)
+        self._inflight = m.inflight.labels(n)
         for reason in REJECT_REASONS:
-            self.rejected.labels(reason=reason)
+            m.rejected.labels(reason, n)
+        self._info: tuple[str, ...] | None = None
+
+    def describe(self, version: str, device: str, dtype: str) -> None:
+        self._info = (self.name, version, device, dtype)
+        self.metrics.model_info.labels(*self._info).set(1)
 
     def watch_readiness(self, ready: Callable[[], bool]) -> None:
         """Read readiness at every scrape: it turns on drains and stuck batches, which no
         event of the engine's reports."""
-        self.ready.set_function(lambda: float(ready()))
+        self.metrics.ready.labels(self.name).set_function(lambda: float(ready()))
 
     def watch_adaptation(self, state: AdaptationState) -> None:
         """Read the load controller at every scrape (its point also moves with no
@@ -149,26 +218,43 @@ class Metrics:
 
             return value
 
-        self.operating_point.set_function(read("point", 0.0))
-        self.expected_accuracy.set_function(read("expected_accuracy", float("nan")))
-        self.expected_wait.set_function(read("expected_wait_s", 0.0))
-        self._degraded.read = state
+        m, n = self.metrics, self.name
+        m.operating_point.labels(n).set_function(read("point", 0.0))
+        m.expected_accuracy.labels(n).set_function(read("expected_accuracy", float("nan")))
+        m.expected_wait.labels(n).set_function(read("expected_wait_s", 0.0))
+        m._degraded.read[n] = state
+
+    def remove(self) -> None:
+        m, n = self.metrics, self.name
+        for family in (
+            m.queue_duration, m.inference_duration, m.exit_layer, m.layers_executed,
+            m.layers_skipped, m.batch_size, m.queue_size, m.inflight, m.ready,
+            m.operating_point, m.expected_accuracy, m.expected_wait,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                family.remove(n)
+        for k in self._exits:
+            m.exits.remove(n, str(k))
+        for reason in REJECT_REASONS:
+            m.rejected.remove(reason, n)
+        if self._info is not None:
+            m.model_info.remove(*self._info)
 
     # -- the engine's observer interface --------------------------------------------------
     def answered(
         self, exit_layer: int, num_layers: int, queue_s: float, inference_s: float
     ) -> None:
-        self.queue_duration.observe(queue_s)
-        self.inference_duration.observe(inference_s)
-        self.exit_layer.observe(exit_layer)
-        self.exits.labels(exit_layer=str(exit_layer)).inc()
-        self.layers_executed.inc(exit_layer)
-        self.layers_skipped.inc(num_layers - exit_layer)
+        self._queue_duration.observe(queue_s)
+        self._inference_duration.observe(inference_s)
+        self._exit_layer.observe(exit_layer)
+        self._exits[exit_layer].inc()
+        self._executed.inc(exit_layer)
+        self._skipped.inc(num_layers - exit_layer)
 
     def layer_steps(self, rows_per_layer: Sequence[int]) -> None:
         for rows in rows_per_layer:
-            self.batch_size.observe(rows)
+            self._batch_size.observe(rows)
 
     def load(self, queued: int, inflight: int) -> None:
-        self.queue_size.set(queued)
-        self.inflight.set(inflight)
+        self._queue_size.set(queued)
+        self._inflight.set(inflight)

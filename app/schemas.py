@@ -50,6 +50,9 @@ class PredictRequest(BaseModel):
 
     inputs: str | list[str] = Field(..., description="One text or a list of texts.")
     parameters: Parameters = Field(default_factory=Parameters)
+    model: str | None = Field(
+        None, max_length=256, description="Which model answers (default: the server's first)."
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -111,3 +114,8 @@ class InfoResponse(BaseModel):
     max_queue_size: int
     max_inputs_per_request: int
     version: str
+    # Every model the server is configured with, the default first: the fields above
+    # for each loaded one, with its repository state; the top level is the default's.
+    models: list[dict[str, object]] = Field(default_factory=list)
+    # How the models share the cores when several want them (app.engine.shares).
+    shares: dict[str, object] | None = None

@@ -2,9 +2,9 @@
 
 uvicorn alone stops listening as soon as the signal arrives, so a load balancer that
 still routes here sees refused connections and `/readyz` never gets to say 503. Here
-the signal first puts the engine into draining: `/readyz` answers 503 at once, new
+the signal first puts every engine into draining: `/readyz` answers 503 at once, new
 inference work is refused with a 503 JSON error, and everything already admitted
-runs to its answer. Once the engine is idle (or `drain_timeout_s` has passed) uvicorn
+runs to its answer. Once every engine is idle (or `drain_timeout_s` has passed) uvicorn
 shuts down as usual: it stops listening, finishes the responses in flight and runs
 the lifespan's shutdown. A second signal skips the wait.
 """
@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.engine.scheduler import Engine
+from app.engine.registry import ModelRegistry
 
 log = logging.getLogger("exitserve")
 
@@ -30,33 +30,33 @@ STARTUP_FAILED = 3  # uvicorn's own exit status when the app cannot start
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: Any, drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.app_state = state  # the app's `state`: the engine appears there once loaded
+        self.app_state = state  # the app's `state`: the registry appears there once loaded
         self.drain_timeout_s = drain_timeout_s
         self.drain_deadline: float | None = None  # monotonic; set by the first signal
         self._drain_logged = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        engine: Engine | None = getattr(self.app_state, "engine", None)
-        if self.drain_deadline is not None or self.should_exit or engine is None:
+        models: ModelRegistry | None = getattr(self.app_state, "registry", None)
+        if self.drain_deadline is not None or self.should_exit or models is None:
             super().handle_exit(sig, frame)  # a second signal, or nothing to drain yet
             return
         # A signal handler: set flags only; on_tick does the rest on the event loop.
-        engine.begin_drain()
+        models.begin_drain()
         self.drain_deadline = time.monotonic() + self.drain_timeout_s
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
-            engine: Engine = self.app_state.engine
+            models: ModelRegistry = self.app_state.registry
             if not self._drain_logged:
                 self._drain_logged = True
                 log.info(
                     "draining: not ready, new work refused; %d inputs queued, up to %g s",
-                    engine.queued(),
+                    models.queued(),
                     self.drain_timeout_s,
                 )
             left = self.drain_deadline - time.monotonic()
-            if engine.idle or left <= 0:
-                log.info("drain %s; shutting down", "done" if engine.idle else "timed out")
+            if models.idle or left <= 0:
+                log.info("drain %s; shutting down", "done" if models.idle else "timed out")
                 # What is left of the budget goes to the responses still being written.
                 self.config.timeout_graceful_shutdown = max(1, int(left))
                 self.should_exit = True

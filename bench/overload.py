@@ -115,10 +115,14 @@ def settings_of(o: Options, config: str) -> dict[str, object]:
 
 
 def metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    """A metric's value in a Prometheus text page, summed over its series (one per
+    model); None when it has none."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{", 1)[0].split(" ", 1)[0] == name
+    ]
+    return sum(values) if values else None
 
 
 async def point_of(port: int) -> float | None:

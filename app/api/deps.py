@@ -14,16 +14,30 @@ from fastapi import Depends, Request
 
 from app.config import Settings
 from app.engine.errors import NotRunning
+from app.engine.registry import ModelRegistry
 from app.engine.scheduler import Engine
 from app.errors import Unauthorized
 from app.metrics import Metrics
 
 
-async def get_engine(request: Request) -> Engine:
-    engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise NotRunning("model not loaded yet")
+async def get_registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise NotRunning("models not loaded yet")
+    return registry
+
+
+async def engine_for(request: Request, name: str | None = None) -> Engine:
+    """The engine of model `name` (None: the default), noted in the request's scope for
+    the request metrics (`middleware`)."""
+    engine = (await get_registry(request)).engine(name)
+    request.scope["model"] = engine.runtime.name
     return engine
+
+
+async def get_engine(request: Request) -> Engine:
+    """The default model's engine."""
+    return await engine_for(request)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -37,6 +51,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app.api.deps import EngineDep
-from app.engine.scheduler import Engine
+from app.api.deps import RegistryDep
+from app.engine.registry import ModelRegistry
 from app.errors import error_body
 
 router = APIRouter()
@@ -26,15 +26,16 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 
 @router.get("/healthz", responses={503: {"description": "an engine worker died"}})
 async def healthz(request: Request) -> JSONResponse:
-    engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is not None and engine.failed:
+    registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
+    if registry is not None and registry.failed:
         return JSONResponse(error_body("engine failed", "unavailable"), 503)
     return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz", responses=UNAVAILABLE)
-async def readyz(engine: EngineDep) -> JSONResponse:
-    state = engine.state()
+async def readyz(registry: RegistryDep) -> JSONResponse:
+    """Ready while every loaded model's engine is (an unloaded model is not waited for)."""
+    state = registry.state()
     if state == "ready":
         return JSONResponse({"status": "ready"})
     return JSONResponse(error_body(state, "unavailable"), 503)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
-from app.api.deps import EngineDep, MetricsDep, SettingsDep
+from app.api.deps import MetricsDep, RegistryDep, SettingsDep
 from app.config import Settings
 from app.engine.scheduler import Engine
 from app.schemas import InfoResponse
@@ -39,31 +39,53 @@ def adaptation(engine: Engine, settings: Settings) -> dict[str, object]:
     }
 
 
-@router.get("/info", response_model=InfoResponse)
-async def info(engine: EngineDep, settings: SettingsDep) -> InfoResponse:
+def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
+    """What /info says about one loaded model."""
     rt = engine.runtime
-    return InfoResponse(
-        model=rt.name,
-        model_version=rt.version,
-        labels=rt.labels,
-        num_layers=rt.num_layers,
-        exit_thresholds=rt.thresholds,
-        max_seq_len=rt.max_seq_len,
-        calibration={k: v for k, v in rt.calibration.items() if k != "path"},
-        evaluation=rt.evaluation,
-        device=rt.device,
-        dtype=rt.dtype,
-        batch_invariant=rt.batch_invariant,
-        scheme=rt.scheme,
-        kernel=rt.kernel,
-        adaptation=adaptation(engine, settings),
-        threads=rt.threads,
-        workers=engine.workers,
-        max_batch_size=engine.max_batch_size,
-        max_queue_delay_ms=engine.max_queue_delay_s * 1000,
-        max_queue_size=engine.max_queue_size,
-        max_inputs_per_request=settings.max_inputs_per_request,
-        version=__version__,
+    return {
+        "model": rt.name,
+        "model_version": rt.version,
+        "labels": rt.labels,
+        "num_layers": rt.num_layers,
+        "exit_thresholds": rt.thresholds,
+        "max_seq_len": rt.max_seq_len,
+        "calibration": {k: v for k, v in rt.calibration.items() if k != "path"},
+        "evaluation": rt.evaluation,
+        "device": rt.device,
+        "dtype": rt.dtype,
+        "batch_invariant": rt.batch_invariant,
+        "scheme": rt.scheme,
+        "kernel": rt.kernel,
+        "adaptation": adaptation(engine, settings),
+        "threads": rt.threads,
+        "workers": engine.workers,
+        "max_batch_size": engine.max_batch_size,
+        "max_queue_delay_ms": engine.max_queue_delay_s * 1000,
+        "max_queue_size": engine.max_queue_size,
+        "max_inputs_per_request": settings.max_inputs_per_request,
+    }
+
+
+@router.get("/info", response_model=InfoResponse)
+async def info(registry: RegistryDep, settings: SettingsDep) -> InfoResponse:
+    models: list[dict[str, object]] = []
+    for entry in registry.index():
+        engine = registry.find(entry["name"])
+        described: dict[str, object] = {"model": entry["name"], "model_version": entry["version"]}
+        if engine is not None:
+            described = model_info(engine, settings)
+        models.append({**described, "state": entry["state"], "reason": entry["reason"]})
+    shares, policy = registry.shares, None
+    if shares is not None:
+        policy = {
+            "policy": "weighted fair share of layer steps",
+            "slots": shares.slots,
+            "weights": {name: shares.weight(name) for name in registry.names},
+            "half_life_s": shares.half_life_s,
+        }
+    default = model_info(registry.engine(), settings)
+    return InfoResponse.model_validate(
+        {**default, "version": __version__, "models": models, "shares": policy}
     )
 
 

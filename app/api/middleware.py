@@ -41,13 +41,25 @@ def endpoint_of(path: str) -> str:
     return "other"
 
 
+def model_named(body: bytes | None) -> str | None:
+    """The `model` a /predict body names; None for the default (or a body the route will
+    refuse anyway)."""
+    if not body or b'"model"' not in body:
+        return None
+    try:
+        name = json.loads(body).get("model")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 class ServiceMiddleware:
     def __init__(
         self, app: ASGIApp, max_body_bytes: int, state: Any, overload_status: int = 429
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.state = state  # app.state: metrics and engine appear once the lifespan has run
+        self.state = state  # app.state: metrics and registry appear once the lifespan has run
         self.overload_status = overload_status
         self.overloaded_body = json.dumps(OVERLOADED).encode()
         self.late_body = json.dumps(error_body(ENGINE_ERRORS[TooLate][2], "overloaded")).encode()
@@ -67,65 +79,90 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            if endpoint != "other" and scope["method"] == "POST" and self._shed(scope):
-                status["code"] = self.overload_status
-                await self._overloaded(send, metrics)
-                return
+            inference = endpoint != "other" and scope["method"] == "POST"
             declared = self._declared_length(scope)
             if declared is not None and declared > self.max_body_bytes:
                 status["code"] = 413
                 await self._too_large(send, metrics)
                 return
-            late = self._late(scope) if endpoint != "other" and scope["method"] == "POST" else None
-            if late is not None or (
+            body: bytes | None = None
+            if (inference and self._needs_body(endpoint)) or (
                 declared is None and scope["method"] in ("POST", "PUT", "PATCH")
             ):
                 # No Content-Length (chunked): read up to the limit here, where an excess
-                # can still be answered 413, then hand the app the buffered body.
+                # can still be answered 413, then hand the app the buffered body. Also
+                # read when several models are served and one sheds: /predict names its
+                # model in the body.
                 try:
                     receive, body = await self._buffered(receive)
                 except _BodyTooLarge:
                     status["code"] = 413
                     await self._too_large(send, metrics)
                     return
-                if late is not None and b"timeout" not in body:
+            engine = self._engine(endpoint, scope, body) if inference else None
+            # A draining engine refuses in the route: 503, shutting down, not "retry".
+            if engine is not None and not engine.draining:
+                scope["model"] = engine.runtime.name
+                if engine.full and self._authorized(scope):
                     status["code"] = self.overload_status
-                    await self._overloaded(send, metrics, "expected_wait", retry_after(late))
+                    await self._overloaded(send, metrics, scope)
                     return
+                late = engine.late_by(1)
+                if late is not None and self._authorized(scope):
+                    if body is None:
+                        try:
+                            receive, body = await self._buffered(receive)
+                        except _BodyTooLarge:
+                            status["code"] = 413
+                            await self._too_large(send, metrics)
+                            return
+                    if b"timeout" not in body:
+                        status["code"] = self.overload_status
+                        await self._overloaded(
+                            send, metrics, scope, "expected_wait", retry_after(late)
+                        )
+                        return
             await self.app(scope, receive, send_wrapper)
         finally:
             if metrics is not None:
-                metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-                metrics.request_duration.labels(endpoint=endpoint).observe(
+                model = scope.get("model", "")
+                metrics.requests.labels(endpoint, str(status["code"]), model).inc()
+                metrics.request_duration.labels(endpoint, model).observe(
                     time.perf_counter() - started
                 )
 
-    def _shed(self, scope: Scope) -> bool:
-        engine = getattr(self.state, "engine", None)
-        if engine is None or not engine.full:
+    def _needs_body(self, endpoint: str) -> bool:
+        """Whether the model a /predict request names must be read before routing: with
+        several models, while one of them refuses work."""
+        registry = getattr(self.state, "registry", None)
+        if endpoint != "predict" or registry is None or len(registry.names) < 2:
             return False
-        return self._authorized(scope)
+        return any(e.full or e.late_by(1) is not None for e in registry.engines())
+
+    def _engine(self, endpoint: str, scope: Scope, body: bytes | None) -> Any:
+        """The engine the request is for, if it is loaded (else the route answers)."""
+        registry = getattr(self.state, "registry", None)
+        if registry is None:
+            return None
+        if endpoint == "v2_infer":
+            return registry.find(scope["path"].split("/")[3])
+        return registry.find(model_named(body))
 
     def _authorized(self, scope: Scope) -> bool:
         # A request without a valid key gets its 401 from the route, never a hint of load.
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
         return authorized(header.decode("latin-1"), self.state.settings.keys)
 
-    def _late(self, scope: Scope) -> float | None:
-        """Seconds one more input would be late at the target, for an authorized request."""
-        engine = getattr(self.state, "engine", None)
-        late = None if engine is None else engine.late_by(1)
-        return late if late is not None and self._authorized(scope) else None
-
     async def _overloaded(
         self,
         send: Send,
         metrics: Metrics | None,
+        scope: Scope,
         reason: str = "overloaded",
         retry: str = RETRY_AFTER_S,
     ) -> None:
         if metrics is not None:
-            metrics.rejected.labels(reason=reason).inc()
+            metrics.reject(reason, scope.get("model", ""))
         body = self.overloaded_body if reason == "overloaded" else self.late_body
         await send(
             {
@@ -176,7 +213,7 @@ class ServiceMiddleware:
 
     async def _too_large(self, send: Send, metrics: Metrics | None) -> None:
         if metrics is not None:
-            metrics.rejected.labels(reason="too_large").inc()
+            metrics.reject("too_large")
         body = json.dumps(
             error_body(f"request body exceeds {self.max_body_bytes} bytes", "too_large")
         ).encode()

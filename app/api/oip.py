@@ -10,6 +10,7 @@ outputs are always JSON, which every client reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import time
@@ -20,14 +21,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import __version__
-from app.api.deps import EngineDep, SettingsDep, require_api_key
+from app.api.deps import RegistryDep, SettingsDep, engine_for, get_registry, require_api_key
 from app.api.predict import ERRORS, exit_rule, timing_headers
+from app.config import Settings
 from app.engine.scheduler import Engine
-from app.errors import InvalidInput, ModelNotFound, TooLarge, clip
+from app.errors import ApiError, InvalidInput, ModelNotFound, TooLarge, clip
 from app.schemas import Parameters, check_text
 
 router = APIRouter(prefix="/v2")
 infer_router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)])
+repository_router = APIRouter(prefix="/v2/repository", dependencies=[Depends(require_api_key)])
 
 OUTPUTS = {"label": "BYTES", "score": "FP32", "exit_layer": "INT32"}
 HEADER_LENGTH = "inference-header-content-length"
@@ -69,11 +72,12 @@ class InferResponse(BaseModel):
     outputs: list[TensorOut]
 
 
-def _model(engine: Engine, name: str, version: str | None = None) -> None:
-    if name != engine.runtime.name:
-        raise ModelNotFound(f"unknown model {clip(name)!r}")
-    if version is not None and version != engine.runtime.version:
+async def _engine(request: Request, name: str, version: str | None = None) -> Engine:
+    """The engine of model `name`; 404 for a name or version the server does not have."""
+    registry = await get_registry(request)
+    if version is not None and version != registry.entry(name).version:
         raise ModelNotFound(f"model {clip(name)!r} has no version {clip(version)!r}")
+    return await engine_for(request, name)
 
 
 def _not_ready() -> JSONResponse:
@@ -82,7 +86,8 @@ def _not_ready() -> JSONResponse:
 
 @router.get("")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "exitserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    extensions = ["binary_tensor_data", "model_repository"]
+    return {"name": "exitserve", "version": __version__, "extensions": extensions}
 
 
 @router.get("/health/live")
@@ -91,17 +96,14 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", response_model=None)
-async def ready(engine: EngineDep) -> dict[str, bool] | JSONResponse:
-    return {"ready": True} if engine.ready else _not_ready()
+async def ready(registry: RegistryDep) -> dict[str, bool] | JSONResponse:
+    return {"ready": True} if registry.ready else _not_ready()
 
 
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
-async def model_metadata(
-    engine: EngineDep, name: str, version: str | None = None
-) -> dict[str, Any]:
-    _model(engine, name, version)
-    rt = engine.runtime
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+    rt = (await _engine(request, name, version)).runtime
     return {
         "name": rt.name,
         "versions": [rt.version],
@@ -115,9 +117,9 @@ async def model_metadata(
 @router.get("/models/{name}/ready", response_model=None)
 @router.get("/models/{name}/versions/{version}/ready", response_model=None)
 async def model_ready(
-    engine: EngineDep, name: str, version: str | None = None
+    request: Request, name: str, version: str | None = None
 ) -> dict[str, Any] | JSONResponse:
-    _model(engine, name, version)
+    engine = await _engine(request, name, version)
     return {"name": name, "ready": True} if engine.ready else _not_ready()
 
 
@@ -245,14 +247,13 @@ def _parameters(raw: dict[str, Any]) -> Parameters:
 )
 async def infer(
     request: Request,
-    engine: EngineDep,
     settings: SettingsDep,
     response: Response,
     name: str,
     version: str | None = None,
 ) -> InferResponse:
     started = time.perf_counter()
-    _model(engine, name, version)
+    engine = await _engine(request, name, version)
     req, binary = await _parse(request)
     texts = _texts(req, binary)
     if len(texts) > settings.max_inputs_per_request:
@@ -286,3 +287,57 @@ async def infer(
             for w in wanted
         ],
     )
+
+
+# -- Triton's model repository extension ----------------------------------------------
+class NotExplicit(ApiError):
+    status, error_type = 400, "unsupported"
+
+
+class IndexRequest(BaseModel):
+    ready: bool = False  # only the models ready now
+
+
+@repository_router.post("/index")
+async def repository_index(
+    registry: RegistryDep, body: IndexRequest | None = None
+) -> list[dict[str, str]]:
+    """Every configured model: name, version, state (READY, LOADING, UNLOADING,
+    UNAVAILABLE) and the reason for the state."""
+    models = registry.index()
+    return [m for m in models if m["state"] == "READY"] if body and body.ready else models
+
+
+def _explicit(settings: Settings) -> None:
+    if settings.model_control != "explicit":
+        raise NotExplicit("model control is not explicit (EXITSERVE_MODEL_CONTROL=explicit)")
+
+
+@repository_router.post("/models/{name}/load")
+async def repository_load(
+    registry: RegistryDep, settings: SettingsDep, name: str
+) -> dict[str, Any]:
+    """Load a configured model (nothing to do when it is loaded); answers once it serves."""
+    _explicit(settings)
+    registry.entry(name)  # 404 before any work
+    try:
+        await asyncio.to_thread(registry.load, name)
+    except Exception as e:
+        raise LoadFailed(f"failed to load model {clip(name)!r}; see the server log") from e
+    return {}
+
+
+@repository_router.post("/models/{name}/unload")
+async def repository_unload(
+    registry: RegistryDep, settings: SettingsDep, name: str
+) -> dict[str, Any]:
+    """Refuse new work for the model, answer what it admitted, then stop it; the other
+    models keep serving."""
+    _explicit(settings)
+    registry.entry(name)
+    await asyncio.to_thread(registry.unload, name, settings.drain_timeout_s)
+    return {}
+
+
+class LoadFailed(ApiError):
+    status, error_type = 400, "load_failed"

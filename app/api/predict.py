@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from app.api.deps import get_engine, require_api_key
+from app.api.deps import engine_for, require_api_key
 from app.config import Settings
 from app.engine.requests import Answer
 from app.engine.scheduler import Engine
@@ -73,7 +73,7 @@ def prediction(a: Answer, num_layers: int, all_scores: bool) -> dict[str, Any]:
 )
 async def predict(body: PredictRequest, request: Request) -> Response:
     started = time.perf_counter()
-    engine = await get_engine(request)
+    engine = await engine_for(request, body.model)
     settings: Settings = request.app.state.settings
     texts = body.texts()
     if len(texts) > settings.max_inputs_per_request:

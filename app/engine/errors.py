@@ -35,3 +35,11 @@ class InferenceFailed(EngineError):
 
 class DeadlineExceeded(EngineError):
     """The request's deadline passed before all of its inputs could start."""
+
+
+class UnknownModel(EngineError):
+    """The server has no model of that name."""
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        super().__init__(f"no model named {name!r}")
+        self.name, self.served = name, served

@@ -300,7 +300,7 @@ def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
     counters = dict(line.rsplit(" ", 1) for line in saved["server_metrics"])
     exits = sum(float(v) for k, v in counters.items() if k.startswith("exitserve_exits_total"))
     assert exits >= sum(r["requests"] for r in rows.values())
-    executed = float(counters["exitserve_layers_executed_total"])
-    skipped = float(counters["exitserve_layers_skipped_total"])
+    executed = float(counters['exitserve_layers_executed_total{model="tiny"}'])
+    skipped = float(counters['exitserve_layers_skipped_total{model="tiny"}'])
     assert executed + skipped == 4 * exits
     print(markdown(result))

@@ -84,9 +84,13 @@ def test_each_configuration_sets_what_it_claims() -> None:
     assert "latency_target_ms" not in default and "max_accuracy_drop" not in default
 
 
-def test_metric_reads_one_unlabelled_sample() -> None:
-    text = "# HELP x\nexitserve_operating_point 2.0\nexitserve_operating_point_x 5\n"
-    assert metric(text, "exitserve_operating_point") == 2.0
+def test_metric_sums_the_series_of_one_metric() -> None:
+    text = (
+        '# HELP x\nexitserve_operating_point{model="a"} 2.0\n'
+        'exitserve_operating_point{model="b"} 1.0\nexitserve_operating_point_x 5\n'
+    )
+    assert metric(text, "exitserve_operating_point") == 3.0
+    assert metric("exitserve_operating_point 2.0\n", "exitserve_operating_point") == 2.0
     assert metric(text, "exitserve_missing") is None
 
 

@@ -33,13 +33,14 @@ BASE_SETTINGS: dict[str, Any] = {
 }
 
 
-def build_settings(model_dir: Path, **overrides: Any) -> Settings:
-    """Settings from arguments only: EXITSERVE_* variables of the shell must not leak in."""
+def build_settings(default_dir: Path, **overrides: Any) -> Settings:
+    """Settings from arguments only: EXITSERVE_* variables of the shell must not leak in.
+    `model_dir` among the overrides replaces `default_dir`."""
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
             if name.upper().startswith("EXITSERVE_"):
                 mp.delenv(name)
-        return Settings(**{"model_dir": model_dir, **BASE_SETTINGS, **overrides})
+        return Settings(**{"model_dir": default_dir, **BASE_SETTINGS, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,10 @@ def scrape(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], f
 def sample(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum of `name`'s series that carry these label values (PromQL's `sum(name{...})`:
+    a label not given, `model` among them, is summed over)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
 class HeldEngine:
@@ -90,8 +93,11 @@ class HeldEngine:
     with that batch admitted and in flight: the queue's load is then exactly known.
     """
 
-    def __init__(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-        runtime = client.app.state.engine.runtime  # type: ignore[attr-defined]
+    def __init__(
+        self, client: TestClient, monkeypatch: pytest.MonkeyPatch, model: str | None = None
+    ) -> None:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        runtime = registry.engine(model).runtime
         self.entered, self.gate = threading.Event(), threading.Event()
         tokenize = runtime.tokenize
 
@@ -114,7 +120,7 @@ def wait_until_idle(client: TestClient) -> None:
     mark (`stuck`) and take the batch out of flight (which frees queue room). A client
     can hold its answer before any of that: wait here before asserting on it.
     """
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.registry.engine()  # type: ignore[attr-defined]
     stop = time.monotonic() + GUARD_S
     while not engine.idle:
         assert time.monotonic() < stop, "the engine never went idle"

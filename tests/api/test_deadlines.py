@@ -47,7 +47,7 @@ def busy_worker(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Iterator
     let pass before the worker takes it, and the worker would never be held.
     """
     held = HeldEngine(client, monkeypatch)
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.registry.engine()  # type: ignore[attr-defined]
     portal = client.portal  # type: ignore[attr-defined]
     first: Future[Any] = portal.start_task_soon(engine.submit, ["first"])
     try:

@@ -113,7 +113,7 @@ def test_internal_error_leaks_nothing(client: TestClient) -> None:
 def test_engine_answers_a_batch_holding_an_unencodable_text(client: TestClient) -> None:
     # The API refuses lone surrogates (422); callers of the engine itself must not be
     # able to fail a whole batch with one either.
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.registry.engine()  # type: ignore[attr-defined]
     portal = client.portal  # type: ignore[attr-defined]
     answers = portal.call(engine.submit, ["good", "bad \ud800 text"])
     assert [a.label in engine.runtime.labels for a in answers] == [True, True]
@@ -286,13 +286,13 @@ def test_a_request_expected_to_miss_its_budget_is_refused_with_a_computed_retry_
 ) -> None:
     # Batches of one input, so that the one held below is a full batch ahead.
     client = serve(latency_target_ms=50, max_batch_size=1)
-    c = client.app.state.engine.controller  # type: ignore[attr-defined]
+    c = client.app.state.registry.engine().controller  # type: ignore[attr-defined]
     c.costs = CostModel()
     c.costs.observe(1.0, 2.0)  # as if the engine were measured at 2 s per layer unit
     wait = c.expected_latency(2, c.shallowest)  # one input ahead, one new
     assert wait > 1.0
     held = HeldEngine(client, monkeypatch)
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.registry.engine()  # type: ignore[attr-defined]
     with ThreadPoolExecutor(2) as pool:
         try:
             # With nothing ahead a request is admitted whatever the estimate: no wait.

@@ -22,7 +22,7 @@ POISON = "rotten"  # a vocabulary word: any batch holding it fails inside the ne
 
 
 def poison_network(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    runtime = client.app.state.engine.runtime  # type: ignore[attr-defined]
+    runtime = client.app.state.registry.engine().runtime  # type: ignore[attr-defined]
     [poison_id] = [i for i in runtime.tokenizer.encode([POISON])[0] if i > 3]
     begin = runtime.backend.begin
 
@@ -87,7 +87,7 @@ def test_a_dead_worker_fails_liveness_and_readiness(
     serve: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = serve()
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.registry.engine()  # type: ignore[attr-defined]
     held = HeldEngine(client, monkeypatch)
 
     def broken() -> None:

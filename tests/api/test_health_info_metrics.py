@@ -63,7 +63,7 @@ def test_draining_refuses_work(serve: Callable[..., TestClient]) -> None:
     client = serve()
     assert client.get("/readyz").status_code == 200
     assert sample(scrape(client), "exitserve_ready") == 1
-    client.app.state.engine.begin_drain()  # type: ignore[attr-defined]
+    client.app.state.registry.engine().begin_drain()  # type: ignore[attr-defined]
     assert_error(client.get("/readyz"), 503, "unavailable")
     assert sample(scrape(client), "exitserve_ready") == 0
     r = client.post("/predict", json={"inputs": "good"})
@@ -110,10 +110,18 @@ def test_metrics_has_every_metric_of_the_design(client: TestClient) -> None:
         sample(m, "exitserve_model_info", model="tiny", version="1", device="cpu", dtype="int8")
         == 1
     )
+    tiny = ("model", "tiny")
     for k in range(1, 5):  # every exit is listed before it is used
-        assert ("exitserve_exits_total", frozenset({("exit_layer", str(k))})) in m
+        assert ("exitserve_exits_total", frozenset({("exit_layer", str(k)), tiny})) in m
     for reason in ("overloaded", "too_large", "draining", "deadline"):
-        assert ("exitserve_rejected_total", frozenset({("reason", reason)})) in m
+        assert ("exitserve_rejected_total", frozenset({("reason", reason), tiny})) in m
+    # Every series about a model names it; request counts name the model they asked.
+    for (name, labels), _ in m.items():
+        if name.startswith("exitserve_") and not name.startswith("exitserve_request"):
+            assert dict(labels).get("model") == "tiny" or name.startswith(
+                "exitserve_rejected_total"
+            ), name
+    assert sample(m, "exitserve_requests_total", endpoint="predict", model="tiny") == 1
 
 
 @pytest.mark.parametrize(("threshold", "exit_at"), [(0.0, 1), (1.0, 4)])
@@ -181,7 +189,7 @@ def test_rejected_counts_too_many_inputs(serve: Callable[..., TestClient]) -> No
 
 def test_rejected_counts_draining(serve: Callable[..., TestClient]) -> None:
     client = serve()
-    client.app.state.engine.begin_drain()  # type: ignore[attr-defined]
+    client.app.state.registry.engine().begin_drain()  # type: ignore[attr-defined]
     assert_error(client.post("/predict", json={"inputs": "a"}), 503)
     assert sample(scrape(client), "exitserve_rejected_total", reason="draining") == 1
 

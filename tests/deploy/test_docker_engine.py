@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.api.helpers import metric_samples, sample
 from tests.deploy.conftest import DOCKER, ROOT, tool
 from tests.server import free_port
 from tests.tiny import random_texts
@@ -122,7 +123,9 @@ def test_the_image_serves_as_a_read_only_non_root_healthy_container(
     info = httpx.get(f"{url}/info", timeout=10).json()
     assert (info["device"], info["dtype"], info["batch_invariant"]) == ("cpu", "int8", True)
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'exitserve_requests_total{endpoint="predict",status="200"} 1.0' in metrics
+    m = metric_samples(metrics)
+    assert sample(m, "exitserve_requests_total", endpoint="predict", status="200") == 1
+    assert sample(m, "exitserve_requests_total", model="rt-sentiment-minilm") == 1
     assert docker("exec", name, "id", "-u") == "10001"
     # The root filesystem is read-only; /tmp is the one writable place.
     denied = subprocess.run(
@@ -167,7 +170,7 @@ def test_docker_stop_answers_the_requests_in_flight_then_exits_0(
     assert all(len(r.json()["predictions"]) == 64 for r in replies)
     state = json.loads(docker("inspect", "--format", "{{json .State}}", name))
     assert (state["Status"], state["ExitCode"], state["OOMKilled"]) == ("exited", 0, False)
-    assert "engine stopped (drained)" in logs(name)
+    assert "engines stopped (drained)" in logs(name)
 
 
 # -- Compose v2 ---------------------------------------------------------------------------

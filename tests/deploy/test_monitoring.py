@@ -55,7 +55,8 @@ def test_the_exported_series_are_the_ones_checked_against(exported: Series) -> N
 
 @pytest.mark.parametrize(
     ("where", "expr"),
-    [(f"dashboard: {t}", e) for t, e in dashboard_exprs()]
+    # Grafana's model variable expands to a regex of the models chosen: any one served.
+    [(f"dashboard: {t}", e.replace('"$model"', '".+"')) for t, e in dashboard_exprs()]
     + [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
     + [("prometheus-adapter rule", q) for q in adapter_queries()],
 )
@@ -83,6 +84,25 @@ def test_dashboard_shows_what_early_exit_saves_and_costs() -> None:
         "exitserve_rejected_total",
     ):
         assert metric in exprs, metric
+
+
+def test_dashboard_has_a_model_variable_that_every_exitserve_series_follows() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in dash["templating"]["list"] if v["name"] == "model"]
+    assert "label_values(exitserve_model_info, model)" in json.dumps(var["query"])
+    assert var["multi"] and var["includeAll"]
+    for title, expr in dashboard_exprs():
+        for sel in promql.parse(expr).selectors:
+            if sel.metric.startswith("exitserve_"):
+                assert ("model", "=~", "$model") in sel.matchers, (title, sel.metric)
+
+
+def test_alert_rules_name_the_model_they_fire_for() -> None:
+    for rule in alert_rules():
+        groups = promql.parse(rule["expr"]).grouping
+        if any(m.startswith("exitserve_") for m in promql.parse(rule["expr"]).metrics):
+            assert not groups or "model" in groups, rule["alert"]
+            assert "$labels.model" in rule["annotations"]["summary"], rule["alert"]
 
 
 def test_dashboard_panels_use_the_provisioned_datasource() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.helpers import metric_samples, sample
 from tests.server import ROOT, server_process
 from tests.tiny import random_texts
 
@@ -25,10 +26,10 @@ GUARD_S = 60.0  # only reached when the test fails
 
 
 def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} missing from /metrics")
+    """The metric's value, summed over its series (one per model: one here)."""
+    samples = metric_samples(httpx.get(f"{url}/metrics", timeout=10).text)
+    assert any(n == name for n, _ in samples), f"{name} missing from /metrics"
+    return sample(samples, name)
 
 
 def test_a_burst_moves_the_operating_point_down_and_it_comes_back(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(
     log = log_path.read_text()
     assert "Traceback" not in log, log[-2000:]
     if entry == "cli":
-        assert "engine stopped (drained)" in log, log[-2000:]
+        assert "engines stopped (drained)" in log, log[-2000:]
         assert "POST /predict" not in log  # no access log unless asked for
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.helpers import metric_samples, sample
 from tests.server import server_process
 
 ROOT = Path(__file__).parents[2]
@@ -65,17 +66,12 @@ def test_full_depth_on_request_and_metrics(server: Server) -> None:
     assert r.json()["predictions"][0]["exit_layer"] == 6
     info = httpx.get(f"{url}/info", timeout=10).json()
     assert info["dtype"] == "int8" and info["device"] == "cpu" and len(info["exit_thresholds"]) == 6
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    exits_6 = [
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith('exitserve_exits_total{exit_layer="6"}')
-    ]
-    assert exits_6 and exits_6[0] >= 1  # the series exists from start-up: count the answer
-    info_line = (
-        'exitserve_model_info{device="cpu",dtype="int8",model="rt-sentiment-minilm",version="1"}'
-    )
-    assert f"{info_line} 1.0" in metrics
+    m = metric_samples(httpx.get(f"{url}/metrics", timeout=10).text)
+    model = "rt-sentiment-minilm"
+    # The series exists from start-up: count the answer.
+    assert sample(m, "exitserve_exits_total", exit_layer="6", model=model) >= 1
+    info = {"model": model, "version": "1", "device": "cpu", "dtype": "int8"}
+    assert m[("exitserve_model_info", frozenset(info.items()))] == 1
 
 
 def test_sigterm_exits_cleanly(server: Server) -> None:
@@ -84,4 +80,4 @@ def test_sigterm_exits_cleanly(server: Server) -> None:
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status says why.
     assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
     log = log_path.read_text()
-    assert "engine stopped (drained)" in log, log[-2000:]
+    assert "engines stopped (drained)" in log, log[-2000:]
