@@ -1,0 +1,173 @@
+"""Two models in one server: a flood on one, light traffic to the other, and memory.
+
+One run on loopback, the real server with `--flooded` (default: the sentiment model) and
+`--light` (the topic model):
+  1. the light model alone, `--light-rate` requests/s (open loop, one test-split text per
+     request) for `--seconds`: its p99 on an idle server;
+  2. the flooded model's capacity: a closed loop of 64 clients for `--capacity-seconds`;
+  3. both at once: the flooded model offered `--overload` times that capacity, the light
+     one `--light-rate`, for `--seconds`: every light request must be answered, its p99
+     at most 3x the idle one;
+  4. resident memory (VmRSS) of that server after the run, and of a server of the flooded
+     model alone after the same warm-up: two models at most 1.5x one, one at most 600 MB.
+Results: OUT/models-<date>-<tag or host>.{json,md}.
+
+Usage:
+  .venv/bin/python -m bench.models [--flooded DIR] [--light DIR] [--seconds 20]
+      [--overload 3] [--light-rate 10] [--out bench/results] [--tag NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.client import HOST, Reply, build_request, closed_loop, open_loop, percentile, run_async
+from bench.soak import rss_bytes
+from devtools.server_process import ROOT, exitserve_env, exitserve_server
+
+MODELS = ROOT / "models"
+
+
+def requests_for(model_dir: Path, name: str | None, limit: int = 256) -> list[bytes]:
+    from app.network.artifact import read_spec
+    from app.training.evaluate import split_data
+
+    texts = split_data(read_spec(model_dir), "test")[0][:limit]
+    extra = {} if name is None else {"model": name}
+    return [
+        build_request(HOST, "/predict", json.dumps({"inputs": t, **extra}).encode()) for t in texts
+    ]
+
+
+def summary(replies: list[Reply], offered: int, seconds: float) -> dict[str, Any]:
+    ok = [1000 * r.latency_s for r in replies if r.status == 200]
+    # What the server measured (x-total-time: route entered to answer), and of that the
+    # engine's part (queue and inference): the rest of `ok` is the event loop and sockets.
+    heads = [r.response.headers for r in replies if r.response is not None and r.status == 200]
+    server = [float(h["x-total-time"]) for h in heads]
+    engine = [float(h["x-queue-time"]) + float(h["x-inference-time"]) for h in heads]
+    statuses: dict[str, int] = {}
+    for r in replies:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    return {
+        "offered": offered,
+        "sent": len(replies),
+        "answered": len(ok),
+        "statuses": statuses,
+        "answered_rps": round(len(ok) / seconds, 1),
+        "p50_ms": round(percentile(ok, 50), 2) if ok else None,
+        "p99_ms": round(percentile(ok, 99), 2) if ok else None,
+        "server_p99_ms": round(percentile(server, 99), 2) if server else None,
+        "engine_p99_ms": round(percentile(engine, 99), 2) if engine else None,
+    }
+
+
+def settings(model_dirs: list[Path]) -> dict[str, object]:
+    return {"model_dir": ",".join(str(d) for d in model_dirs), "log_level": "warning",
+            "max_queue_size": 1024}  # fmt: skip
+
+
+async def warm(port: int, sets: list[list[bytes]]) -> None:
+    for requests in sets:
+        await closed_loop(port, requests, 8, 2.0)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from app.network.artifact import read_spec
+
+    flooded_name, light_name = read_spec(a.flooded).name, read_spec(a.light).name
+    flood = requests_for(a.flooded, None)  # the default model: no "model" in the body
+    light = requests_for(a.light, light_name)
+    result: dict[str, Any] = {"flooded": flooded_name, "light": light_name}
+    env = settings([a.flooded, a.light])
+    with exitserve_server(lambda port: exitserve_env(port, env), 300) as (proc, port):
+        run_async(warm(port, [flood, light]))
+        replies, offered, took = run_async(open_loop(port, light, a.light_rate, a.seconds, 16))
+        result["light_idle"] = summary(replies, offered, took)
+        capacity = run_async(closed_loop(port, flood, 64, a.capacity_seconds))
+        result["flooded_capacity_rps"] = round(capacity, 1)
+
+        async def both() -> tuple[Any, Any]:
+            return await asyncio.gather(
+                open_loop(port, flood, a.overload * capacity, a.seconds, 512),
+                open_loop(port, light, a.light_rate, a.seconds, 16),
+            )
+
+        (f_replies, f_offered, f_took), (l_replies, l_offered, l_took) = run_async(both())
+        result["flooded_under_flood"] = summary(f_replies, f_offered, f_took)
+        result["light_under_flood"] = summary(l_replies, l_offered, l_took)
+        result["rss_two_models_mb"] = round(rss_bytes(proc.pid) / 2**20, 1)
+    env = settings([a.flooded])
+    with exitserve_server(lambda port: exitserve_env(port, env), 300) as (proc, port):
+        run_async(warm(port, [flood]))
+        run_async(closed_loop(port, flood, 64, a.capacity_seconds))
+        result["rss_one_model_mb"] = round(rss_bytes(proc.pid) / 2**20, 1)
+    idle, flooded = result["light_idle"], result["light_under_flood"]
+    result["bars"] = {
+        "light model: every request answered under the flood": flooded["answered"]
+        == flooded["sent"]
+        == flooded["offered"],
+        "light model: p99 under the flood <= 3x idle": flooded["p99_ms"] is not None
+        and flooded["p99_ms"] <= 3 * idle["p99_ms"],
+        "RSS, two models <= 1.5x one": result["rss_two_models_mb"]
+        <= 1.5 * result["rss_one_model_mb"],
+        "RSS, one model <= 600 MB": result["rss_one_model_mb"] <= 600,
+    }
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# Two models in one server ({r['date']}, {r['host']})",
+        "",
+        f"{r['flooded']} flooded at {r['options']['overload']:g}x its capacity"
+        f" ({r['flooded_capacity_rps']:.0f} requests/s, closed loop);"
+        f" {r['light']} at {r['options']['light_rate']:g} requests/s.",
+        "",
+        "| traffic | offered | answered | statuses | p50 ms | p99 ms | p99 in the server |"
+        " p99 queue + inference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("light_idle", "light_under_flood", "flooded_under_flood"):
+        s = r[key]
+        lines.append(f"| {key.replace('_', ' ')} | {s['offered']} | {s['answered']} |"
+                     f" {s['statuses']} | {s['p50_ms']} | {s['p99_ms']} |"
+                     f" {s['server_p99_ms']} | {s['engine_p99_ms']} |")  # fmt: skip
+    lines += ["", f"RSS: one model {r['rss_one_model_mb']} MB, two models"
+              f" {r['rss_two_models_mb']} MB.", "", "| bar | held |", "|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in r["bars"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.benchmark import write_results
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flooded", type=Path, default=MODELS / "rt-sentiment-minilm")
+    p.add_argument("--light", type=Path, default=MODELS / "bbc-topic-minilm")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--capacity-seconds", type=float, default=8.0)
+    p.add_argument("--overload", type=float, default=3.0)
+    p.add_argument("--light-rate", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--tag", default="")
+    a = p.parse_args(argv)
+    result = run(a)
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result.update(date=date, host=socket.gethostname(), options={
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})  # fmt: skip
+    md = markdown(result)
+    print(md)
+    write_results(a.out, f"models-{date[:10]}-{a.tag or result['host']}", result, md)
+    return 0 if all(result["bars"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
