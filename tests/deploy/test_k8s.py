@@ -26,7 +26,7 @@ Obj = dict[str, Any]
 CRD_KINDS = {"ServiceMonitor", "InferenceService", "ServingRuntime"}
 # The oldest Kubernetes the manifests are meant for, and the newest the schemas know.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "cpu-two-models")
 SETTINGS = Settings.model_fields
 PORT = SETTINGS["port"].default
 DRAIN_S = SETTINGS["drain_timeout_s"].default
@@ -136,8 +136,9 @@ def test_configmap_holds_real_and_valid_settings(
     monkeypatch.setattr("app.config.usable_cpus", lambda: 2)
     settings = Settings()
     assert settings.port == PORT
-    model_dir = Path(str(settings.model_dir).replace("/app/", f"{ROOT}/", 1))
-    assert (model_dir / "model.json").is_file(), "EXITSERVE_MODEL_DIR: not a model baked in"
+    for d in settings.model_dirs:
+        model_dir = Path(str(d).replace("/app/", f"{ROOT}/", 1))
+        assert (model_dir / "model.json").is_file(), f"EXITSERVE_MODEL_DIR: {d} not baked in"
 
 
 def test_threads_follow_the_cpu_limit(rendered: dict[str, list[Obj]]) -> None:
