@@ -86,19 +86,24 @@ class ServiceMiddleware:
                 await self._too_large(send, metrics)
                 return
             body: bytes | None = None
-            if (inference and self._needs_body(endpoint)) or (
-                declared is None and scope["method"] in ("POST", "PUT", "PATCH")
-            ):
-                # No Content-Length (chunked): read up to the limit here, where an excess
-                # can still be answered 413, then hand the app the buffered body. Also
-                # read when several models are served and one sheds: /predict names its
-                # model in the body.
+
+            async def read_body() -> bool:
+                """Buffer the body (up to the limit; an excess is answered 413 here)."""
+                nonlocal receive, body
                 try:
                     receive, body = await self._buffered(receive)
                 except _BodyTooLarge:
                     status["code"] = 413
                     await self._too_large(send, metrics)
-                    return
+                    return False
+                return True
+
+            # No Content-Length (chunked): read it here, where an excess can still be
+            # answered 413. Also when several models are served and one sheds: /predict
+            # names its model in the body.
+            chunked = declared is None and scope["method"] in ("POST", "PUT", "PATCH")
+            if (chunked or (inference and self._needs_body(endpoint))) and not await read_body():
+                return
             engine = self._engine(endpoint, scope, body) if inference else None
             # A draining engine refuses in the route: 503, shutting down, not "retry".
             if engine is not None and not engine.draining:
@@ -109,14 +114,9 @@ class ServiceMiddleware:
                     return
                 late = engine.late_by(1)
                 if late is not None and self._authorized(scope):
-                    if body is None:
-                        try:
-                            receive, body = await self._buffered(receive)
-                        except _BodyTooLarge:
-                            status["code"] = 413
-                            await self._too_large(send, metrics)
-                            return
-                    if b"timeout" not in body:
+                    if body is None and not await read_body():
+                        return
+                    if body is not None and b"timeout" not in body:
                         status["code"] = self.overload_status
                         await self._overloaded(
                             send, metrics, scope, "expected_wait", retry_after(late)
