@@ -106,11 +106,25 @@ class _Builder:
         # Zero points (all 128) shaped like the per-token scales, one per set of tokens:
         # every linear of a layer quantizes the same tokens, so one serves them all.
         self._zeros: dict[str, str] = {}
+        # Large constants fed to every call rather than copied into the graph (`shared`).
+        self.feeds: dict[str, np.ndarray] = {}
 
     def const(self, value: Any, dtype: Any = np.float32) -> str:
         self._n += 1
         name = f"c{self._n}"
         self.inits.append(self._nh.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def shared(self, name: str, value: torch.Tensor) -> str:
+        """A constant the graph takes as an input that every call feeds: `value`'s own
+        memory (a numpy view, no copy), where an initializer would put one copy in the
+        serialized model and another in the session. For the word embeddings (30522 x
+        384 fp32, 47 MB), which three sessions would otherwise each hold twice; feeding
+        them costs a call well under a microsecond (measured)."""
+        array = value.detach().numpy()
+        if not array.flags.c_contiguous or array.dtype != np.float32:
+            raise ValueError(f"{name}: a shared constant must be contiguous float32")
+        self.feeds[name] = array
         return name
 
     def op(self, kind: str, *inputs: str, **attrs: Any) -> str:
@@ -217,7 +231,8 @@ class _Builder:
         int64: tuple[str, ...] = (),
     ) -> bytes:
         """The graph built so far as a serialized model: inputs and outputs by name and
-        shape (symbolic dimensions by name), float but for the `int64` inputs."""
+        shape (symbolic dimensions by name), float but for the `int64` inputs; the
+        `shared` constants are inputs too, after those."""
         from onnx import TensorProto, helper
 
         def values(named: dict[str, list[Any]]) -> list[Any]:
@@ -228,8 +243,9 @@ class _Builder:
                 for n, d in named.items()
             ]
 
+        shared = {n: list(a.shape) for n, a in self.feeds.items()}
         graph = helper.make_graph(
-            self.nodes, "exitserve", values(inputs), values(outputs), self.inits
+            self.nodes, "exitserve", values(inputs | shared), values(outputs), self.inits
         )
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
         model = helper.make_model(graph, opset_imports=opsets)
@@ -244,7 +260,8 @@ class _Builder:
         int64: tuple[str, ...] = (),
     ) -> _Graph:
         """The graph built so far (`model`), ready to call on `threads` threads."""
-        return _Graph(open_session(self.model(inputs, outputs, int64), threads), list(outputs))
+        session = open_session(self.model(inputs, outputs, int64), threads)
+        return _Graph(session, list(outputs), self.feeds)
 
 
 def open_session(model: bytes, threads: int, spin: bool = False) -> Any:
@@ -263,14 +280,20 @@ def open_session(model: bytes, threads: int, spin: bool = False) -> Any:
 
 
 class _Graph:
-    """A session and its output names: tensors in, tensors out."""
+    """A session and its output names: tensors in, tensors out; `feeds`: the constants
+    every call passes (`_Builder.shared`)."""
 
-    def __init__(self, session: Any, outputs: list[str]) -> None:
+    def __init__(
+        self, session: Any, outputs: list[str], feeds: dict[str, np.ndarray] | None = None
+    ) -> None:
         self.session = session
         self.outputs = outputs
+        self.feeds = dict(feeds or {})
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        ys = self.session.run(self.outputs, {k: _np(v) for k, v in inputs.items()})
+        ys = self.session.run(
+            self.outputs, {**self.feeds, **{k: _np(v) for k, v in inputs.items()}}
+        )
         return [torch.from_numpy(y) for y in ys]
 
 
@@ -304,8 +327,10 @@ def layer_ops(g: _Builder, layer: Layer, x: str) -> str:
 
 def embedding_ops(g: _Builder, embeddings: Embeddings, ids: str, positions: str) -> str:
     """The word and position rows summed in the order `encoder.Embeddings` sums them,
-    plus the segment-0 row, then LayerNorm: packed tokens (N,) -> (N, H)."""
-    word = g.op("Gather", g.const(embeddings.word_embeddings.weight.detach()), ids, axis=0)
+    plus the segment-0 row, then LayerNorm: packed tokens (N,) -> (N, H). The word
+    embeddings are the module's own tensor, fed to each call (`_Builder.shared`)."""
+    table = g.shared("word_embeddings", embeddings.word_embeddings.weight)
+    word = g.op("Gather", table, ids, axis=0)
     position = g.op(
         "Gather", g.const(embeddings.position_embeddings.weight.detach()), positions, axis=0
     )
@@ -421,10 +446,10 @@ class OrtRow:
         inputs: dict[str, list[Any]] = {"ids": ["N"], "positions": ["N"], "thresholds": [L]}
         inputs["max_layers"] = []
         model = g.model(inputs, {out: ["E", C]}, ("ids", "positions", "max_layers"))
-        self._graph = _Graph(open_session(model, threads), [out])
+        self._graph = _Graph(open_session(model, threads), [out], g.feeds)
         self._wide: _Graph | None = None
         if wide_threads > threads:
-            self._wide = _Graph(open_session(model, wide_threads, spin=True), [out])
+            self._wide = _Graph(open_session(model, wide_threads, spin=True), [out], g.feeds)
 
     @property
     def has_wide(self) -> bool:
