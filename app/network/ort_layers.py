@@ -276,7 +276,28 @@ def open_session(model: bytes, threads: int, spin: bool = False) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     # No fusions: a subgraph must run the very same kernels in every graph holding it.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # One memory arena for every session of the process (`shared_arena`), not one each.
+    shared_arena()
+    opts.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+@functools.cache
+def shared_arena() -> None:
+    """Register one CPU memory arena with ONNX Runtime's process-wide environment, for
+    every session opened with `session.use_env_allocators` (`open_session`).
+
+    A session's own arena keeps the most its activations ever took and never gives it
+    back, and a model has fifteen sessions: measured on MiniLM, 440 MB more after
+    batches of 32 x 128 tokens through each kind of graph, 50 MB with the one arena.
+    Without any arena (malloc) it took as little but batches ran 4-8% slower; the one
+    arena runs as fast as fifteen (measured, two workers at once)."""
+    import onnxruntime as ort
+
+    cpu = ort.OrtMemoryInfo(
+        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+    )
+    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({}))
 
 
 class _Graph:

@@ -341,3 +341,13 @@ def test_the_word_embeddings_are_held_once(tiny_model_dir: Path) -> None:
         assert graph is not None
         assert "word_embeddings" in [i.name for i in graph.session.get_inputs()]
         assert np.shares_memory(graph.feeds["word_embeddings"], table)
+
+
+def test_every_session_allocates_from_the_one_shared_arena(fast: Backend) -> None:
+    """A session's own arena would keep its largest activations for good, per session."""
+    assert isinstance(fast, PackedOnnx)
+    layers = [g for layer in fast._layers for g in (layer._layer, layer._layer_and_exit)]
+    for graph in [fast._embed._graph, fast._row._graph, *layers]:
+        assert graph is not None
+        opts = graph.session.get_session_options()
+        assert opts.get_session_config_entry("session.use_env_allocators") == "1"
