@@ -279,7 +279,14 @@ def open_session(model: bytes, threads: int, spin: bool = False) -> Any:
     # One memory arena for every session of the process (`shared_arena`), not one each.
     shared_arena()
     opts.add_session_config_entry("session.use_env_allocators", "1")
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    # The Python wrapper keeps the serialized model, weights and all, for as long as the
+    # session lives, to open the session again should its provider fail (onnxruntime
+    # marks this a TODO itself). The CPU provider has nothing to fall back to: drop it.
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is model:
+        session._model_bytes = None
+    return session
 
 
 @functools.cache

@@ -351,3 +351,13 @@ def test_every_session_allocates_from_the_one_shared_arena(fast: Backend) -> Non
         assert graph is not None
         opts = graph.session.get_session_options()
         assert opts.get_session_config_entry("session.use_env_allocators") == "1"
+
+
+def test_no_session_keeps_its_serialized_model(fast: Backend) -> None:
+    """onnxruntime's Python wrapper would keep each model's bytes, weights and all, to
+    open the session again on a provider's failure; the CPU has no other provider."""
+    assert isinstance(fast, PackedOnnx)
+    layers = [g for layer in fast._layers for g in (layer._layer, layer._layer_and_exit)]
+    for graph in [fast._embed._graph, fast._row._graph, *layers]:
+        assert graph is not None
+        assert getattr(graph.session, "_model_bytes", None) is None
