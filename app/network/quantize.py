@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.network import ort_layers
+from app.network import ort_layers, ort_session
 from app.network.encoder import SelfAttention
 from app.network.invariant import Int8Linear, best_time, quantize_per_token, quantize_weight
 from app.network.multi_exit import MultiExitNetwork
@@ -117,10 +117,10 @@ def int8_kernel(kernel: str = "auto") -> str:
     if kernel not in INT8_KERNELS:
         raise ValueError(f"unknown int8 kernel {kernel!r}; expected one of {INT8_KERNELS}")
     if kernel == "auto":
-        return "onnxruntime" if ort_layers.available() else "torch"
-    if kernel == "onnxruntime" and not ort_layers.available():
+        return "onnxruntime" if ort_session.available() else "torch"
+    if kernel == "onnxruntime" and not ort_session.available():
         raise ValueError("int8 kernel 'onnxruntime' needs the onnx and onnxruntime packages")
-    if kernel == "torch" and ort_layers.available():
+    if kernel == "torch" and ort_session.available():
         slowdown = torch_kernel_slowdown()
         if slowdown > TORCH_KERNEL_MAX_SLOWDOWN:
             raise ValueError(

@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from app.network import artifact  # noqa: E402
 from app.network.multi_exit import MultiExitNetwork  # noqa: E402
-from app.network.ort_layers import signed_weights_exact  # noqa: E402
+from app.network.ort_session import signed_weights_exact  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "onnx"
 FP32_FILE, INT8_FILE, META_FILE = "model.onnx", "model.int8.onnx", "export.json"

@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine.executor import Row, run_batch
-from app.network import artifact, ort_layers
+from app.network import artifact, ort_session
 from app.network.backends import Backend, Padded, make_backend
 from app.network.exit_rule import exit_layers
 from app.network.quantize import int8_kernel, prepare_model
@@ -168,9 +168,9 @@ def _ort_softmax() -> Callable[[np.ndarray], np.ndarray]:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C"])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ort_layers.OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ort_session.OPSET)])
     model.ir_version = 10
-    session = ort_layers.open_session(model.SerializeToString(), 1)
+    session = ort_session.open_session(model.SerializeToString(), 1)
     return lambda x: session.run(None, {"x": x.astype(np.float32)})[0]
 
 
