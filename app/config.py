@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     # How far below the calibrated accuracy (calibration split, a fraction) the ladder
     # may go under load; 0 keeps the calibrated thresholds always.
     max_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
+    # The online audit (app.engine.audit): a share of the answers at the model's own exits
+    # run again through every exit, off the request's path; thresholds tighten when the
+    # live bound on disagreement with the last exit passes calibration's promise.
+    audit: bool = True
+    # The share audited while the server is busy (five times it while idle, none while
+    # it serves below its calibrated point).
+    audit_rate: float = Field(0.02, ge=0.0, le=1.0)
+    # How many of the latest audited answers the live bound is computed over.
+    audit_window: int = Field(2000, ge=50, le=1_000_000)
     # A batch running longer than this makes /readyz fail (the engine is stuck).
     stuck_after_s: float = Field(30.0, gt=0.0, le=3600.0)
     api_keys: SecretStr = SecretStr("")

@@ -152,6 +152,37 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.audit_answers = Counter(
+            "exitserve_audit_answers",
+            "Answers at the model's own exits run again through every exit (the audit)",
+            ["model"],
+            registry=r,
+        )
+        self.audit_disagreements = Counter(
+            "exitserve_audit_disagreements",
+            "Audited answers whose label was not the last exit's",
+            ["model"],
+            registry=r,
+        )
+        self.audit_bound = Gauge(
+            "exitserve_audit_disagreement_bound",
+            "95% upper bound on disagreement with the last exit, over the audit's window,"
+            " at the thresholds in use (NaN until the window has an answer)",
+            ["model"],
+            registry=r,
+        )
+        self.audit_promise = Gauge(
+            "exitserve_audit_promise",
+            "The disagreement calibration promised (max_disagreement; NaN: none)",
+            ["model"],
+            registry=r,
+        )
+        self.threshold_moves = Counter(
+            "exitserve_threshold_moves",
+            "Moves of the exits' strictness by the audit",
+            ["model", "direction"],
+            registry=r,
+        )
         self._degraded = _DegradedSeconds()
         r.register(self._degraded)
         self._views: dict[str, ModelMetrics] = {}
@@ -196,6 +227,9 @@ class ModelMetrics:
         self._inflight = m.inflight.labels(n)
         for reason in REJECT_REASONS:
             m.rejected.labels(reason, n)
+        self._audited = m.audit_answers.labels(n)
+        self._disagreed = m.audit_disagreements.labels(n)
+        self._moves = {d: m.threshold_moves.labels(n, d) for d in ("tighten", "relax")}
         self._info: tuple[str, ...] | None = None
 
     def describe(self, version: str, device: str, dtype: str) -> None:
@@ -224,15 +258,29 @@ class ModelMetrics:
         m.expected_wait.labels(n).set_function(read("expected_wait_s", 0.0))
         m._degraded.read[n] = state
 
+    def watch_audit(self, bound: Callable[[], float | None], promise: float | None) -> None:
+        """Read the audit's live bound at every scrape."""
+
+        def value() -> float:
+            b = bound()
+            return float("nan") if b is None else b
+
+        m, n = self.metrics, self.name
+        m.audit_bound.labels(n).set_function(value)
+        m.audit_promise.labels(n).set(float("nan") if promise is None else promise)
+
     def remove(self) -> None:
         m, n = self.metrics, self.name
         for family in (
             m.queue_duration, m.inference_duration, m.exit_layer, m.layers_executed,
             m.layers_skipped, m.batch_size, m.queue_size, m.inflight, m.ready,
-            m.operating_point, m.expected_accuracy, m.expected_wait,
+            m.operating_point, m.expected_accuracy, m.expected_wait, m.audit_answers,
+            m.audit_disagreements, m.audit_bound, m.audit_promise,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):
                 family.remove(n)
+        for direction in self._moves:
+            m.threshold_moves.remove(n, direction)
         for k in self._exits:
             m.exits.remove(n, str(k))
         for reason in REJECT_REASONS:
@@ -258,3 +306,12 @@ class ModelMetrics:
     def load(self, queued: int, inflight: int) -> None:
         self._queue_size.set(queued)
         self._inflight.set(inflight)
+
+    def audited(self, answers: int, disagreed: int, layers: int) -> None:
+        """The audit's work is compute spent: counted in the layers executed."""
+        self._audited.inc(answers)
+        self._disagreed.inc(disagreed)
+        self._executed.inc(layers)
+
+    def threshold_moved(self, direction: str) -> None:
+        self._moves[direction].inc()

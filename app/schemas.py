@@ -107,6 +107,9 @@ class InfoResponse(BaseModel):
     # The load controller: latency target, accuracy floor, the ladder it moves along
     # and where it is now (see app.engine.adapt).
     adaptation: dict[str, object]
+    # The online audit of early answers (app.engine.audit): its live bound against
+    # calibration's promise, the strictness level and thresholds in use; null when off.
+    audit: dict[str, object] | None = None
     threads: int  # torch threads per worker
     workers: int  # engine workers, each running its own batches
     max_batch_size: int

@@ -446,6 +446,7 @@ EXIT_METRICS = (
     "exitserve_exits_total",
     "exitserve_layers_executed_total",
     "exitserve_layers_skipped_total",
+    "exitserve_audit_answers_total",
     "exitserve_batch_size_count",
     "exitserve_batch_size_sum",
     "exitserve_queue_duration_seconds_count",

@@ -57,6 +57,7 @@ def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
         "scheme": rt.scheme,
         "kernel": rt.kernel,
         "adaptation": adaptation(engine, settings),
+        "audit": None if engine.audit is None else engine.audit.state(),
         "threads": rt.threads,
         "workers": engine.workers,
         "max_batch_size": engine.max_batch_size,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.engine.adapt import controller_for
+from app.engine.audit import Audit
 from app.engine.errors import NotRunning, UnknownModel
 from app.engine.runtime import load_runtime, time_batches, worker_plan
 from app.engine.scheduler import Engine
@@ -196,6 +197,17 @@ def start_engine(
     if controller.enabled:
         timed = time_batches(runtime, s.max_batch_size)
         controller.costs.anchor([(controller.work(n, layers), t) for n, layers, t in timed])
+    audit = None
+    if s.audit:
+        promise = runtime.calibration.get("max_disagreement")
+        audit = Audit(
+            runtime.thresholds,
+            float(promise) if isinstance(promise, int | float) else None,
+            rate=s.audit_rate,
+            window=s.audit_window,
+            min_audited=min(200, s.audit_window),
+            every=max(1, min(50, s.audit_window // 10)),
+        )
     observer = metrics.for_model(runtime.name, runtime.num_layers)
     observer.describe(runtime.version, runtime.device, runtime.dtype)
     engine = Engine(
@@ -208,10 +220,13 @@ def start_engine(
         workers=workers,
         stuck_after_s=s.stuck_after_s,
         controller=controller,
+        audit=audit,
     )
     engine.start()
     observer.watch_readiness(lambda: engine.ready)
     observer.watch_adaptation(engine.adaptation)
+    if audit is not None:
+        observer.watch_audit(lambda: audit.bound, audit.promise)
     return engine
 
 

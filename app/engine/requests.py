@@ -23,6 +23,10 @@ class EngineObserver(Protocol):
 
     def load(self, queued: int, inflight: int) -> None: ...
 
+    def audited(self, answers: int, disagreed: int, layers: int) -> None: ...
+
+    def threshold_moved(self, direction: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -48,6 +52,7 @@ class Pending:
         "started",
         "taken",
         "text",
+        "tokens",
     )
 
     def __init__(
@@ -62,6 +67,7 @@ class Pending:
         self.taken = False  # in a batch: it will run to its answer
         self.started = 0.0
         self.point: int | None = 0  # operating point its batch ran it at
+        self.tokens: list[int] = []  # its token ids, once its batch has begun
 
 
 def settle(fut: asyncio.Future[Answer], answer: Answer | None, error: Exception | None) -> None:

@@ -19,6 +19,10 @@ exceeds its budget is refused at once (Overloaded, with a retry delay). The work
 reports every batch's busy time and work to the controller, and wakes it while it is
 below point 0 so that it climbs back even when no traffic comes.
 
+Audit (app.engine.audit): after an answer at the model's own exits is given, a sample
+of them is queued to run again through every exit; a worker runs them when nothing is
+queued, or a few between batches when they pile up.
+
 Deadlines: an input whose deadline passes while it waits in the queue is dropped when
 a worker next takes a batch, before any compute, and its request fails with
 DeadlineExceeded; the caller also stops waiting at the deadline. An input already in
@@ -38,6 +42,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from app.engine.adapt import LoadController
+from app.engine.audit import Audit
 from app.engine.errors import (
     DeadlineExceeded,
     Draining,
@@ -54,6 +59,7 @@ from app.network.exit_rule import ExitRule
 log = logging.getLogger(__name__)
 
 CALIBRATED = ExitRule()  # the model's own exits, left to the load controller
+AUDIT_QUEUE = 256  # audits waiting for a worker; past it the oldest are dropped
 
 
 class Engine(WorkerLoops):
@@ -68,6 +74,7 @@ class Engine(WorkerLoops):
         workers: int = 1,
         stuck_after_s: float = 30.0,
         controller: LoadController | None = None,
+        audit: Audit | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -96,6 +103,8 @@ class Engine(WorkerLoops):
         self._arrival_gap = float("inf")  # moving average of seconds between requests
         self._arrival_load = 0.0  # moving average of the inputs an arrival finds admitted
         self.controller = controller  # guarded by _cond, like the queue
+        self.audit = audit  # app.engine.audit: answers run again through every exit
+        self._audits: deque[tuple[list[int], int]] = deque(maxlen=AUDIT_QUEUE)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:

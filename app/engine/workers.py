@@ -14,7 +14,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+import torch
+
 from app.engine.adapt import LoadController
+from app.engine.audit import Audit
 from app.engine.continuous import ContinuousBatcher
 from app.engine.errors import DeadlineExceeded, InferenceFailed
 from app.engine.executor import run_batch
@@ -25,6 +28,8 @@ from app.network.exit_rule import Prediction, Row
 
 log = logging.getLogger(__name__)
 
+AUDIT_BACKLOG = 32  # audits waiting that a busy worker runs between two batches
+
 
 class WorkerLoops:
     """The worker side of `scheduler.Engine` (the state below is the engine's)."""
@@ -34,6 +39,8 @@ class WorkerLoops:
     max_queue_delay_s: float
     observer: EngineObserver | None
     controller: LoadController | None
+    audit: Audit | None
+    _audits: deque[tuple[list[int], int]]  # (token ids, exit served) to audit
     _queue: deque[Pending]
     _inflight: int
     _cond: threading.Condition
@@ -54,6 +61,8 @@ class WorkerLoops:
         with self._cond:
             while True:
                 while not self._queue and not self._stopping:
+                    if self._audits:
+                        return []  # nothing to answer: audit what waits
                     self._cond.wait(self._next_check())
                     self._update_point()
                 if self._stopping:
@@ -125,13 +134,17 @@ class WorkerLoops:
         return batch
 
     def _point(self) -> tuple[int, Sequence[float]]:
-        """The operating point a batch starting now runs at, and its thresholds."""
+        """The operating point a batch starting now runs at, and its thresholds (as the
+        audit has tightened them)."""
         c = self.controller
+        thresholds: Sequence[float]
         if c is None:
-            return 0, self.runtime.thresholds
-        with self._cond:
-            k = c.point
-        return k, c.ladder.points[k].thresholds
+            k, thresholds = 0, self.runtime.thresholds
+        else:
+            with self._cond:
+                k = c.point
+            thresholds = c.ladder.points[k].thresholds
+        return k, thresholds if self.audit is None else self.audit.apply(thresholds)
 
     def _rows(self, batch: list[Pending]) -> list[Row]:
         rt = self.runtime
@@ -140,7 +153,7 @@ class WorkerLoops:
         now = time.perf_counter()
         rows = []
         for p, tokens in zip(batch, rt.tokenize([p.text for p in batch]), strict=True):
-            p.started = now
+            p.started, p.tokens = now, tokens
             # A request's own rule is kept whatever the load (no operating point).
             p.point = point if p.rule.default else None
             th = p.rule.thresholds(rt.thresholds, point_thresholds)
@@ -163,6 +176,15 @@ class WorkerLoops:
         if self.observer is not None:
             self.observer.answered(pred.exit_layer, L, answer.queue_s, answer.inference_s)
         p.loop.call_soon_threadsafe(settle, p.future, answer, None)
+        a = self.audit
+        # Answered first: the audit costs the answer nothing. Only answers at the
+        # model's own exits keep (or break) its promise.
+        if a is not None and p.rule.default:
+            idle, degraded = not self._queue, bool(p.point)
+            if a.wants(idle, degraded):
+                with self._cond:
+                    self._audits.append((p.tokens, pred.exit_layer))
+                    self._cond.notify()
 
     def _finish(self, n: int) -> None:
         with self._cond:
@@ -220,6 +242,9 @@ class WorkerLoops:
                 taken = self._take_batch()
                 if taken is None:
                     return
+                if not taken:
+                    self._audit_safely()
+                    continue
                 batch = taken
             began = self._busy_since[i] = time.monotonic()
             if batch:
@@ -242,11 +267,32 @@ class WorkerLoops:
             if rows:
                 self._report_load()
 
+    def _run_audits(self, limit: int = 16) -> None:
+        """Run up to `limit` queued audits through every exit and hand them to the audit."""
+        with self._cond:
+            items = [self._audits.popleft() for _ in range(min(limit, len(self._audits)))]
+        if not items or self.audit is None:
+            return
+        with torch.inference_mode():
+            logits = self.runtime.backend.all_exits([ids for ids, _ in items])  # (L, B, C)
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        disagreed = 0
+        for j, (_, served) in enumerate(items):
+            differed, move = self.audit.record(probs[:, j], served)
+            disagreed += differed
+            if move is not None and self.observer is not None:
+                self.observer.threshold_moved(move)
+        if self.observer is not None:
+            self.observer.audited(len(items), disagreed, len(items) * self.runtime.num_layers)
+
     def _run(self, i: int) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
+            if not batch:
+                self._audit_safely()
+                continue
             began = self._busy_since[i] = time.monotonic()
             answered = [0]  # inputs of this batch answered, and so already out of flight
             try:
@@ -261,6 +307,14 @@ class WorkerLoops:
                 self._busy_since[i] = None
                 self._finish(len(batch) - answered[0])
                 self._report_load()
+            if len(self._audits) >= AUDIT_BACKLOG:  # busy without a pause: audit some
+                self._audit_safely()
+
+    def _audit_safely(self) -> None:
+        try:
+            self._run_audits()
+        except Exception:
+            log.exception("an audit batch failed")  # answers were given: nothing to fail
 
     def _alone(self, i: int) -> bool:
         """Whether worker i, which has just taken a batch, may give a row alone the idle

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from app.network.exit_rule import exit_layers
+from app.stats import binomial_upper_bound
 
 __all__ = ["adaptive_outcome", "binomial_upper_bound", "exit_layers"]
 
@@ -18,32 +17,3 @@ def adaptive_outcome(
     e = exit_layers(conf, thresholds)
     acc = float(correct[e, np.arange(conf.shape[1])].mean())
     return acc, float(e.mean() + 1)
-
-
-def binomial_upper_bound(k: int, n: int, alpha: float = 0.05) -> float:
-    """One-sided Clopper-Pearson upper bound on a rate, from k events in n trials."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if k >= n:
-        return 1.0
-
-    def cdf(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
-        logs = [
-            math.lgamma(n + 1)
-            - math.lgamma(i + 1)
-            - math.lgamma(n - i + 1)
-            + (i * math.log(p) if i else 0.0)
-            + ((n - i) * math.log1p(-p))
-            for i in range(k + 1)
-        ]
-        m = max(logs)
-        return math.exp(m) * sum(math.exp(v - m) for v in logs)
-
-    lo, hi = k / n, 1.0 - 1e-12
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if cdf(mid) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi

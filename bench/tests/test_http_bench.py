@@ -302,5 +302,6 @@ def test_whole_harness_against_a_tiny_model(tmp_path: Path) -> None:
     assert exits >= sum(r["requests"] for r in rows.values())
     executed = float(counters['exitserve_layers_executed_total{model="tiny"}'])
     skipped = float(counters['exitserve_layers_skipped_total{model="tiny"}'])
-    assert executed + skipped == 4 * exits
+    audited = float(counters['exitserve_audit_answers_total{model="tiny"}'])
+    assert executed + skipped == 4 * (exits + audited)  # an audit runs every layer
     print(markdown(result))
