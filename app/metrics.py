@@ -171,6 +171,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.audit_lower_bound = Gauge(
+            "exitserve_audit_disagreement_lower_bound",
+            "95% lower bound on the same: above the promise, the promise is broken",
+            ["model"],
+            registry=r,
+        )
         self.audit_promise = Gauge(
             "exitserve_audit_promise",
             "The disagreement calibration promised (max_disagreement; NaN: none)",
@@ -258,15 +264,21 @@ class ModelMetrics:
         m.expected_wait.labels(n).set_function(read("expected_wait_s", 0.0))
         m._degraded.read[n] = state
 
-    def watch_audit(self, bound: Callable[[], float | None], promise: float | None) -> None:
-        """Read the audit's live bound at every scrape."""
+    def watch_audit(
+        self, bounds: Callable[[], tuple[float | None, float | None]], promise: float | None
+    ) -> None:
+        """Read the audit's live bounds (lower, upper) at every scrape."""
 
-        def value() -> float:
-            b = bound()
-            return float("nan") if b is None else b
+        def value(i: int) -> Callable[[], float]:
+            def read() -> float:
+                b = bounds()[i]
+                return float("nan") if b is None else b
+
+            return read
 
         m, n = self.metrics, self.name
-        m.audit_bound.labels(n).set_function(value)
+        m.audit_lower_bound.labels(n).set_function(value(0))
+        m.audit_bound.labels(n).set_function(value(1))
         m.audit_promise.labels(n).set(float("nan") if promise is None else promise)
 
     def remove(self) -> None:
@@ -275,7 +287,7 @@ class ModelMetrics:
             m.queue_duration, m.inference_duration, m.exit_layer, m.layers_executed,
             m.layers_skipped, m.batch_size, m.queue_size, m.inflight, m.ready,
             m.operating_point, m.expected_accuracy, m.expected_wait, m.audit_answers,
-            m.audit_disagreements, m.audit_bound, m.audit_promise,
+            m.audit_disagreements, m.audit_bound, m.audit_lower_bound, m.audit_promise,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):
                 family.remove(n)

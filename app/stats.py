@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["binomial_upper_bound"]
+__all__ = ["binomial_lower_bound", "binomial_upper_bound"]
 
 
 def binomial_upper_bound(k: int, n: int, alpha: float = 0.05) -> float:
@@ -34,3 +34,8 @@ def binomial_upper_bound(k: int, n: int, alpha: float = 0.05) -> float:
         else:
             hi = mid
     return hi
+
+
+def binomial_lower_bound(k: int, n: int, alpha: float = 0.05) -> float:
+    """One-sided Clopper-Pearson lower bound on a rate, from k events in n trials."""
+    return 0.0 if k <= 0 else 1.0 - binomial_upper_bound(n - k, n, alpha)

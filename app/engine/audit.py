@@ -14,12 +14,17 @@ drifts; the promise can break on the live stream without anything noticing. So:
   last `window` audits tells what *any* thresholds would have answered for them, not
   only those in use when they were served. The live bound is the 95% upper bound on
   disagreement with the last exit, over the window, at the thresholds in use now.
-- Tightening (level k): every intermediate threshold t moves to 1 - (1 - t) / 2^k. When
-  the bound at the current level passes the promise (with at least `min_audited` in
-  the window), the level rises to the first whose bound on the window keeps the promise;
-  it relaxes to the first level whose bound is within `relax` of the promise (0.8: a
-  margin, so that it does not flap). It never goes below level 0, the calibrated
-  thresholds. Every move is logged with its evidence.
+- Tightening (level k): every intermediate threshold t moves to 1 - (1 - t) / 2^k. The
+  exits tighten on evidence that the promise is broken: the 95% *lower* bound at the
+  current level above it (with at least `min_audited` in the window); then to the first
+  level whose upper bound keeps the promise. They relax to the first lower level whose
+  upper bound keeps it. Between the two bounds nothing moves, so the level does not
+  flap. Why not tighten on the upper bound: calibration set the thresholds where the
+  upper bound over its 1,275 sentences just kept the promise (2.2% observed, 3%
+  promised); over a smaller live window of the very same kind of text the upper bound
+  is wider and passes 3%: on 1,000 plain test sentences that rule tightened (a false
+  alarm), this one did not. It never goes below level 0, the calibrated thresholds.
+  Every move is logged with its evidence.
 
 The audit itself is pure (no threads, no torch); the engine feeds it.
 """
@@ -35,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from app.network.exit_rule import exit_layers
-from app.stats import binomial_upper_bound
+from app.stats import binomial_lower_bound, binomial_upper_bound
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,6 @@ class Audit:
         min_audited: int = 200,
         levels: int = 6,
         every: int = 50,
-        relax: float = 0.8,
         seed: int | None = None,
     ) -> None:
         """`thresholds`: the calibrated ones (level 0); `promise`: calibration's
@@ -74,12 +78,13 @@ class Audit:
         self.thresholds = list(thresholds)
         self.promise = promise
         self.rate, self.window, self.min_audited = rate, window, min_audited
-        self.levels, self.every, self.relax = levels, every, relax
+        self.levels, self.every = levels, every
         self.level = 0
         self.audited = 0  # every audited answer
         self.disagreed = 0  # ... whose served label was not the last exit's
         self.moves = {"tighten": 0, "relax": 0}
-        self.bound: float | None = None  # at the current level, over the window
+        self.bound: float | None = None  # 95% upper bound at the current level, over the window
+        self.lower: float | None = None  # ... and lower bound
         self._conf: deque[np.ndarray] = deque(maxlen=window)  # (L,) max-softmax per exit
         self._labels: deque[np.ndarray] = deque(maxlen=window)  # (L,) label per exit
         self._since = 0  # records since the last decision
@@ -132,23 +137,26 @@ class Audit:
         k, n = self.disagreements(level)
         return binomial_upper_bound(k, n)
 
+    def _bounds(self) -> None:
+        k, n = self.disagreements(self.level)
+        self.bound, self.lower = binomial_upper_bound(k, n), binomial_lower_bound(k, n)
+
     def _decide(self) -> str | None:
         """Re-read the window; move the level if the promise asks for it (lock held)."""
         n = len(self._conf)
         if n == 0:
             return None
-        self.bound = self._upper(self.level)
+        self._bounds()
         if self.promise is None or n < self.min_audited:
             return None
+        assert self.lower is not None
         before = self.level
-        if self.bound > self.promise:
+        if self.lower > self.promise:
             stricter = range(self.level + 1, self.levels + 1)
             self.level = next((k for k in stricter if self._upper(k) <= self.promise), self.levels)
         else:
-            self.level = next(
-                (k for k in range(self.level) if self._upper(k) <= self.relax * self.promise),
-                self.level,
-            )
+            laxer = range(self.level)
+            self.level = next((k for k in laxer if self._upper(k) <= self.promise), self.level)
         if self.level == before:
             return None
         move = "tighten" if self.level > before else "relax"
@@ -156,16 +164,17 @@ class Audit:
         k, n = self.disagreements(before)
         log.warning(
             "audit: %s from level %d to %d: %d of the last %d audited answers disagree with the"
-            " last exit at level %d (95%% bound %.4f, promise %.4f); thresholds now %s",
-            move, before, self.level, k, n, before, self.bound, self.promise,
+            " last exit at level %d (95%% bounds %.4f-%.4f, promise %.4f); thresholds now %s",
+            move, before, self.level, k, n, before, self.lower, self.bound, self.promise,
             [round(t, 4) for t in self.apply(self.thresholds)],
         )  # fmt: skip
-        self.bound = self._upper(self.level)
+        self._bounds()
         return move
 
     def state(self) -> dict[str, object]:
         with self._lock:
             k, n = self.disagreements(self.level)
+            k0, _ = self.disagreements(0)
             return {
                 "rate": self.rate,
                 "window": self.window,
@@ -176,6 +185,8 @@ class Audit:
                 "disagreed": self.disagreed,
                 "window_audited": n,
                 "window_disagreeing": k,
+                "window_disagreeing_calibrated": k0,  # had the calibrated thresholds served
                 "bound": self.bound,
+                "lower_bound": self.lower,
                 "moves": dict(self.moves),
             }

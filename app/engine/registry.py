@@ -226,7 +226,7 @@ def start_engine(
     observer.watch_readiness(lambda: engine.ready)
     observer.watch_adaptation(engine.adaptation)
     if audit is not None:
-        observer.watch_audit(lambda: audit.bound, audit.promise)
+        observer.watch_audit(lambda: (audit.lower, audit.bound), audit.promise)
     return engine
 
 
