@@ -272,10 +272,13 @@ def bars(rows: list[dict[str, Any]], o: Options, calibrated_accuracy: float) -> 
     by = {(r["config"], r["load"]): r for r in rows}
     out: dict[str, bool] = {}
     a2, s2 = by.get(("adaptive", 2.0)), by.get(("static", 2.0))
+    for load in (2.0, 5.0):  # the latency target held under overload (issue 26: 1.25x)
+        a = by.get(("adaptive", load))
+        if a:
+            out[f"{load:g}x: adaptive accepted p99 <= 1.25 x target"] = (a["p99_ms"] or 1e9) <= (
+                1.25 * o.target_ms
+            )
     if a2 and s2:
-        out["2x: adaptive accepted p99 <= 1.5 x target"] = (a2["p99_ms"] or 1e9) <= (
-            1.5 * o.target_ms
-        )
         out["2x: adaptive goodput >= 1.5 x static"] = a2["goodput_rps"] >= 1.5 * s2["goodput_rps"]
         out["2x: served accuracy >= calibrated - drop - 0.5 point"] = (
             a2["served_accuracy"] or 0
@@ -435,9 +438,10 @@ def run(o: Options) -> tuple[dict[str, Any], Path]:
     result["bars"] = bars(rows, o, test_accuracy)
     o.out.mkdir(parents=True, exist_ok=True)
     stem = o.out / f"overload-{spec.name}-{date}-{host}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
+    # Not with_suffix: a tag may hold a dot ("admit-0.4").
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
+    plot(result, Path(f"{stem}.png"))
     return result, stem
 
 

@@ -179,9 +179,10 @@ class WorkerLoops:
         a = self.audit
         # Answered first: the audit costs the answer nothing. Only answers at the
         # model's own exits keep (or break) its promise.
-        if a is not None and p.rule.default:
-            idle, degraded = not self._queue, bool(p.point)
-            if a.wants(idle, degraded):
+        if a is not None and p.rule.default and a.wants(not self._queue, bool(p.point)):
+            # None while short of capacity: below point 0 (`wants`), or refusing new work.
+            c, queued = self.controller, len(self._queue) + self._inflight
+            if c is None or c.refusal(queued, 1, None) is None:
                 with self._cond:
                     self._audits.append((p.tokens, pred.exit_layer))
                     self._cond.notify()

@@ -54,11 +54,15 @@ def test_bars_compare_adaptive_with_static_in_the_same_run() -> None:
     o = Options(Path("m"), target_ms=200, drop=0.02)
     rows = [row("static", 2.0, goodput_rps=10.0), row("adaptive", 2.0), row("default", 1.0)]
     assert all(bars(rows, o, calibrated_accuracy=0.83).values())
-    worse = [row("static", 2.0, goodput_rps=80.0), row("adaptive", 2.0, p99_ms=350.0)]
+    worse = [
+        row("static", 2.0, goodput_rps=80.0),
+        row("adaptive", 2.0, p99_ms=260.0),  # 1.3x the target
+        row("adaptive", 5.0, p99_ms=250.0),  # 1.25x: holds
+    ]
     failed = {k for k, ok in bars(worse, o, 0.83).items() if not ok}
     assert failed == {
         "2x: adaptive goodput >= 1.5 x static",
-        "2x: adaptive accepted p99 <= 1.5 x target",
+        "2x: adaptive accepted p99 <= 1.25 x target",
     }
     # 0.82 < 0.83 - 0.02 - 0.005 fails; a late recovery and a missing Retry-After too.
     bad = [

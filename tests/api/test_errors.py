@@ -311,10 +311,12 @@ def test_a_request_expected_to_miss_its_budget_is_refused_with_a_computed_retry_
             assert_error(r, 429, "overloaded")
             assert r.headers["retry-after"] == str(math.ceil(wait - c.admit_at * 0.5))
             # A request that grants itself a longer deadline than the wait is admitted.
+            enough = math.ceil(1000 * wait / c.admit_at) + 1000
+            assert enough <= 60_000  # within MAX_TIMEOUT_MS
             later = pool.submit(
                 client.post,
                 "/predict",
-                json={"inputs": "good", "parameters": {"timeout_ms": 30_000}},
+                json={"inputs": "good", "parameters": {"timeout_ms": enough}},
             )
             stop = time.monotonic() + 10
             while engine.queued() != 1:  # admitted, behind the held input

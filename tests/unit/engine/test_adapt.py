@@ -23,7 +23,12 @@ POINTS = (
 LADDER = Ladder(POINTS, fixed_cost=0.5)
 
 
+# The fractions these tests were worked out with (the mechanics, not the defaults).
+FRACTIONS = {"shallower_at": 0.7, "admit_at": 0.8, "deeper_at": 0.4}
+
+
 def controller(max_drop: float = 0.02, target_s: float = 0.2, **kw: float) -> LoadController:
+    kw = {**FRACTIONS, **kw}
     c = LoadController(LADDER, target_s=target_s, max_drop=max_drop, **kw)  # type: ignore[arg-type]
     # One measured batch: 10 inputs that ran 30 layers in all, 35 units, in 35 ms:
     # a worker does 1 ms per layer unit.

@@ -439,7 +439,9 @@ def test_a_request_that_cannot_be_served_in_its_budget_is_refused_at_once(
     engine_of: Callable[..., Engine], runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Batches of one input: a refusal needs a full batch ahead.
-    c = LoadController(two_point_ladder(runtime), target_s=1.0, max_drop=0.5, batch_size=1)
+    c = LoadController(  # admitting up to 80% of the budget: the figures below
+        two_point_ladder(runtime), target_s=1.0, max_drop=0.5, batch_size=1, admit_at=0.8
+    )
     c.observe(1.0, 0.1)  # 0.1 s per input even at the floor (1 layer unit)
     engine = engine_of(controller=c, max_batch_size=1)
     held = Held(runtime, monkeypatch)
