@@ -70,11 +70,12 @@ def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
 @router.get("/info", response_model=InfoResponse)
 async def info(registry: RegistryDep, settings: SettingsDep) -> InfoResponse:
     models: list[dict[str, object]] = []
+    loaded: dict[str, dict[str, object]] = {}
     for entry in registry.index():
         engine = registry.find(entry["name"])
         described: dict[str, object] = {"model": entry["name"], "model_version": entry["version"]}
         if engine is not None:
-            described = model_info(engine, settings)
+            described = loaded[entry["name"]] = model_info(engine, settings)
         models.append({**described, "state": entry["state"], "reason": entry["reason"]})
     shares, policy = registry.shares, None
     if shares is not None:
@@ -84,7 +85,8 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> InfoResponse:
             "weights": {name: shares.weight(name) for name in registry.names},
             "half_life_s": shares.half_life_s,
         }
-    default = model_info(registry.engine(), settings)
+    # The default model's figures (unloaded: 503 from `engine`, as for /predict).
+    default = loaded.get(registry.default) or model_info(registry.engine(), settings)
     return InfoResponse.model_validate(
         {**default, "version": __version__, "models": models, "shares": policy}
     )

@@ -123,58 +123,66 @@ class Audit:
                 move = self._decide()
         return differed, move
 
-    def disagreements(self, level: int) -> tuple[int, int]:
-        """(disagreeing, audited) over the window, had the thresholds been at `level`."""
+    def _window(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window as arrays: confidences and labels, (L, n) each."""
+        return np.stack(self._conf, axis=1), np.stack(self._labels, axis=1)
+
+    def disagreements(
+        self, level: int, window: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[int, int]:
+        """(disagreeing, audited) over the window (`_window()`, unless given), had the
+        thresholds been at `level`."""
         if not self._conf:
             return 0, 0
-        conf = np.stack(self._conf, axis=1)  # (L, n)
-        labels = np.stack(self._labels, axis=1)
+        conf, labels = self._window() if window is None else window
         exits = exit_layers(conf, np.asarray(tightened(self.thresholds, level)))
         served = labels[exits, np.arange(conf.shape[1])]
         return int((served != labels[-1]).sum()), conf.shape[1]
-
-    def _upper(self, level: int) -> float:
-        k, n = self.disagreements(level)
-        return binomial_upper_bound(k, n)
-
-    def _bounds(self) -> None:
-        k, n = self.disagreements(self.level)
-        self.bound, self.lower = binomial_upper_bound(k, n), binomial_lower_bound(k, n)
 
     def _decide(self) -> str | None:
         """Re-read the window; move the level if the promise asks for it (lock held)."""
         n = len(self._conf)
         if n == 0:
             return None
-        self._bounds()
+        window = self._window()  # stacked once for every level weighed below
+
+        def upper(level: int) -> float:
+            return binomial_upper_bound(*self.disagreements(level, window))
+
+        def bounds() -> tuple[int, int]:
+            k, n = self.disagreements(self.level, window)
+            self.bound, self.lower = binomial_upper_bound(k, n), binomial_lower_bound(k, n)
+            return k, n
+
+        k, n = bounds()
         if self.promise is None or n < self.min_audited:
             return None
         assert self.lower is not None
         before = self.level
         if self.lower > self.promise:
             stricter = range(self.level + 1, self.levels + 1)
-            self.level = next((k for k in stricter if self._upper(k) <= self.promise), self.levels)
+            self.level = next((j for j in stricter if upper(j) <= self.promise), self.levels)
         else:
             laxer = range(self.level)
-            self.level = next((k for k in laxer if self._upper(k) <= self.promise), self.level)
+            self.level = next((j for j in laxer if upper(j) <= self.promise), self.level)
         if self.level == before:
             return None
         move = "tighten" if self.level > before else "relax"
         self.moves[move] += 1
-        k, n = self.disagreements(before)
         log.warning(
             "audit: %s from level %d to %d: %d of the last %d audited answers disagree with the"
             " last exit at level %d (95%% bounds %.4f-%.4f, promise %.4f); thresholds now %s",
             move, before, self.level, k, n, before, self.lower, self.bound, self.promise,
             [round(t, 4) for t in self.apply(self.thresholds)],
         )  # fmt: skip
-        self._bounds()
+        bounds()
         return move
 
     def state(self) -> dict[str, object]:
         with self._lock:
-            k, n = self.disagreements(self.level)
-            k0, _ = self.disagreements(0)
+            window = self._window() if self._conf else None
+            k, n = self.disagreements(self.level, window)
+            k0, _ = self.disagreements(0, window)
             return {
                 "rate": self.rate,
                 "window": self.window,
