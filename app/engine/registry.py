@@ -70,14 +70,11 @@ class ModelRegistry:
         if not entries:
             raise ValueError("no model to serve")
         self._entries = {e.name: e for e in entries}
+        self.names = list(self._entries)  # fixed at start-up; the middleware asks per request
         self.default = entries[0].name
         self._build, self._forget = build, forget
         self.shares = shares
         self._lock = threading.Lock()  # one load or unload at a time
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._entries)
 
     def entry(self, name: str) -> Entry:
         e = self._entries.get(name)
