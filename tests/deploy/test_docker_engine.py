@@ -153,12 +153,8 @@ def test_docker_stop_answers_the_requests_in_flight_then_exits_0(
         ]
         stop = time.monotonic() + GUARD_S
         while True:  # every input admitted, many still waiting
-            m = httpx.get(f"{url}/metrics", timeout=10).text
-            queued = next(
-                float(line.split()[1])
-                for line in m.splitlines()
-                if line.startswith("exitserve_queue_size ")
-            )
+            m = metric_samples(httpx.get(f"{url}/metrics", timeout=10).text)
+            queued = sample(m, "exitserve_queue_size")
             if queued >= 64:
                 break
             assert not all(f.done() for f in futures), "the backlog ran out before the stop"
