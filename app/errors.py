@@ -19,6 +19,7 @@ from app.engine.errors import (
     DeadlineExceeded,
     Draining,
     InferenceFailed,
+    InputTooLong,
     NotRunning,
     Overloaded,
     TooLate,
@@ -65,6 +66,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     InferenceFailed: (500, "internal", "internal error"),
     DeadlineExceeded: (504, "timeout", "deadline passed before the request could run"),
     UnknownModel: (404, "not_found", "unknown model"),
+    InputTooLong: (413, "too_large", "an input is over the model's token limit"),
 }
 RETRY_AFTER_S = "1"
 
@@ -102,6 +104,7 @@ REJECT_REASON: dict[type[Exception], str] = {
     Overloaded: "overloaded",
     Draining: "draining",
     TooLarge: "too_large",
+    InputTooLong: "too_large",
     DeadlineExceeded: "deadline",
     TooLate: "expected_wait",
 }
@@ -130,6 +133,11 @@ def install(app: FastAPI, overload_status: int) -> None:
         status, kind, message = table[type(exc)]
         if isinstance(exc, UnknownModel):
             message = f"unknown model {clip(exc.name)!r}; this server serves {exc.served}"
+        elif isinstance(exc, InputTooLong):
+            message = (
+                f"an input has {exc.length} tokens; the model's limit is {exc.limit}"
+                " (parameters.truncate is false)"
+            )
         headers = {"Retry-After": retry_after(exc)} if status in (429, 503) else None
         return JSONResponse(error_body(message, kind), status, headers=headers)
 

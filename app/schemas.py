@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -18,6 +20,31 @@ class Parameters(BaseModel):
     )
     max_layers: int | None = Field(None, ge=1, description="Answer at this exit at the latest.")
     all_scores: bool = Field(False, description="Include every label's probability.")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Include the k best labels' scores, best first (in `scores`).",
+    )
+    raw_scores: bool = Field(
+        False, description="Scores as the exit's logits rather than probabilities."
+    )
+    label_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="Multi-label models: a label is on at this probability or above"
+        " (default 0.5); `labels` lists the labels that are on.",
+    )
+    truncate: bool = Field(
+        True,
+        description="Cut a text over the model's token limit; false: answer 413 naming its"
+        " length and the limit.",
+    )
+    truncation_direction: Literal["right", "left"] = Field(
+        "right", description="Which end of a long text is cut: right keeps its start."
+    )
     timeout_ms: int | None = Field(
         None,
         ge=1,
@@ -70,11 +97,18 @@ class PredictRequest(BaseModel):
 
 
 class PredictionOut(BaseModel):
-    label: str
-    score: float
+    label: str = Field(..., description="The most probable label.")
+    score: float = Field(..., description="Its probability (its logit with raw_scores).")
     exit_layer: int = Field(..., description="1 = the exit after the first encoder layer")
     num_layers: int
-    scores: dict[str, float] | None = None
+    scores: dict[str, float] | None = Field(
+        None,
+        description="With all_scores: every label's score, in label order; with top_k: the"
+        " k best, best first.",
+    )
+    labels: list[str] | None = Field(
+        None, description="Multi-label models: the labels that are on, most probable first."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -92,6 +126,8 @@ class InfoResponse(BaseModel):
     model: str
     model_version: str
     labels: list[str]
+    architecture: str = "bert"  # the encoder family it was read from
+    multi_label: bool = False  # a sigmoid per label: answers are sets of labels
     num_layers: int
     exit_thresholds: list[float]
     max_seq_len: int

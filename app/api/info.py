@@ -46,6 +46,8 @@ def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
         "model": rt.name,
         "model_version": rt.version,
         "labels": rt.labels,
+        "architecture": rt.architecture,
+        "multi_label": rt.multi_label,
         "num_layers": rt.num_layers,
         "exit_thresholds": rt.thresholds,
         "max_seq_len": rt.max_seq_len,

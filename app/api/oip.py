@@ -1,8 +1,13 @@
 """Open Inference Protocol (KServe v2 / Triton HTTP), so their clients work unchanged.
 
 Input `text` (BYTES, shape [N]); outputs `label` (BYTES), `score` (FP32) and
-`exit_layer` (INT32). Request `parameters` may carry `threshold`, `max_layers` and a
-deadline: `timeout_ms`, or Triton's `timeout` in microseconds (what
+`exit_layer` (INT32), and on request `scores` (FP32 [N, C], every label's in label
+order; with Triton's classification extension, `classification: k` on the requested
+output or the request parameter `top_k`, BYTES [N, k] of "score:index:label", best
+first) and, for a multi-label model, `labels` (BYTES [N], the labels that are on,
+joined by ","; among the defaults). Request `parameters` may carry `threshold`,
+`max_layers`, `raw_scores`, `label_threshold`, `truncate`, `truncation_direction` (as
+in /predict), and a deadline: `timeout_ms`, or Triton's `timeout` in microseconds (what
 `InferenceServerClient.infer(..., timeout=...)` sends); with both, the sooner counts.
 Inputs may use the binary tensor data extension (as `tritonclient` sends by default);
 outputs are always JSON, which every client reads.
@@ -22,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import __version__
 from app.api.deps import RegistryDep, SettingsDep, engine_for, get_registry, require_api_key
-from app.api.predict import ERRORS, exit_rule, timing_headers
+from app.api.predict import ERRORS, exit_rule, prediction, timing_headers, truncation
 from app.config import Settings
 from app.engine.scheduler import Engine
 from app.errors import ApiError, InvalidInput, ModelNotFound, TooLarge, clip
@@ -32,7 +37,11 @@ router = APIRouter(prefix="/v2")
 infer_router = APIRouter(prefix="/v2", dependencies=[Depends(require_api_key)])
 repository_router = APIRouter(prefix="/v2/repository", dependencies=[Depends(require_api_key)])
 
-OUTPUTS = {"label": "BYTES", "score": "FP32", "exit_layer": "INT32"}
+OUTPUTS = {"label": "BYTES", "score": "FP32", "exit_layer": "INT32", "scores": "FP32",
+           "labels": "BYTES"}  # fmt: skip
+DEFAULT_OUTPUTS = ("label", "score", "exit_layer")
+PARAMETERS = ("threshold", "max_layers", "timeout_ms", "top_k", "raw_scores",
+              "label_threshold", "truncate", "truncation_direction")  # fmt: skip
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -109,8 +118,17 @@ async def model_metadata(request: Request, name: str, version: str | None = None
         "versions": [rt.version],
         "platform": "exitserve_multi_exit",
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in OUTPUTS.items()],
-        "parameters": {"labels": rt.labels, "num_layers": rt.num_layers},
+        "outputs": [
+            {"name": n, "datatype": d, "shape": [-1] if n != "scores" else [-1, len(rt.labels)]}
+            for n, d in OUTPUTS.items()
+            if n != "labels" or rt.multi_label
+        ],
+        "parameters": {
+            "labels": rt.labels,
+            "num_layers": rt.num_layers,
+            "architecture": rt.architecture,
+            "multi_label": rt.multi_label,
+        },
     }
 
 
@@ -214,7 +232,7 @@ def _texts(req: InferRequest, binary: bytes) -> list[str]:
 
 def _parameters(raw: dict[str, Any]) -> Parameters:
     """The request parameters this server acts on; others (Triton's among them) are ignored."""
-    known = {k: v for k, v in raw.items() if k in ("threshold", "max_layers", "timeout_ms")}
+    known = {k: v for k, v in raw.items() if k in PARAMETERS}
     try:
         params = Parameters.model_validate(known)
     except ValidationError as e:
@@ -261,32 +279,65 @@ async def infer(
             f"{len(texts)} inputs in one request; the limit is {settings.max_inputs_per_request}"
         )
     params = _parameters(req.parameters)
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
-    unknown = [w for w in wanted if w not in OUTPUTS]
+    rt = engine.runtime
+    defaults = (*DEFAULT_OUTPUTS, "labels") if rt.multi_label else DEFAULT_OUTPUTS
+    wanted = [o.name for o in req.outputs] if req.outputs else list(defaults)
+    available = [o for o in OUTPUTS if o != "labels" or rt.multi_label]
+    unknown = [w for w in wanted if w not in available]
     if unknown:
-        raise InvalidInput(f"unknown output {clip(unknown[0])!r}; available: {list(OUTPUTS)}")
+        raise InvalidInput(f"unknown output {clip(unknown[0])!r}; available: {available}")
+    top_k = _classification(req.outputs or [], params.top_k)
     answers = await engine.submit(
         texts,
         exit_rule(engine, params.threshold, params.max_layers),
         settings.timeout_s(params.timeout_ms),
         settings.budget_s(params.timeout_ms),
+        truncation(params),
     )
     response.headers.update(timing_headers(answers, time.perf_counter() - started))
-    columns = {
-        "label": [a.label for a in answers],
-        "score": [a.score for a in answers],
-        "exit_layer": [a.exit_layer for a in answers],
-    }
-    rt = engine.runtime
+    ranked = params.model_copy(update={"top_k": len(rt.labels)})  # every label, best first
+    rows = [prediction(a, rt.num_layers, ranked, rt.multi_label) for a in answers]
     return InferResponse(
         model_name=rt.name,
         model_version=rt.version,
         id=req.id,
-        outputs=[
-            TensorOut(name=w, shape=[len(answers)], datatype=OUTPUTS[w], data=columns[w])
-            for w in wanted
-        ],
+        outputs=[_output(w, rows, rt.labels, top_k) for w in wanted],
     )
+
+
+def _classification(outputs: list[RequestedOutput], top_k: int | None) -> int | None:
+    """k of Triton's classification extension (`classification` on the `scores` output),
+    or the request's `top_k`."""
+    for o in outputs:
+        k = o.parameters.get("classification")
+        if o.name == "scores" and k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise InvalidInput("outputs.scores.classification: must be a positive integer")
+            return k
+    return top_k
+
+
+def _output(
+    name: str, rows: list[dict[str, Any]], labels: list[str], top_k: int | None
+) -> TensorOut:
+    """One output tensor from the answers (`prediction` objects with every score)."""
+    n = len(rows)
+    if name == "scores" and top_k is not None:
+        k = min(top_k, len(labels))
+        index = {label: i for i, label in enumerate(labels)}
+        data = [
+            f"{score}:{index[label]}:{label}"
+            for r in rows
+            for label, score in list(r["scores"].items())[:k]
+        ]
+        return TensorOut(name=name, shape=[n, k], datatype="BYTES", data=data)
+    if name == "scores":
+        data = [r["scores"][label] for r in rows for label in labels]
+        return TensorOut(name=name, shape=[n, len(labels)], datatype="FP32", data=data)
+    if name == "labels":
+        return TensorOut(name=name, shape=[n], datatype="BYTES",
+                         data=[",".join(r["labels"]) for r in rows])  # fmt: skip
+    return TensorOut(name=name, shape=[n], datatype=OUTPUTS[name], data=[r[name] for r in rows])
 
 
 # -- Triton's model repository extension ----------------------------------------------

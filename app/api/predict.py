@@ -21,7 +21,8 @@ from app.engine.requests import Answer
 from app.engine.scheduler import Engine
 from app.errors import InvalidInput, TooLarge
 from app.network.exit_rule import ExitRule
-from app.schemas import ErrorResponse, PredictRequest, PredictResponse
+from app.network.tokenizer import Truncation
+from app.schemas import ErrorResponse, Parameters, PredictRequest, PredictResponse
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -55,17 +56,35 @@ def timing_headers(answers: list[Answer], total_s: float) -> dict[str, str]:
     return headers
 
 
-def prediction(a: Answer, num_layers: int, all_scores: bool) -> dict[str, Any]:
-    """One answer as PredictionOut's JSON object (`scores` left out unless asked for)."""
+def prediction(
+    a: Answer, num_layers: int, p: Parameters, multi_label: bool = False
+) -> dict[str, Any]:
+    """One answer as PredictionOut's JSON object: `scores` only when asked for (every
+    label in label order, or the `top_k` best, best first), logits in place of probabilities with
+    `raw_scores`, and a multi-label model's `labels` that are on."""
+    scores = a.scores
+    if p.raw_scores:
+        scores = dict(zip(a.scores, a.logits, strict=True))
     out: dict[str, Any] = {
         "label": a.label,
-        "score": a.score,
+        "score": scores[a.label],
         "exit_layer": a.exit_layer,
         "num_layers": num_layers,
     }
-    if all_scores:
-        out["scores"] = a.scores
+    if p.top_k is not None:
+        ranked = sorted(scores.items(), key=lambda kv: -a.scores[kv[0]])
+        out["scores"] = dict(ranked[: p.top_k])
+    elif p.all_scores:
+        out["scores"] = scores
+    if multi_label:
+        at = 0.5 if p.label_threshold is None else p.label_threshold
+        on = [label for label, prob in a.scores.items() if prob >= at]
+        out["labels"] = sorted(on, key=lambda label: -a.scores[label])
     return out
+
+
+def truncation(p: Parameters) -> Truncation:
+    return Truncation(allowed=p.truncate, side=p.truncation_direction)
 
 
 @router.post(
@@ -86,12 +105,13 @@ async def predict(body: PredictRequest, request: Request) -> Response:
         exit_rule(engine, p.threshold, p.max_layers),
         settings.timeout_s(p.timeout_ms),
         settings.budget_s(p.timeout_ms),
+        truncation(p),
     )
     rt = engine.runtime
     content = {
         "model": rt.name,
         "model_version": rt.version,
-        "predictions": [prediction(a, rt.num_layers, p.all_scores) for a in answers],
+        "predictions": [prediction(a, rt.num_layers, p, rt.multi_label) for a in answers],
     }
     return Response(
         json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode(),

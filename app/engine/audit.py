@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from app.network import exit_rule
 from app.network.exit_rule import exit_layers
 from app.stats import binomial_lower_bound, binomial_upper_bound
 
@@ -85,8 +86,8 @@ class Audit:
         self.moves = {"tighten": 0, "relax": 0}
         self.bound: float | None = None  # 95% upper bound at the current level, over the window
         self.lower: float | None = None  # ... and lower bound
-        self._conf: deque[np.ndarray] = deque(maxlen=window)  # (L,) max-softmax per exit
-        self._labels: deque[np.ndarray] = deque(maxlen=window)  # (L,) label per exit
+        self._conf: deque[np.ndarray] = deque(maxlen=window)  # (L,) confidence per exit
+        self._labels: deque[np.ndarray] = deque(maxlen=window)  # (L,) answer per exit
         self._since = 0  # records since the last decision
         self._lock = threading.Lock()
         self._random = random.Random(seed)
@@ -105,11 +106,14 @@ class Audit:
         """An operating point's thresholds at the current level."""
         return tightened(thresholds, self.level)
 
-    def record(self, probs: np.ndarray, served_exit: int) -> tuple[bool, str | None]:
+    def record(
+        self, probs: np.ndarray, served_exit: int, multi_label: bool = False
+    ) -> tuple[bool, str | None]:
         """One audited answer: `probs` (L, C) at every exit, `served_exit` the 1-based exit
-        it was answered at. Returns (whether its label differed from the last exit's, the
+        it was answered at. Returns (whether its answer differed from the last exit's, the
         move made now: "tighten", "relax" or None)."""
-        conf, labels = probs.max(axis=1), probs.argmax(axis=1)
+        conf = exit_rule.confidences(probs, multi_label)
+        labels = exit_rule.answers(probs, multi_label)
         differed = bool(labels[served_exit - 1] != labels[-1])
         with self._lock:
             self.audited += 1

@@ -33,6 +33,14 @@ class InferenceFailed(EngineError):
     """The batch holding this input failed; the engine itself keeps running."""
 
 
+class InputTooLong(EngineError):
+    """An input is over the model's token limit and its request forbade truncating it."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"an input has {length} tokens; the model's limit is {limit}")
+        self.length, self.limit = length, limit
+
+
 class DeadlineExceeded(EngineError):
     """The request's deadline passed before all of its inputs could start."""
 

@@ -104,7 +104,7 @@ def run_alone(backend: Backend, row: Row, wide: bool = False) -> Prediction | No
     None where the network has no such path.
 
     The graph applies the exit rule itself; here the rule is applied again, exit after
-    exit, on the logits the graph returns and torch's softmax, so the answer is exactly
+    exit, on the logits the graph returns and torch's scores, so the answer is exactly
     the layer loop's: a row let go earlier leaves there (the graph ran on for nothing),
     and in the rare case where the graph's softmax let it go one rounding step before
     torch's would, None: the caller runs it layer by layer.
@@ -132,5 +132,8 @@ def decide_on_logits(
 ) -> list[int]:
     """`exit_rule.decide` on exit i's logits (k, C) for `rows` (None: the head did not
     run); the positions that go on."""
-    probs = None if logits is None else torch.softmax(logits.float(), dim=-1).cpu().tolist()
-    return exit_rule.decide(i, probs, rows, backend.num_layers, on_exit)
+    if logits is None:
+        return exit_rule.decide(i, None, rows, backend.num_layers, on_exit)
+    probs = backend.probabilities(logits).cpu().tolist()
+    raw = logits.float().cpu().tolist()
+    return exit_rule.decide(i, probs, rows, backend.num_layers, on_exit, backend.multi_label, raw)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from app.network.exit_rule import ExitRule
+from app.network.tokenizer import TRUNCATE, Truncation
 
 
 class EngineObserver(Protocol):
@@ -33,12 +34,13 @@ class Answer:
     label: str
     score: float
     exit_layer: int
-    scores: dict[str, float]
+    scores: dict[str, float]  # every label's probability (softmax, or sigmoid each)
     queue_s: float
     inference_s: float
     # The load controller's operating point the input was served at (0: calibrated);
     # None when the request chose its own threshold or depth cap.
     operating_point: int | None = 0
+    logits: tuple[float, ...] = ()  # the exit's raw scores, in label order
 
 
 class Pending:
@@ -53,13 +55,20 @@ class Pending:
         "taken",
         "text",
         "tokens",
+        "truncation",
     )
 
     def __init__(
-        self, text: str, rule: ExitRule, loop: asyncio.AbstractEventLoop, deadline: float
+        self,
+        text: str,
+        rule: ExitRule,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        truncation: Truncation = TRUNCATE,
     ) -> None:
         self.text = text
         self.rule = rule
+        self.truncation = truncation
         self.loop = loop
         self.future: asyncio.Future[Answer] = loop.create_future()
         self.admitted = time.perf_counter()

@@ -17,7 +17,7 @@ from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.backends import Backend, make_backend
 from app.network.quantize import batch_invariant, resolve, scheme
-from app.network.tokenizer import TextTokenizer
+from app.network.tokenizer import TRUNCATE, TextTokenizer, TooLong, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,16 @@ class ModelRuntime:
         return self.backend.num_layers
 
     @property
+    def multi_label(self) -> bool:
+        """A sigmoid per label: an answer is the set of labels that are on."""
+        return self.backend.multi_label
+
+    @property
+    def architecture(self) -> str:
+        """The encoder family the model was read from (bert, distilbert, roberta, ...)."""
+        return self.backend.model.cfg.encoder.architecture
+
+    @property
     def kernel(self) -> str:
         """What runs the layers: \"onnxruntime\" graphs or \"torch\" ops."""
         return self.backend.name
@@ -66,13 +76,29 @@ class ModelRuntime:
             return Ladder.from_calibration(self.thresholds, figures)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, each text cut at the end to the model's limit."""
+        return self.tokenizer.encode([self._bounded(t, TRUNCATE) for t in texts])
+
+    def tokenize_as_asked(
+        self, texts: list[str], truncations: list[Truncation]
+    ) -> list[list[int] | TooLong]:
+        """Token ids as each request asked (`Truncation`); a `TooLong` for a text over
+        the limit whose request forbade cutting it."""
+        if all(t == TRUNCATE for t in truncations):  # the common case, one call
+            return list(self.tokenize(texts))
+        bounded = [self._bounded(t, how) for t, how in zip(texts, truncations, strict=True)]
+        return self.tokenizer.encode_as_asked(bounded, truncations)
+
+    def _bounded(self, text: str, how: Truncation) -> str:
         # A token spans at most ~100 characters (WordPiece's longest word), so cutting the
-        # text here loses nothing the tokenizer would keep and bounds its work.
+        # text at the side that is cut anyway loses nothing the tokenizer would keep and
+        # bounds its work; a text that may not be cut is counted whole.
         # Re-encoding replaces lone surrogates, which the tokenizer would refuse for the
         # whole batch; the API rejects them, this keeps other callers' batches safe.
         limit = self.max_seq_len * 101
-        clean = [t[:limit].encode("utf-8", "replace").decode("utf-8") for t in texts]
-        return self.tokenizer.encode(clean)
+        if how.allowed:
+            text = text[:limit] if how.side == "right" else text[-limit:]
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def worker_plan(

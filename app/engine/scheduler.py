@@ -55,6 +55,7 @@ from app.engine.requests import Answer, EngineObserver, Pending, raise_first_err
 from app.engine.runtime import ModelRuntime
 from app.engine.workers import WorkerLoops
 from app.network.exit_rule import ExitRule
+from app.network.tokenizer import TRUNCATE, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,15 @@ class Engine(WorkerLoops):
         rule: ExitRule = CALIBRATED,
         timeout_s: float | None = None,
         budget_s: float | None = None,
+        truncation: Truncation = TRUNCATE,
     ) -> list[Answer]:
         """Answer every text, in order.
 
         `budget_s`: the latency the client asked for, against which the load controller
         admits the request (None: the controller's target). Raises Overloaded, Draining
         or NotRunning at once; DeadlineExceeded when `timeout_s` passes before every
-        input got into a batch; InferenceFailed when the batch holding an input failed.
+        input got into a batch; InferenceFailed when the batch holding an input failed;
+        InputTooLong for an input over the limit when `truncation` forbids cutting it.
         """
         rule.check(self.runtime.num_layers)
         if timeout_s is not None and not timeout_s > 0:
@@ -229,7 +232,7 @@ class Engine(WorkerLoops):
             return []
         loop = asyncio.get_running_loop()
         deadline = float("inf") if timeout_s is None else time.perf_counter() + timeout_s
-        items = [Pending(t, rule, loop, deadline) for t in texts]
+        items = [Pending(t, rule, loop, deadline, truncation) for t in texts]
         with self._cond:
             load = len(self._queue) + self._inflight
             if load + len(items) > self.max_queue_size:

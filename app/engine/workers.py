@@ -19,12 +19,13 @@ import torch
 from app.engine.adapt import LoadController
 from app.engine.audit import Audit
 from app.engine.continuous import ContinuousBatcher
-from app.engine.errors import DeadlineExceeded, InferenceFailed
+from app.engine.errors import DeadlineExceeded, InferenceFailed, InputTooLong
 from app.engine.executor import run_batch
 from app.engine.policy import batch_wait, borrows_idle_threads
 from app.engine.requests import Answer, EngineObserver, Pending, settle
 from app.engine.runtime import ModelRuntime
 from app.network.exit_rule import Prediction, Row
+from app.network.tokenizer import TooLong
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +147,27 @@ class WorkerLoops:
             thresholds = c.ladder.points[k].thresholds
         return k, thresholds if self.audit is None else self.audit.apply(thresholds)
 
-    def _rows(self, batch: list[Pending]) -> list[Row]:
+    def _rows(self, batch: list[Pending]) -> tuple[list[Row], list[Pending]]:
+        """The batch's rows, and the inputs they are: an input over the model's limit
+        whose request forbade truncation is refused here (InputTooLong) and left out."""
         rt = self.runtime
         L = rt.num_layers
         point, point_thresholds = self._point()
         now = time.perf_counter()
-        rows = []
-        for p, tokens in zip(batch, rt.tokenize([p.text for p in batch]), strict=True):
+        rows, kept = [], []
+        encoded = rt.tokenize_as_asked([p.text for p in batch], [p.truncation for p in batch])
+        for p, tokens in zip(batch, encoded, strict=True):
+            if isinstance(tokens, TooLong):
+                error = InputTooLong(tokens.length, tokens.limit)
+                p.loop.call_soon_threadsafe(settle, p.future, None, error)
+                continue
             p.started, p.tokens = now, tokens
             # A request's own rule is kept whatever the load (no operating point).
             p.point = point if p.rule.default else None
             th = p.rule.thresholds(rt.thresholds, point_thresholds)
             rows.append(Row(tokens, th, p.rule.max_layers or L))
-        return rows
+            kept.append(p)
+        return rows, kept
 
     def _answer(self, p: Pending, pred: Prediction) -> None:
         labels, L = self.runtime.labels, self.runtime.num_layers
@@ -171,6 +180,7 @@ class WorkerLoops:
             queue_s=p.started - p.admitted,
             inference_s=now - p.started,
             operating_point=p.point,
+            logits=pred.logits,
         )
         # Counted before the caller can hold the answer, so /metrics never lags it.
         if self.observer is not None:
@@ -250,7 +260,11 @@ class WorkerLoops:
             began = self._busy_since[i] = time.monotonic()
             if batch:
                 try:
-                    batcher.add(self._rows(batch), batch)
+                    admitted, kept = self._rows(batch)
+                    if len(kept) < len(batch):  # refused: out of flight
+                        self._finish(len(batch) - len(kept))
+                    if admitted:
+                        batcher.add(admitted, kept)
                 except Exception as e:
                     log.exception("admitting %d inputs failed", len(batch))
                     for p in batch:
@@ -276,10 +290,11 @@ class WorkerLoops:
             return
         with torch.inference_mode():
             logits = self.runtime.backend.all_exits([ids for ids, _ in items])  # (L, B, C)
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        backend = self.runtime.backend
+        probs = backend.probabilities(logits).cpu().numpy()
         disagreed = 0
         for j, (_, served) in enumerate(items):
-            differed, move = self.audit.record(probs[:, j], served)
+            differed, move = self.audit.record(probs[:, j], served, backend.multi_label)
             disagreed += differed
             if move is not None and self.observer is not None:
                 self.observer.threshold_moved(move)
@@ -334,7 +349,14 @@ class WorkerLoops:
             self._finish(1)
             answered[0] += 1
 
-        rows = self._rows(batch)
+        rows, kept = self._rows(batch)
+        refused = len(batch) - len(kept)
+        if refused:  # out of flight: answered with their error
+            self._finish(refused)
+            answered[0] += refused
+            batch = kept
+        if not rows:
+            return 0
         result = run_batch(self.runtime.backend, rows, on_answer, wide)
         if self.observer is not None:
             self.observer.layer_steps(result.rows_per_layer)

@@ -167,6 +167,12 @@ def load_base_state(
     return state
 
 
+# An exit's confidence, by output: the largest probability of a softmax; for a sigmoid
+# per label, the least certain label's distance from its boundary, max(p, 1 - p): a row
+# leaves only when every label is settled (app.network.exit_rule.confidences).
+CONFIDENCE = {"softmax": "max_softmax", "sigmoid": "min_label_margin"}
+
+
 @dataclass
 class ModelSpec:
     """The contents of `model.json`."""
@@ -177,7 +183,7 @@ class ModelSpec:
     thresholds: list[float]
     base: BaseWeights | None = None
     files: dict[str, str] = field(default_factory=dict)  # local file -> sha256
-    confidence: str = "max_softmax"
+    confidence: str = ""  # how an exit's confidence is measured; set from the output
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -190,8 +196,13 @@ class ModelSpec:
             raise ArtifactError(f"expected {n} exit thresholds, got {len(self.thresholds)}")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
             raise ArtifactError(f"exit thresholds must be in [0, 1], got {self.thresholds}")
-        if self.confidence != "max_softmax":
-            raise ArtifactError(f"unknown confidence measure {self.confidence!r}")
+        expected = CONFIDENCE[self.config.output]
+        if self.confidence not in ("", expected):
+            raise ArtifactError(
+                f"confidence measure {self.confidence!r} does not fit a {self.config.output}"
+                f" output; expected {expected!r}"
+            )
+        self.confidence = expected
 
     @property
     def labels(self) -> list[str]:
@@ -209,6 +220,8 @@ class ModelSpec:
                 "pooling": "mean",
                 "final_pooling": self.config.final_pooling,
                 "hidden": "tanh",
+                "final_hidden": self.config.final_activation,
+                "output": self.config.output,
                 "dropout": self.config.head_dropout,
             },
             "exits": {
@@ -241,6 +254,8 @@ class ModelSpec:
                     "max_seq_len": d["max_seq_len"],
                     "head_dropout": d.get("head", {}).get("dropout", 0.1),
                     "final_pooling": d.get("head", {}).get("final_pooling", "mean"),
+                    "final_activation": d.get("head", {}).get("final_hidden", "tanh"),
+                    "output": d.get("head", {}).get("output", "softmax"),
                 }
             )
             base = BaseWeights(**d["base"]) if d.get("base") else None

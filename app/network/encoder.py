@@ -33,6 +33,9 @@ class EncoderConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # The checkpoint family it was read from (app.network.checkpoint.FAMILIES); every
+    # family is run as this one encoder, so it is a name, not a switch.
+    architecture: str = "bert"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

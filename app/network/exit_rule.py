@@ -1,9 +1,14 @@
 """The exit rule: the one place that says which rows leave after an exit.
 
-A row leaves exit i (0-based) when its confidence there (its largest probability) is
-at least its threshold for that exit and the threshold is below 1, or when exit i is
-its depth cap (`max_layers`, 1-based); the last exit always answers. So threshold 1
-means "never leave here early", also at a confidence of exactly 1.0, and 0 "leave here".
+A row leaves exit i (0-based) when its confidence there is at least its threshold for
+that exit and the threshold is below 1, or when exit i is its depth cap (`max_layers`,
+1-based); the last exit always answers. So threshold 1 means "never leave here early",
+also at a confidence of exactly 1.0, and 0 "leave here".
+
+Confidence: for a softmax model, its largest probability; for a multi-label model (a
+sigmoid per label), its least settled label's max(p, 1 - p): a row leaves only when
+every label is far enough from its 0.5 boundary. The answer compared across exits is
+the label, or for a multi-label model the set of labels at 0.5 or above (`answers`).
 
 The rule has three forms, written side by side so that they read as one: per row in
 Python (`leaves`, `may_leave`, `decide`: the layer loop), vectorised in numpy
@@ -69,10 +74,20 @@ class Row:
 
 @dataclass(frozen=True)
 class Prediction:
-    label_index: int
-    score: float  # probability of the predicted label
+    label_index: int  # the most probable label
+    score: float  # its probability
     exit_layer: int  # 1-based
-    probs: tuple[float, ...]
+    probs: tuple[float, ...]  # every label's, by the model's output (softmax or sigmoids)
+    logits: tuple[float, ...] = ()  # the exit's raw scores
+
+
+def confidence(probs: Sequence[float], multi_label: bool = False) -> float:
+    """A row's confidence at an exit from its (float32) probabilities there. 1 - p is
+    rounded to float32 as numpy and the graph compute it, so that a tie is a tie in
+    every form of the rule."""
+    if multi_label:
+        return min(max(p, float(np.float32(1.0 - p))) for p in probs)
+    return max(probs)
 
 
 def check_rows(rows: Sequence[Row], num_layers: int) -> None:
@@ -102,11 +117,14 @@ def decide(
     rows: Sequence[Row],
     num_layers: int,
     on_exit: Callable[[int, Prediction], None],
+    multi_label: bool = False,
+    logits: Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """After layer i (0-based): answer the rows that leave, return the positions that go on.
 
     `probs` (k, C) are exit i's probabilities for `rows`, in order; None when `may_leave`
-    said no row may leave here (the head did not run). Plain Python lists: for the few
+    said no row may leave here (the head did not run). `logits`, when given, go into
+    the predictions as they are. Plain Python lists: for the few
     rows of a batch that is cheaper than a dozen tiny tensor ops per layer.
     """
     if probs is None:
@@ -115,15 +133,33 @@ def decide(
     keep: list[int] = []
     for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):
         label = max(range(len(row_probs)), key=row_probs.__getitem__)
-        conf = row_probs[label]
+        conf = confidence(row_probs, True) if multi_label else row_probs[label]
         if last or leaves(conf, r.thresholds[i], r.max_layers <= i + 1):
-            on_exit(j, Prediction(label, conf, i + 1, tuple(row_probs)))
+            raw = tuple(logits[j]) if logits is not None else ()
+            on_exit(j, Prediction(label, row_probs[label], i + 1, tuple(row_probs), raw))
         else:
             keep.append(j)
     return keep
 
 
 # -- the rule, vectorised -----------------------------------------------------------------
+def confidences(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """`confidence` over the last axis: (..., C) -> (...)."""
+    if multi_label:
+        return np.maximum(probs, 1.0 - probs).min(axis=-1)
+    return probs.max(axis=-1)
+
+
+def answers(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """The answer per row as one integer (..., C) -> (...): the label's index, or for a
+    multi-label model its on-labels as bits (label j on: bit j), so that two answers
+    agree exactly when the integers are equal."""
+    if multi_label:
+        bits = np.left_shift(1, np.arange(probs.shape[-1], dtype=np.int64))
+        return ((probs >= 0.5) * bits).sum(axis=-1)
+    return probs.argmax(axis=-1)
+
+
 def exit_layers(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """0-based exit index per row: the first exit whose confidence passes its threshold.
 
@@ -150,6 +186,14 @@ def float32_thresholds(thresholds: Sequence[float]) -> np.ndarray:
     below = t32.astype(np.float64) < t
     t32[below] = np.nextafter(t32[below], np.float32(np.inf))
     return t32
+
+
+def onnx_confidence(op: Op, logits: str, one: str, multi_label: bool = False) -> str:
+    """`confidence` of an exit's logits (1, C) as a graph value (`one`: a float 1)."""
+    if multi_label:
+        p = op("Sigmoid", logits)
+        return op("ReduceMin", op("Max", p, op("Sub", one, p)), keepdims=0)
+    return op("ReduceMax", op("Softmax", logits, axis=-1), keepdims=0)
 
 
 def onnx_in_use(op: Op, threshold: str, one: str) -> str:

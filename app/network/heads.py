@@ -17,6 +17,7 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 POOLINGS = ("mean", "cls")
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 class ExitHead(nn.Module):
@@ -25,7 +26,8 @@ class ExitHead(nn.Module):
     `mean` (exitserve's own heads) averages the real tokens' states; `cls` takes the
     first token's state: with the dense layer as BERT's pooler, a `cls` head is exactly a
     `BertForSequenceClassification` classifier, which is how `add-exits` keeps a
-    fine-tuned model's own classifier as its last exit.
+    fine-tuned model's own classifier as its last exit (with `relu`, DistilBERT's; with
+    `tanh`, RoBERTa's head too).
 
     Mean pooling beat the [CLS] state at every layer on the frozen encoder, and the hidden
     layer is kept for fine-tuned exits, where shallow layers must re-map features the
@@ -33,12 +35,20 @@ class ExitHead(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, num_labels: int, dropout: float = 0.1, pooling: str = "mean"
+        self,
+        hidden_size: int,
+        num_labels: int,
+        dropout: float = 0.1,
+        pooling: str = "mean",
+        activation: str = "tanh",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected {list(ACTIVATIONS)}")
         self.pooling = pooling
+        self.activation = activation
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
@@ -63,4 +73,5 @@ class ExitHead(nn.Module):
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled states -> (B, C) logits."""
-        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+        hidden = ACTIVATIONS[self.activation](self.dense(pooled))
+        return self.classifier(self.dropout(hidden))

@@ -22,6 +22,8 @@ from app.network.encoder import (
 )
 from app.network.heads import ExitHead
 
+OUTPUTS = ("softmax", "sigmoid")
+
 
 @dataclass(frozen=True)
 class MultiExitConfig:
@@ -32,9 +34,15 @@ class MultiExitConfig:
     # The last exit's pooling: "mean" for exitserve's own heads, "cls" for a fine-tuned
     # classifier's pooler + classifier kept as the last exit (`add-exits`).
     final_pooling: str = "mean"
+    final_activation: str = "tanh"  # the kept classifier's: "relu" for DistilBERT's
+    # How logits become scores: "softmax" (one label per input) or "sigmoid" (a
+    # multi-label model: each label on or off by itself).
+    output: str = "softmax"
 
     def __post_init__(self) -> None:
-        if len(self.labels) < 2:
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if len(self.labels) < (1 if self.multi_label else 2):
             raise ValueError(f"need at least 2 labels, got {len(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be unique, got {list(self.labels)}")
@@ -48,6 +56,10 @@ class MultiExitConfig:
     def num_layers(self) -> int:
         return self.encoder.num_layers
 
+    @property
+    def multi_label(self) -> bool:
+        return self.output == "sigmoid"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "encoder": self.encoder.to_dict(),
@@ -55,6 +67,8 @@ class MultiExitConfig:
             "max_seq_len": self.max_seq_len,
             "head_dropout": self.head_dropout,
             "final_pooling": self.final_pooling,
+            "final_activation": self.final_activation,
+            "output": self.output,
         }
 
     @classmethod
@@ -65,6 +79,8 @@ class MultiExitConfig:
             max_seq_len=int(d["max_seq_len"]),
             head_dropout=float(d.get("head_dropout", 0.1)),
             final_pooling=str(d.get("final_pooling", "mean")),
+            final_activation=str(d.get("final_activation", "tanh")),
+            output=str(d.get("output", "softmax")),
         )
 
 
@@ -88,6 +104,7 @@ class MultiExitNetwork(nn.Module):
                 len(cfg.labels),
                 cfg.head_dropout,
                 cfg.final_pooling if i == L - 1 else "mean",
+                cfg.final_activation if i == L - 1 else "tanh",
             )
             for i in range(L)
         )

@@ -163,7 +163,8 @@ class _Builder:
             total = self.op("Reshape", self.op("MatMul", ones, states),
                             self.const([-1, H], np.int64))  # fmt: skip
             pooled = self.op("Div", total, self.op("Cast", n, to=TensorProto.FLOAT))
-        hidden = self.op("Tanh", self.linear(pooled, dense, "pooled"))
+        kind = {"tanh": "Tanh", "relu": "Relu"}[head.activation]
+        hidden = self.op(kind, self.linear(pooled, dense, "pooled"))
         return self.linear(hidden, classifier, "pooled")
 
     def subgraph(self, name: str, build: Callable[[], list[str]], kinds: list[Any]) -> Any:
@@ -308,7 +309,8 @@ class OrtRow:
     its thresholds (L,) and depth cap; out: the logits of every exit it ran (e, C), e
     being its exit layer (NaN for an exit whose head did not run).
 
-    The graph's softmax is ONNX Runtime's and the executor's is torch's, which may round
+    The graph's softmax (sigmoids for a multi-label model) is ONNX Runtime's and the
+    executor's is torch's, which may round
     a confidence differently in the last bit: the executor decides again on these logits
     (`executor.run_alone`), so the graph only saves time, never changes an answer.
 
@@ -325,6 +327,7 @@ class OrtRow:
         heads: list[ExitHead],
         threads: int = 1,
         wide_threads: int = 0,
+        multi_label: bool = False,
     ) -> None:
         from onnx import TensorProto
 
@@ -345,7 +348,7 @@ class OrtRow:
 
             def score() -> list[str]:
                 logits = g.exit_head(y, heads[i])  # (1, C)
-                confidence = g.op("ReduceMax", g.op("Softmax", logits, axis=-1), keepdims=0)
+                confidence = exit_rule.onnx_confidence(g.op, logits, one, multi_label)
                 leave = exit_rule.onnx_leaves(g.op, confidence, t, uses, capped)
                 return [g.op("Identity", logits), leave]
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.network import artifact, checkpoint
+from app.network import artifact, checkpoint, exit_rule
 from app.network.backends import make_backend
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
 from app.network.tokenizer import TextTokenizer
@@ -88,6 +88,8 @@ def build(tc: AddExitsConfig) -> tuple[MultiExitNetwork, artifact.BaseWeights]:
         labels=ckpt.labels,
         max_seq_len=min(tc.max_seq_len, ckpt.config.max_position_embeddings),
         final_pooling="cls",
+        final_activation=ckpt.head_activation,
+        output="sigmoid" if ckpt.multi_label else "softmax",
     )
     base = _base(tc)
     net = MultiExitNetwork(cfg)
@@ -106,8 +108,10 @@ def build(tc: AddExitsConfig) -> tuple[MultiExitNetwork, artifact.BaseWeights]:
 
 def serving(net: MultiExitNetwork, ids: list[list[int]]) -> dict[str, Any]:
     """fp32 on the CPU, with the full-depth answers int8 would change among `ids`."""
-    original = all_exit_probs(net, ids)[-1].argmax(-1)  # (N,)
-    int8 = all_exit_probs(make_backend(copy.deepcopy(net), "cpu", "int8"), ids)[-1].argmax(-1)
+    multi = net.cfg.multi_label
+    original = exit_rule.answers(all_exit_probs(net, ids)[-1], multi)  # (N,)
+    int8_backend = make_backend(copy.deepcopy(net), "cpu", "int8")
+    int8 = exit_rule.answers(all_exit_probs(int8_backend, ids)[-1], multi)
     return {
         "cpu": "none",
         "why": "fp32 keeps the classifier's own full-depth answers; int8 changes some",
@@ -140,6 +144,13 @@ def features(net: MultiExitNetwork, ids: list[list[int]]) -> tuple[torch.Tensor,
     return pooled, teacher
 
 
+def answers(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """`exit_rule.answers` on logits (N, C): the label, or the on-labels as bits."""
+    if multi_label:
+        return ((logits >= 0).long() << torch.arange(logits.shape[-1])).sum(-1)
+    return logits.argmax(-1)
+
+
 def distil(
     net: MultiExitNetwork, pooled: torch.Tensor, teacher: torch.Tensor, tc: AddExitsConfig
 ) -> list[dict[str, Any]]:
@@ -149,9 +160,17 @@ def distil(
     opt = torch.optim.AdamW(
         [p for head in heads for p in head.parameters()], lr=tc.lr, weight_decay=0.01
     )
-    T = tc.temperature
-    target = F.softmax(teacher / T, -1)  # (N, C)
-    agreed = teacher.argmax(-1)
+    T, multi = tc.temperature, net.cfg.multi_label
+    # A softmax model's heads match its softened distribution (KL); a multi-label
+    # model's, each label's softened sigmoid (binary cross-entropy per label).
+    target = torch.sigmoid(teacher / T) if multi else F.softmax(teacher / T, -1)  # (N, C)
+    agreed = answers(teacher, multi)
+
+    def loss_of(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if multi:
+            return F.binary_cross_entropy_with_logits(logits / T, target[idx])
+        return F.kl_div(F.log_softmax(logits / T, -1), target[idx], reduction="batchmean")
+
     rng = random.Random(tc.seed)
     order = list(range(pooled.shape[1]))
     history: list[dict[str, Any]] = []
@@ -163,26 +182,20 @@ def distil(
         for s in range(0, len(order), tc.batch_size):
             idx = order[s : s + tc.batch_size]
             loss = torch.stack(
-                [
-                    F.kl_div(
-                        F.log_softmax(head.classify(pooled[i, idx]) / T, -1),
-                        target[idx],
-                        reduction="batchmean",
-                    )
-                    for i, head in enumerate(heads)
-                ]
+                [loss_of(head.classify(pooled[i, idx]), idx) for i, head in enumerate(heads)]
             ).sum()
             opt.zero_grad(set_to_none=True)
             (loss * T * T).backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         if epoch == tc.epochs - 1 or epoch % 10 == 0:
-            history.append({"epoch": epoch + 1, "kl": round(total / len(order), 4)})
+            loss_name = "bce" if multi else "kl"
+            history.append({"epoch": epoch + 1, loss_name: round(total / len(order), 4)})
     for head in heads:
         head.eval()
     with torch.inference_mode():
         history[-1]["train_agreement_with_classifier"] = [
-            round(float((head.classify(pooled[i]).argmax(-1) == agreed).float().mean()), 4)
+            round(float((answers(head.classify(pooled[i]), multi) == agreed).float().mean()), 4)
             for i, head in enumerate(heads)
         ]
     return history

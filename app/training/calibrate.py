@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.network import artifact
+from app.network import artifact, exit_rule
 from app.network.backends import Backend
 from app.network.quantize import scheme
 from app.network.tokenizer import TextTokenizer
@@ -270,10 +270,12 @@ def calibrate(
     allowed = exit_mask(exit_layers, L)
     texts, y = split_data(spec, "calibration")
     probs = all_exit_probs(served.backend, served.loaded.tokenizer.encode(texts))  # (L, N, C)
-    pred = probs.argmax(-1)  # (L, N)
+    multi = served.backend.multi_label
+    pred = exit_rule.answers(probs, multi)  # (L, N)
     unlabelled = int((y < 0).sum())
     y = judged(y, pred[-1])
-    conf, correct, agree = probs.max(-1), pred == y[None], pred == pred[-1][None]
+    conf = exit_rule.confidences(probs, multi)
+    correct, agree = pred == y[None], pred == pred[-1][None]
     n = conf.shape[1]
     k = allowed_disagreements(n, max_disagreement)
     # A rate halfway between k and k + 1 disagreements (negative when k = -1: nothing
@@ -298,7 +300,7 @@ def calibrate(
     costs = layer_costs(served.backend, served.loaded.tokenizer, texts)
     ladder = operating_ladder(conf, correct, agree, th, costs["fixed"], allowed=allowed)
     record = {
-        "method": f"{method} max-softmax threshold(s) on the calibration split, bounded by"
+        "method": f"{method} {spec.confidence} threshold(s) on the calibration split, bounded by"
         " accuracy drop and by a 95% upper bound on disagreement with the last exit",
         "split": "calibration",
         "n": n,

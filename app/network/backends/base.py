@@ -68,6 +68,16 @@ class Backend(ABC):
     def labels(self) -> tuple[str, ...]:
         return self.model.cfg.labels
 
+    @property
+    def multi_label(self) -> bool:
+        return self.model.cfg.multi_label
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (..., C) -> the model's scores: a softmax, or a sigmoid per label."""
+        if self.multi_label:
+            return torch.sigmoid(logits.float())
+        return torch.softmax(logits.float(), dim=-1)
+
     @abstractmethod
     def begin(self, token_ids: Sequence[Sequence[int]]) -> RunningBatch:
         """Embed rows of token ids, in their order (rows of one length side by side make

@@ -37,7 +37,9 @@ class PackedOnnx(PackedTorch):
             ort_layers.OrtLayer(layer, threads, head)
             for layer, head in zip(layers, heads, strict=True)
         ]
-        self._row = ort_layers.OrtRow(embeddings, layers, heads, threads, wide_threads)
+        self._row = ort_layers.OrtRow(
+            embeddings, layers, heads, threads, wide_threads, model.cfg.multi_label
+        )
         self._hidden = model.cfg.encoder.hidden_size
 
     @property

@@ -17,8 +17,9 @@ only waste the layers after it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine.executor import Row, run_batch
-from app.network import artifact, ort_session
+from app.network import artifact, exit_rule, ort_session
 from app.network.backends import Backend, Padded, make_backend
 from app.network.exit_rule import exit_layers
 from app.network.quantize import int8_kernel, prepare_model
@@ -103,7 +104,8 @@ class LayerLoop(Implementation):
         self.net = net
 
     def confidences(self, ids: list[int]) -> list[float]:
-        return all_exit_probs(self.net, [ids])[:, 0].max(-1).tolist()
+        probs = all_exit_probs(self.net, [ids])[:, 0]
+        return exit_rule.confidences(probs, self.net.multi_label).tolist()
 
     def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
         res = run_batch(self.net, [Row(ids, thresholds, cap), Row(ids, thresholds, cap)])
@@ -122,11 +124,11 @@ class Alone(LayerLoop):
 
 class OneCallGraph(Implementation):
     """`OrtRow`'s own rule: the exits it ran, read off its output; confidences from
-    ONNX Runtime's softmax, the kernel inside the graph."""
+    ONNX Runtime's ops, the kernels inside the graph."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.softmax = _ort_softmax()
+        self.confidence = _ort_confidence(backend.multi_label)
 
     def _run(self, ids: list[int], thresholds: Thresholds, cap: int) -> torch.Tensor:
         logits = self.backend.run_alone(ids, thresholds, cap)
@@ -136,7 +138,7 @@ class OneCallGraph(Implementation):
     def confidences(self, ids: list[int]) -> list[float]:
         # Capped at exit k with nothing else in use, the graph runs only exit k's head.
         logits = [self._run(ids, _rest(L), k)[k - 1] for k in range(1, L + 1)]
-        return [float(self.softmax(lg.numpy()[None]).max()) for lg in logits]
+        return [float(self.confidence(lg.numpy()[None])) for lg in logits]
 
     def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
         return int(self._run(ids, thresholds, cap).shape[0])
@@ -158,15 +160,24 @@ class Calibration(Implementation):
         return int(exit_layers(conf, np.array(thresholds))[0]) + 1
 
 
-def _ort_softmax() -> Callable[[np.ndarray], np.ndarray]:
-    from onnx import TensorProto, helper
+def _ort_confidence(multi_label: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """The graph's confidence (`exit_rule.onnx_confidence`) of logits (1, C), alone."""
+    from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node("Softmax", ["x"], ["y"], axis=-1)
+    nodes: list[Any] = []
+
+    def op(kind: str, *inputs: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(kind, list(inputs), [f"t{len(nodes)}"], **attrs))
+        return f"t{len(nodes) - 1}"
+
+    y = exit_rule.onnx_confidence(op, "x", "one", multi_label)
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
     graph = helper.make_graph(
-        [node],
-        "softmax",
+        nodes,
+        "confidence",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C"])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [])],
+        [one],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ort_session.OPSET)])
     model.ir_version = 10
@@ -174,10 +185,12 @@ def _ort_softmax() -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {"x": x.astype(np.float32)})[0]
 
 
-def _network(model_dir: Path, kernel: str, saturate: bool = False) -> Backend:
+def _network(model_dir: Path, kernel: str, saturate: bool, output: str) -> Backend:
     """The tiny model as served on the CPU in int8; `kernel` "padded": in fp32 on the
-    padded backend, the GPU's, here on the CPU."""
+    padded backend, the GPU's, here on the CPU. `output` "sigmoid": read as a
+    multi-label model (a sigmoid per label, the least settled label's confidence)."""
     net = artifact.load(model_dir).network
+    net.cfg = replace(net.cfg, output=output)
     if saturate:
         # Logits thousands apart: every softmax rounds to exactly (1.0, 0.0).
         with torch.no_grad():
@@ -188,18 +201,18 @@ def _network(model_dir: Path, kernel: str, saturate: bool = False) -> Backend:
     return make_backend(net, "cpu", "int8", kernel)
 
 
-def _implementations(model_dir: Path, saturate: bool) -> dict[str, Implementation]:
-    torch_net = _network(model_dir, "torch", saturate)
+def _implementations(model_dir: Path, saturate: bool, output: str) -> dict[str, Implementation]:
+    torch_net = _network(model_dir, "torch", saturate, output)
     found: dict[str, Implementation] = {
         "layer loop, torch int8": LayerLoop(torch_net),
         "alone, torch int8": Alone(torch_net),
         "calibration numpy": Calibration(torch_net),
         # One row at a time: fp32 products move with the number of rows, so a tie is
         # exact only against the row's confidences alone.
-        "alone, padded fp32": Alone(_network(model_dir, "padded", saturate)),
+        "alone, padded fp32": Alone(_network(model_dir, "padded", saturate, output)),
     }
     if int8_kernel() == "onnxruntime":
-        ort_net = _network(model_dir, "onnxruntime", saturate)
+        ort_net = _network(model_dir, "onnxruntime", saturate, output)
         found["layer loop, onnxruntime int8"] = LayerLoop(ort_net)
         found["alone, onnxruntime int8"] = Alone(ort_net)
         found["one-call graph"] = OneCallGraph(ort_net)
@@ -217,14 +230,20 @@ NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def implementations(tiny_model_dir: Path) -> dict[str, Implementation]:
-    return _implementations(tiny_model_dir, saturate=False)
+@pytest.fixture(scope="module", params=["softmax", "sigmoid"])
+def output(request: pytest.FixtureRequest) -> str:
+    """Every case for a softmax model and for a multi-label one."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def saturated(tiny_model_dir: Path) -> dict[str, Implementation]:
-    return _implementations(tiny_model_dir, saturate=True)
+def implementations(tiny_model_dir: Path, output: str) -> dict[str, Implementation]:
+    return _implementations(tiny_model_dir, saturate=False, output=output)
+
+
+@pytest.fixture(scope="module")
+def saturated(tiny_model_dir: Path, output: str) -> dict[str, Implementation]:
+    return _implementations(tiny_model_dir, saturate=True, output=output)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from app.network import artifact
 from app.network.checkpoint import CheckpointError, open_checkpoint
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
 from app.network.tokenizer import TextTokenizer
-from tests.checkpoints import reference_probs, write_checkpoint
+from tests.checkpoints import FAMILIES, reference_probs, write_checkpoint
 from tests.tiny import random_texts
 
 
@@ -72,6 +72,64 @@ def test_multi_exit_network_at_full_depth_is_the_original_classifier(tmp_path: P
     assert 0.2 < float(want.argmax(-1).float().mean()) < 0.8  # the answers vary
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_every_family_at_full_depth_is_its_own_classifier(
+    tmp_path: Path, family: str, multi_label: bool
+) -> None:
+    """DistilBERT's names and ReLU head, RoBERTa's and XLM-R's positions after the padding
+    index and `out_proj` head, and a multi-label head's sigmoids: the multi-exit network's
+    last exit computes what the family's own classifier computes, in fp32."""
+    labels = ("toxic", "insult", "threat") if multi_label else ("negative", "positive")
+    d = write_checkpoint(
+        tmp_path / family, num_layers=3, labels=labels, family=family, multi_label=multi_label
+    )
+    ckpt = open_checkpoint(d)
+    assert (ckpt.config.architecture, ckpt.multi_label, ckpt.labels) == (
+        family,
+        multi_label,
+        labels,
+    )
+    cfg = MultiExitConfig(
+        ckpt.config,
+        labels,
+        max_seq_len=32,
+        final_pooling="cls",
+        final_activation=ckpt.head_activation,
+        output="sigmoid" if multi_label else "softmax",
+    )
+    net = MultiExitNetwork(cfg).eval()
+    base = artifact.directory_base(d, tmp_path / "model")
+    missing, unexpected = net.load_state_dict(artifact.load_base_state(base, cfg), strict=False)
+    assert not unexpected and all(k.startswith(("heads.0.", "heads.1.")) for k in missing)
+    texts = random_texts(40, seed=3)
+    ids, mask = pad_batch(TextTokenizer(d / "tokenizer.json", 32).encode(texts))
+    with torch.inference_mode():
+        logits = net(ids, mask).logits[-1]
+    got = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+    want = reference_probs(d, texts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    on = want >= 0.5
+    assert 0.1 < float(on.float().mean()) < 0.9  # the answers vary
+
+
+def test_roberta_positions_start_after_the_padding_index(tmp_path: Path) -> None:
+    d = write_checkpoint(tmp_path / "r", family="roberta", max_positions=40)
+    raw = load_file(str(d / "model.safetensors"))["embeddings.position_embeddings.weight"]
+    ckpt = open_checkpoint(d)
+    positions = ckpt.encoder_state()["encoder.embeddings.position_embeddings.weight"]
+    assert raw.shape[0] == 41 and ckpt.config.max_position_embeddings == 40
+    assert torch.equal(positions, raw[1:])  # pad_token_id 0: HF's position 1 is our 0
+
+
+def test_a_multi_label_classifier_is_never_read_as_a_softmax(tmp_path: Path) -> None:
+    d = write_checkpoint(tmp_path / "m", labels=("a", "b", "c"), multi_label=True)
+    assert open_checkpoint(d).multi_label
+    edit_config(d, problem_type="regression")
+    with pytest.raises(CheckpointError, match=r"problem_type 'regression' is not served"):
+        open_checkpoint(d)
+
+
 def test_old_gamma_beta_layer_norm_names_load(tmp_path: Path) -> None:
     d = write_checkpoint(tmp_path / "enc")
     tensors = load_file(str(d / "model.safetensors"))
@@ -91,7 +149,7 @@ def test_old_gamma_beta_layer_norm_names_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"model_type": "roberta"}, r"config\.json: model_type 'roberta' is not supported"),
+        ({"model_type": "electra"}, r"config\.json: model_type 'electra' is not supported"),
         ({"model_type": "mpnet"}, r"model_type 'mpnet' is not supported"),
         ({"model_type": "deberta-v2"}, r"model_type 'deberta-v2' is not supported"),
         ({"position_embedding_type": "relative_key"}, r"position_embedding_type 'relative_key'"),
