@@ -73,10 +73,16 @@ class Backend(ABC):
         return self.model.cfg.multi_label
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (..., C) -> the model's scores: a softmax, or a sigmoid per label."""
+        """Logits (..., C) -> the model's scores: a softmax, or a sigmoid per label.
+
+        The sigmoid is taken as a two-way softmax of (z, 0) per label: the same bits for
+        a row alone and in any batch. torch's elementwise sigmoid takes a vector path
+        over most of a tensor and a scalar one for its tail, so a row's probability
+        moved by one ulp with the size of its batch (measured)."""
+        z = logits.float()
         if self.multi_label:
-            return torch.sigmoid(logits.float())
-        return torch.softmax(logits.float(), dim=-1)
+            return torch.softmax(torch.stack([z, torch.zeros_like(z)], dim=-1), dim=-1)[..., 0]
+        return torch.softmax(z, dim=-1)
 
     @abstractmethod
     def begin(self, token_ids: Sequence[Sequence[int]]) -> RunningBatch:

@@ -92,10 +92,12 @@ def test_full_depth_is_the_original_classifier_in_fp32_and_int8(made: tuple) -> 
     close = np.abs(got8 - want8).max(axis=1) < 1e-4
     assert close.mean() >= 0.9, np.abs(got8 - want8).max(axis=1)
     assert (exit_rule.answers(got8, multi) == exit_rule.answers(want8, multi)).mean() >= 0.9
-    for row in rows[:8]:  # a row alone in one call leaves where the layer loop lets it
-        mine = Row(row.token_ids, spec.thresholds, L)
-        alone = run_alone(graphs.backend, mine)
-        assert alone is not None and alone == run_batch(graphs.backend, [mine]).predictions[0]
+    calibrated = [Row(row.token_ids, spec.thresholds, L) for row in rows]
+    batched = run_batch(graphs.backend, calibrated).predictions
+    for row, in_batch in list(zip(calibrated, batched, strict=True))[:12]:
+        # Batch invariance: alone (one graph call, the rule inside it) as in a batch.
+        alone = run_alone(graphs.backend, row)
+        assert alone is not None and alone == in_batch
 
 
 def test_calibrated_exits_keep_the_promise_on_test(made: tuple) -> None:
