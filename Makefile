@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
 TORCH   ?=
 
-.PHONY: install serve test lint models own-classifier bench bench-parts loadtest soak overload image clean
+.PHONY: install serve test lint models own-classifier families bench bench-parts loadtest soak overload image clean
 
 $(BIN)/exitserve:
 	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
@@ -41,6 +41,14 @@ own-classifier: install
 	$(BIN)/python bench/byo_classifier.py finetune --out build/byo/rt-classifier-minilm
 	$(BIN)/exitserve add-exits build/byo/rt-classifier-minilm --data rotten-tomatoes --out build/byo/rt-classifier-exits
 	$(BIN)/python bench/byo_classifier.py compare build/byo/rt-classifier-minilm build/byo/rt-classifier-exits --out bench/results
+
+# DistilBERT, RoBERTa, XLM-R and a multi-label BERT made with Hugging Face transformers
+# (in a separate virtualenv, REF_PY: transformers is never a dependency), given exits
+# and served, against transformers' own answers (about 40 minutes on 2 cores).
+REF_PY ?= /tmp/refvenv/bin/python
+families: install
+	$(REF_PY) bench/make_families.py --out build/families
+	$(BIN)/python bench/families.py build/families --reference-python $(REF_PY) --out bench/results
 
 # Speed, raw numbers, tables and plots under bench/results/. `bench`: exitserve against
 # full depth and two peer servers over HTTP (about 9 minutes on 2 cores); `bench-parts`:

@@ -41,7 +41,8 @@ from tokenizers import Tokenizer
 SEED = 0
 MAX_LEN = 64
 BATCH = 32
-LR = 1e-4
+LR = 1e-4  # pretrained encoder
+HEAD_LR = 1e-3  # freshly initialised classifier head
 N_EVAL = 500
 SENTIMENT = ("negative", "positive")
 MULTILABEL = ("positive", "long", "acting")
@@ -209,7 +210,13 @@ def train(
 ) -> float:
     """One epoch of AdamW with linear decay; returns the mean loss of the last 20 steps."""
     model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    encoder = model.base_model_prefix + "."
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n.startswith(encoder)], "lr": LR},
+        {"params": [p for n, p in named if not n.startswith(encoder)], "lr": HEAD_LR},
+    ]
+    optim = torch.optim.AdamW(groups, weight_decay=0.01)
     steps = math.ceil(len(texts) / BATCH)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0 - s / steps)
     losses: list[float] = []
