@@ -42,7 +42,7 @@ SEED = 0
 MAX_LEN = 64
 BATCH = 32
 LR = 1e-4  # pretrained encoder
-HEAD_LR = 1e-3  # freshly initialised classifier head
+HEAD_LR = 1e-3  # classifier head (and BERT pooler)
 N_EVAL = 500
 SENTIMENT = ("negative", "positive")
 MULTILABEL = ("positive", "long", "acting")
@@ -52,14 +52,9 @@ ACTING = re.compile(
     r"|star|stars)\b",
     re.IGNORECASE,
 )
-BERT_SIZES = (  # config fields copied from MiniLM's BertConfig
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "layer_norm_eps",
-)
+# Config fields copied from MiniLM's BertConfig into the BERT and RoBERTa-family configs.
+BERT_SIZES = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+BERT_SIZES += ["hidden_act", "layer_norm_eps"]
 Weights = dict[str, torch.Tensor]
 
 
@@ -210,11 +205,14 @@ def train(
 ) -> float:
     """One epoch of AdamW with linear decay; returns the mean loss of the last 20 steps."""
     model.train()
+    # all-MiniLM-L6-v2 mean-pools, so its BERT pooler is untuned: it trains with the head.
     encoder = model.base_model_prefix + "."
-    named = list(model.named_parameters())
+    named = [
+        (n.startswith(encoder) and ".pooler." not in n, p) for n, p in model.named_parameters()
+    ]
     groups = [
-        {"params": [p for n, p in named if n.startswith(encoder)], "lr": LR},
-        {"params": [p for n, p in named if not n.startswith(encoder)], "lr": HEAD_LR},
+        {"params": [p for pretrained, p in named if pretrained], "lr": LR},
+        {"params": [p for pretrained, p in named if not pretrained], "lr": HEAD_LR},
     ]
     optim = torch.optim.AdamW(groups, weight_decay=0.01)
     steps = math.ceil(len(texts) / BATCH)
@@ -285,6 +283,7 @@ def main() -> None:
 
         out_dir = args.out / family
         model.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "model.safetensors").chmod(0o644)  # transformers writes it 0600
         shutil.copyfile(minilm / "tokenizer.json", out_dir / "tokenizer.json")
         reloaded = hf.AutoModelForSequenceClassification.from_pretrained(out_dir)
         drift = (logits_of(reloaded, encode, eval_texts) - logits).abs().max().item()

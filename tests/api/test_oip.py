@@ -416,3 +416,35 @@ def test_triton_client_sees_errors(triton: Any) -> None:
         triton.infer("unknown", [inp])
     with pytest.raises(InferenceServerException):
         triton.infer(MODEL, [inp], parameters={"max_layers": 99})
+
+
+@pytest.mark.slow
+def test_triton_client_options(triton: Any) -> None:
+    """Triton's classification extension (`class_count`), raw scores, and truncation, as
+    the real client sends them."""
+    from tritonclient.http import InferInput, InferRequestedOutput
+    from tritonclient.utils import InferenceServerException
+
+    inp = InferInput("text", [len(TEXTS)], "BYTES")
+    inp.set_data_from_numpy(np.array(TEXTS, dtype=object))
+    ranked = triton.infer(MODEL, [inp], outputs=[
+        InferRequestedOutput("scores", class_count=2), InferRequestedOutput("label")])  # fmt: skip
+    top = ranked.as_numpy("scores")
+    assert top.shape == (len(TEXTS), 2)
+    for row, label in zip(top, ranked.as_numpy("label"), strict=True):
+        (s1, _, l1), (s2, _, l2) = (_as_str(x).split(":") for x in row)
+        assert (
+            l1 == _as_str(label) and float(s1) >= float(s2) and {l1, l2} == {"negative", "positive"}
+        )
+    raw = triton.infer(MODEL, [inp], parameters={"raw_scores": True, "threshold": 1.0},
+                       outputs=[InferRequestedOutput("scores")])  # fmt: skip
+    probs = triton.infer(MODEL, [inp], parameters={"threshold": 1.0},
+                         outputs=[InferRequestedOutput("scores")])  # fmt: skip
+    z = raw.as_numpy("scores").astype(np.float64)
+    softmax = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    np.testing.assert_allclose(softmax, probs.as_numpy("scores"), atol=1e-5)
+    long = InferInput("text", [1], "BYTES")
+    long.set_data_from_numpy(np.array([" ".join(["word"] * 300)], dtype=object))
+    with pytest.raises(InferenceServerException, match=r"tokens; the model's limit is"):
+        triton.infer(MODEL, [long], parameters={"truncate": False})
+    assert triton.infer(MODEL, [long]).as_numpy("label").shape == (1,)  # cut by default
