@@ -48,7 +48,7 @@ own-classifier: install
 REF_PY ?= /tmp/refvenv/bin/python
 families: install
 	$(REF_PY) bench/make_families.py --out build/families
-	$(BIN)/python bench/families.py build/families --reference-python $(REF_PY) --out bench/results
+	$(BIN)/python -m bench.families build/families --reference-python $(REF_PY) --out bench/results
 
 # Speed, raw numbers, tables and plots under bench/results/. `bench`: exitserve against
 # full depth and two peer servers over HTTP (about 9 minutes on 2 cores); `bench-parts`:

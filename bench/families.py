@@ -11,7 +11,7 @@ truncate: false and truncation_direction: left. Writes
 bench/results/families-<date>-<tag>.{json,md}.
 
   /tmp/refvenv/bin/python bench/make_families.py --out build/families
-  python bench/families.py build/families --reference-python /tmp/refvenv/bin/python \\
+  python -m bench.families build/families --reference-python /tmp/refvenv/bin/python \\
       --out bench/results --tag amd-epyc-vnni
 """
 
@@ -176,7 +176,9 @@ def options_over_http(model: Path, name: str, labels: list[str], multi: bool) ->
         inp.set_data_from_numpy(np.array([text.encode()], dtype=object))
         res = client.infer(name_of(model), [inp], outputs=[
             triton.InferRequestedOutput("scores", class_count=1)])  # fmt: skip
-        checks["triton_classification"] = [v.decode() for v in res.as_numpy("scores").ravel()]
+        checks["triton_classification"] = [
+            v.decode() if isinstance(v, bytes) else str(v) for v in res.as_numpy("scores").ravel()
+        ]
         res = client.infer(name_of(model), [inp], parameters={"raw_scores": True, "threshold": 1.0},
                            outputs=[triton.InferRequestedOutput("scores")])  # fmt: skip
         checks["triton_raw_scores_match"] = bool(
