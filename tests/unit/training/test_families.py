@@ -23,6 +23,7 @@ from app.main import create_app
 from app.network import artifact, exit_rule
 from app.network.backends import make_backend
 from app.training.evaluate import all_exit_probs, split_data
+from app.training.train import TrainConfig, train
 from tests.api.conftest import build_settings
 from tests.checkpoints import GOOD, reference_probs, sentiment_rows, write_checkpoint, write_data
 
@@ -142,3 +143,29 @@ def test_served_answers_name_the_architecture_and_the_labels_on(made: tuple) -> 
             outputs = {o["name"]: o["data"] for o in oip["outputs"]}
             on = {n for n, prob in zip(TAGS, want[0].tolist(), strict=True) if prob >= 0.5}
             assert set(filter(None, outputs["labels"][0].split(","))) == on
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_a_bare_encoder_of_any_family_trains_and_serves(tmp_path: Path, family: str) -> None:
+    """`train --base` on a DistilBERT or RoBERTa encoder: the artifact stores what moved
+    against the base as read (RoBERTa's shifted position table, DistilBERT's zero token
+    type), and loads back into the same network."""
+    base = write_checkpoint(tmp_path / "base", family=family, max_positions=40)
+    data = write_data(tmp_path / "data.csv", n=200)
+    tc = TrainConfig(data=str(data), out=tmp_path / "model", name="m", epochs=1, qat_epochs=0,
+                     batch_size=16, lr=1e-3, base=base, train_embeddings=True)  # fmt: skip
+    train(tc)
+    loaded = artifact.load(tmp_path / "model")
+    assert loaded.spec.config.encoder.architecture == family
+    assert loaded.spec.config.encoder.max_position_embeddings == 40
+    state = loaded.network.state_dict()
+    base_state = artifact.load_base_state(artifact.directory_base(base, tmp_path / "model"))
+    assert state["encoder.embeddings.position_embeddings.weight"].shape == (40, 32)
+    types = state["encoder.embeddings.token_type_embeddings.weight"]
+    if family == "distilbert":
+        assert types.shape == (1, 32) and float(types.abs().max()) < 1e-2  # trained from 0
+    assert set(base_state) <= set(state)
+    rt = load_runtime(tmp_path / "model", "cpu", "int8")
+    L = rt.num_layers
+    preds = run_batch(rt.backend, [Row(r, full_depth(L), L) for r in rt.tokenize(["a b c"])])
+    assert preds.predictions[0].exit_layer == L
