@@ -1,4 +1,4 @@
-"""Proof for "serve the classifiers people have": DistilBERT, RoBERTa and XLM-R
+"""Proof for "serve the classifiers people have": DistilBERT, RoBERTa, XLM-R and ELECTRA
 classifiers and a multi-label BERT, made with Hugging Face transformers
 (bench/make_families.py), each given exits by `exitserve add-exits` and served.
 
@@ -40,6 +40,7 @@ MODELS = {  # name: (directory under the root, data file there)
     "distilbert": ("distilbert", "sentiment.csv"),
     "roberta": ("roberta", "sentiment.csv"),
     "xlm-roberta": ("xlmr", "sentiment.csv"),
+    "electra": ("electra", "sentiment.csv"),
     "multilabel-bert": ("multilabel", "multilabel.csv"),
 }
 NEAR_TIE = 0.01  # a label change where transformers' top two are this close is a near-tie

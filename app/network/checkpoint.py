@@ -16,6 +16,9 @@ details, so each is read into the BERT layout the network runs (a `Family` below
   xlm-roberta  from pad_token_id + 1), so the position table is read from that row on and
                position 0 of the network is the checkpoint's row pad_token_id + 1; head:
                `classifier.dense`, tanh, `classifier.out_proj`
+  electra      a discriminator whose embeddings are as wide as its hidden states (no
+               `embeddings_project`), `electra.` prefix, BERT's names; head:
+               `classifier.dense`, GELU, `classifier.out_proj`
 Every head reads the first token's state, so each is an `ExitHead` with `cls` pooling
 and the family's activation. What the encoder cannot reproduce exactly is refused with
 the file and the field that says so: other position schemes (MPNet, DeBERTa), other
@@ -127,6 +130,14 @@ FAMILIES = {
         ),
         Family("roberta", **_ROBERTA),  # type: ignore[arg-type]
         Family("xlm-roberta", **_ROBERTA),  # type: ignore[arg-type]
+        Family(
+            "electra",
+            "electra.",
+            BERT_SIZES,
+            "hidden_act",
+            ("classifier.dense", "classifier.out_proj"),
+            "gelu",
+        ),
     )
 }
 POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
@@ -165,6 +176,12 @@ def encoder_config(cfg: dict[str, Any], where: str = CONFIG_FILE) -> EncoderConf
     missing = [name for name, _ in family.sizes if name not in cfg]
     if missing:
         raise CheckpointError(f"{where}: missing field {missing[0]!r}")
+    if cfg.get("embedding_size", cfg.get("hidden_size")) != cfg.get("hidden_size"):
+        raise CheckpointError(
+            f"{where}: embedding_size {cfg['embedding_size']} differs from hidden_size"
+            f" {cfg['hidden_size']}: the projection between them (ELECTRA-small's"
+            " embeddings_project) is not supported"
+        )
     try:
         sizes = {ours: int(cfg[theirs]) for theirs, ours in family.sizes}
         pad = int(cfg.get("pad_token_id") or 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from app.network.encoder import joined, stretches
@@ -17,7 +18,7 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 POOLINGS = ("mean", "cls")
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}  # gelu: exact (erf)
 
 
 class ExitHead(nn.Module):
@@ -27,7 +28,7 @@ class ExitHead(nn.Module):
     first token's state: with the dense layer as BERT's pooler, a `cls` head is exactly a
     `BertForSequenceClassification` classifier, which is how `add-exits` keeps a
     fine-tuned model's own classifier as its last exit (with `relu`, DistilBERT's; with
-    `tanh`, RoBERTa's head too).
+    `tanh`, RoBERTa's head too; with `gelu`, ELECTRA's).
 
     Mean pooling beat the [CLS] state at every layer on the frozen encoder, and the hidden
     layer is kept for fine-tuned exits, where shallow layers must re-map features the

@@ -163,8 +163,11 @@ class _Builder:
             total = self.op("Reshape", self.op("MatMul", ones, states),
                             self.const([-1, H], np.int64))  # fmt: skip
             pooled = self.op("Div", total, self.op("Cast", n, to=TensorProto.FLOAT))
-        kind = {"tanh": "Tanh", "relu": "Relu"}[head.activation]
-        hidden = self.op(kind, self.linear(pooled, dense, "pooled"))
+        pre = self.linear(pooled, dense, "pooled")
+        if head.activation == "gelu":  # exact, as torch's default
+            hidden = self.op("Gelu", pre, approximate="none")
+        else:
+            hidden = self.op({"tanh": "Tanh", "relu": "Relu"}[head.activation], pre)
         return self.linear(hidden, classifier, "pooled")
 
     def subgraph(self, name: str, build: Callable[[], list[str]], kinds: list[Any]) -> Any:

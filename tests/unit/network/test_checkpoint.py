@@ -149,7 +149,8 @@ def test_old_gamma_beta_layer_norm_names_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"model_type": "electra"}, r"config\.json: model_type 'electra' is not supported"),
+        ({"model_type": "funnel"}, r"config\.json: model_type 'funnel' is not supported"),
+        ({"embedding_size": 16}, r"embedding_size 16 differs from hidden_size 32"),
         ({"model_type": "mpnet"}, r"model_type 'mpnet' is not supported"),
         ({"model_type": "deberta-v2"}, r"model_type 'deberta-v2' is not supported"),
         ({"position_embedding_type": "relative_key"}, r"position_embedding_type 'relative_key'"),

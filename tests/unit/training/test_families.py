@@ -28,7 +28,13 @@ from tests.api.conftest import build_settings
 from tests.checkpoints import GOOD, reference_probs, sentiment_rows, write_checkpoint, write_data
 
 TAGS = ("positive", "long", "loud")  # a multi-label model's labels
-CASES = [("distilbert", False), ("roberta", False), ("xlm-roberta", False), ("bert", True)]
+CASES = [
+    ("distilbert", False),
+    ("roberta", False),
+    ("xlm-roberta", False),
+    ("electra", False),
+    ("bert", True),
+]
 
 
 def write_tags(path: Path, n: int = 400) -> Path:
@@ -75,7 +81,9 @@ def test_full_depth_is_the_original_classifier_in_fp32_and_int8(made: tuple) -> 
     rows = [Row(r, full_depth(L), L) for r in rt.tokenize(texts)]
     preds = run_batch(rt.backend, rows).predictions
     got = torch.tensor([p.probs for p in preds])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # fp32 in another summation order (packed batches) than the one-text reference;
+    # the random heads are made sharp, so 1e-7 in the states can be 1e-5 here.
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=0)
     assert (exit_rule.answers(got.numpy(), multi) == want_answers).all()
     raw = torch.tensor([p.logits for p in preds])
     scores = torch.sigmoid(raw) if multi else torch.softmax(raw, -1)
