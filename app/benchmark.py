@@ -44,14 +44,15 @@ def write_results(out_dir: Path, stem: str, result: dict[str, Any], md: str) -> 
 
 
 def timed_pass(
-    net: Any, ids: list[list[int]], thresholds: list[float], batch: int
+    net: Any, ids: list[list[int]], thresholds: list[float], batch: int, whole: bool = False
 ) -> tuple[float, list[int], list[int]]:
-    """Seconds to answer all `ids` in batches of `batch`; exit layers and labels."""
+    """Seconds to answer all `ids` in batches of `batch` (`whole`: each batch in one pass
+    of the whole network, `app.engine.dispatch`); exit layers and labels."""
     L = net.num_layers
     exits, labels = [], []
     t0 = time.perf_counter()
     for s in range(0, len(ids), batch):
-        res = run_batch(net, [Row(r, thresholds, L) for r in ids[s : s + batch]])
+        res = run_batch(net, [Row(r, thresholds, L) for r in ids[s : s + batch]], whole=whole)
         exits += [p.exit_layer for p in res.predictions]
         labels += [p.label_index for p in res.predictions]
     return time.perf_counter() - t0, exits, labels

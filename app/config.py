@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     # static: each batch runs to its last row before the next one starts (measured
     # faster here); continuous: rows from different requests merge at each depth.
     batching: Literal["continuous", "static"] = "static"
+    # Per batch: layer by layer (rows leave as they go), or the whole network in one
+    # pass (one read of the logits); auto: whichever the costs measured at start-up on
+    # the device expect to be cheaper (app.engine.dispatch). On the CPU auto is layers,
+    # which won at every batch size measured there.
+    dispatch: Literal["auto", "layers", "whole"] = "auto"
     # Engine workers, each running its own batches with threads // workers torch threads.
     # Unset: on the CPU one single-thread worker per thread (measured faster at every
     # load from 4 clients up: a batch of one gains nothing from a second thread, and two

@@ -140,6 +140,8 @@ class InfoResponse(BaseModel):
     batch_invariant: bool
     scheme: str  # the numerics: how weights and activations are represented
     kernel: str  # what runs the layers: "onnxruntime" graphs or "torch" ops (same numerics)
+    # Per batch, layer by layer or the whole network in one pass (app.engine.dispatch).
+    dispatch: dict[str, object] = Field(default_factory=dict)
     # The load controller: latency target, accuracy floor, the ladder it moves along
     # and where it is now (see app.engine.adapt).
     adaptation: dict[str, object]

@@ -213,7 +213,9 @@ def build(family: str, base: hf.BertConfig, src: Weights) -> hf.PreTrainedModel:
 
 
 @torch.no_grad()
-def check_body(model: hf.PreTrainedModel, reference: hf.BertModel, batch: Batches) -> None:
+def check_body(
+    model: hf.PreTrainedModel, reference: hf.BertModel, batch: dict[str, torch.Tensor]
+) -> None:
     """The untrained encoder of `model` must give `reference`'s last hidden states."""
     model.eval()
     ours = model.base_model(**batch).last_hidden_state

@@ -39,6 +39,23 @@ def adaptation(engine: Engine, settings: Settings) -> dict[str, object]:
     }
 
 
+def dispatch(engine: Engine) -> dict[str, object]:
+    """How batches run (app.engine.dispatch): the mode, and under auto the costs measured
+    at start-up and the plan they give at each measured size."""
+    rt = engine.runtime
+    out: dict[str, object] = {"mode": rt.dispatch}
+    if rt.costs is not None:
+        c = rt.costs
+        out["costs_ms"] = {
+            "rows": list(c.sizes),
+            "whole": [round(1000 * t, 4) for t in c.whole],
+            "layer_step": [round(1000 * t, 4) for t in c.layer],
+        }
+        out["plan"] = {str(b): rt.plan(b) for b in c.sizes}
+        out["rows_alive_before_each_layer"] = rt.alive
+    return out
+
+
 def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
     """What /info says about one loaded model."""
     rt = engine.runtime
@@ -58,6 +75,7 @@ def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
         "batch_invariant": rt.batch_invariant,
         "scheme": rt.scheme,
         "kernel": rt.kernel,
+        "dispatch": dispatch(engine),
         "adaptation": adaptation(engine, settings),
         "audit": None if engine.audit is None else engine.audit.state(),
         "threads": rt.threads,

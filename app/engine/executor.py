@@ -20,7 +20,7 @@ from app.network import exit_rule
 from app.network.backends import Backend
 from app.network.exit_rule import Prediction, Row
 
-__all__ = ["BatchResult", "Prediction", "Row", "decide_on_logits", "run_batch"]
+__all__ = ["BatchResult", "Prediction", "Row", "decide_on_logits", "run_batch", "run_whole"]
 
 
 @dataclass
@@ -35,12 +35,15 @@ def run_batch(
     rows: Sequence[Row],
     on_answer: Callable[[int, Prediction], None] | None = None,
     wide: bool = False,
+    whole: bool = False,
 ) -> BatchResult:
     """Run `rows` through the network with per-row early exit.
 
     Returns predictions in input order; `on_answer(index, prediction)` fires as soon as a
     row leaves, before deeper layers run for the rest of the batch. `wide`: a row alone
-    may take the threads of idle workers (`Backend.run_alone`).
+    may take the threads of idle workers (`Backend.run_alone`). `whole`: every layer on
+    every row in one pass, the same answers given after it (`run_whole`; the engine's
+    choice per batch: `app.engine.dispatch`).
     """
     exit_rule.check_rows(rows, backend.num_layers)
     out: list[Prediction | None] = [None] * len(rows)
@@ -55,7 +58,9 @@ def run_batch(
 
     # A row alone goes through in one call where the backend can (`run_alone`); for a
     # few rows, one call each was no faster than the layer loop (docs/decisions.md).
-    if len(rows) == 1 and (alone := run_alone(backend, rows[0], wide)) is not None:
+    if whole:
+        run_whole(backend, rows, answer, result)
+    elif len(rows) == 1 and (alone := run_alone(backend, rows[0], wide)) is not None:
         answer(0, alone)
         n = len(rows[0].token_ids)
         result.rows_per_layer += [1] * alone.exit_layer
@@ -97,6 +102,38 @@ def run_loop(
             if len(keep) < len(alive):
                 alive = [alive[j] for j in keep]
                 batch = backend.keep(batch, keep)
+
+
+def run_whole(
+    backend: Backend,
+    rows: Sequence[Row],
+    answer: Callable[[int, Prediction], None],
+    result: BatchResult,
+) -> None:
+    """Every layer and every exit head on every row in one pass (`Backend.all_exits`),
+    then each row answered at the first exit its own rule lets it leave at, exit by
+    exit, on the same logits the layer loop would see: its answers, with one pass and
+    one read of the logits where the layer loop makes one per layer. Every row ran
+    every layer, and the counts say so."""
+    L = backend.num_layers
+    with torch.inference_mode():
+        logits = backend.all_exits([r.token_ids for r in rows])  # (L, B, C)
+    result.rows_per_layer += [len(rows)] * L
+    result.tokens_per_layer += [sum(len(r.token_ids) for r in rows)] * L
+    alive = list(range(len(rows)))
+    for i in range(L):
+        running = [rows[a] for a in alive]
+        if not exit_rule.may_leave(i, running, L):
+            continue
+
+        def answered(j: int, p: Prediction, alive: list[int] = alive) -> None:
+            answer(alive[j], p)
+
+        index = torch.tensor(alive, device=logits.device)
+        keep = decide_on_logits(backend, i, logits[i].index_select(0, index), running, answered)
+        alive = [alive[j] for j in keep]
+        if not alive:
+            return
 
 
 def run_alone(backend: Backend, row: Row, wide: bool = False) -> Prediction | None:

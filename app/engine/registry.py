@@ -177,7 +177,14 @@ def start_engine(
     workers, threads = worker_plan(s.device, s.threads, s.workers, s.batching == "continuous")
     # A row alone while the other workers idle may take their threads too.
     runtime = load_runtime(
-        e.model_dir, s.device, s.quantization, threads, s.int8_kernel, threads * workers
+        e.model_dir,
+        s.device,
+        s.quantization,
+        threads,
+        s.int8_kernel,
+        threads * workers,
+        s.dispatch,
+        s.max_batch_size,
     )
     if runtime.name != e.name:
         raise ValueError(f"{e.model_dir} now holds {runtime.name!r}, not {e.name!r}")

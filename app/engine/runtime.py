@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from app.engine import dispatch as dispatching
 from app.engine.adapt import Ladder
 from app.engine.executor import Row, run_batch
 from app.network import artifact
@@ -40,6 +41,15 @@ class ModelRuntime:
     scheme: str = ""  # how the weights and activations are represented
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # Per-batch dispatch (app.engine.dispatch): the mode, and for auto the costs
+    # measured at start-up and the calibrated share of rows alive before each layer.
+    dispatch: str = "layers"
+    costs: dispatching.Costs | None = None
+    alive: list[float] | None = None
+
+    def plan(self, rows: int) -> str:
+        """ "layers" or "whole" for a batch of `rows` rows."""
+        return dispatching.plan(self.dispatch, rows, self.alive, self.costs)
 
     @property
     def num_layers(self) -> int:
@@ -124,9 +134,13 @@ def load_runtime(
     threads: int = 1,
     int8_kernel: str = "auto",
     wide_threads: int = 0,
+    dispatch: str = "auto",
+    max_batch_size: int = 32,
 ) -> ModelRuntime:
     """`threads` per engine worker; `wide_threads`: what a row alone may take while the
-    other workers are idle (int8 on ONNX Runtime; 0: no more than `threads`)."""
+    other workers are idle (int8 on ONNX Runtime; 0: no more than `threads`);
+    `dispatch`: layers, whole or auto (`app.engine.dispatch`; auto measures the costs
+    here on a GPU up to `max_batch_size` rows, and is layers on the CPU)."""
     torch.set_num_threads(threads)
     loaded = artifact.load(model_dir)
     device, quantization = resolve(device, quantization, loaded.spec.serving)
@@ -160,12 +174,49 @@ def load_runtime(
             model_dir,
         )
     warm_up(rt)
+    rt.dispatch = "layers" if dispatch == "auto" and device == "cpu" else dispatch
+    if rt.dispatch == "auto":
+        rt.costs = measure_dispatch(rt, max_batch_size)
+        rt.alive = calibrated_survival(spec.evaluation)
     release_freed_memory()
     log.info(
         "loaded %s v%s on %s (%s on %s, %d threads)",
         rt.name, rt.version, device, rt.dtype, rt.kernel, threads,
     )  # fmt: skip
     return rt
+
+
+def calibrated_survival(evaluation: dict[str, Any]) -> list[float] | None:
+    """The share of rows still running before each layer at the calibrated thresholds,
+    from the evaluation's exit histogram (None where it has none)."""
+    histogram = evaluation.get("exit_histogram")
+    try:
+        return dispatching.survival(histogram) if histogram else None
+    except ValueError:
+        return None
+
+
+def measure_dispatch(rt: ModelRuntime, largest: int, length: int = 32) -> dispatching.Costs:
+    """Time the whole network and one layer step on this device, rows of `length` tokens,
+    at the batch sizes `dispatching.SIZES` up to the engine's `largest` batch."""
+    backend = rt.backend
+    L = backend.num_layers
+    ids = [1] * min(length, rt.max_seq_len)
+
+    def whole(b: int) -> None:
+        with torch.inference_mode():
+            backend.all_exits([ids] * b).float().cpu()
+
+    def layer(b: int) -> None:
+        with torch.inference_mode():
+            batch = backend.step(L // 2, backend.begin([ids] * b), exit=True)
+            assert batch.logits is not None
+            batch.logits.float().cpu()  # the read each layer step of the loop makes
+
+    sizes = [b for b in dispatching.SIZES if b <= largest] or [1]
+    costs = dispatching.measure(whole, layer, sizes)
+    log.info("%s dispatch costs measured at %s rows", rt.name, sizes)
+    return costs
 
 
 def warm_up(rt: ModelRuntime) -> None:

@@ -357,7 +357,8 @@ class WorkerLoops:
             batch = kept
         if not rows:
             return 0
-        result = run_batch(self.runtime.backend, rows, on_answer, wide)
+        whole = self.runtime.plan(len(rows)) == "whole"
+        result = run_batch(self.runtime.backend, rows, on_answer, wide, whole)
         if self.observer is not None:
             self.observer.layer_steps(result.rows_per_layer)
         return sum(result.rows_per_layer)
