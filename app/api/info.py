@@ -44,6 +44,8 @@ def dispatch(engine: Engine) -> dict[str, object]:
     at start-up and the plan they give at each measured size."""
     rt = engine.runtime
     out: dict[str, object] = {"mode": rt.dispatch}
+    if rt.backend.graphs_captured:
+        out["graphs_captured"] = rt.backend.graphs_captured
     if rt.costs is not None:
         c = rt.costs
         out["costs_ms"] = {

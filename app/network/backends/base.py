@@ -69,6 +69,11 @@ class Backend(ABC):
         return self.model.cfg.labels
 
     @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs this backend has captured (none but on a GPU)."""
+        return 0
+
+    @property
     def multi_label(self) -> bool:
         return self.model.cfg.multi_label
 

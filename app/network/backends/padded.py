@@ -2,7 +2,8 @@
 
 On a GPU small batches are bound by kernel launches, not FLOPs, and finding the real
 tokens (`nonzero()`) would force a host sync at every layer, so rows keep their padding;
-`keep` trims it to the longest row still running.
+`keep` trims it to the longest row still running. A whole pass (`all_exits`, what
+per-batch dispatch uses where one pass is cheaper) replays a CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,11 +14,28 @@ import torch
 import torch.nn.functional as F
 
 from app.network.backends.base import Backend, RunningBatch
-from app.network.multi_exit import pad_batch
+from app.network.backends.graphs import WholeGraphs
+from app.network.multi_exit import MultiExitNetwork, pad_batch
 
 
 class Padded(Backend):
     name = "torch"
+
+    def __init__(self, model: MultiExitNetwork, graphs: bool | None = None) -> None:
+        """`graphs`: whole passes (`all_exits`) replay CUDA graphs captured per shape
+        bucket (default: on CUDA); otherwise the same buckets run eagerly."""
+        super().__init__(model)
+        self.graphs = WholeGraphs(model, capture=graphs)
+
+    @property
+    def graphs_captured(self) -> int:
+        return self.graphs.captured
+
+    def all_exits(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Every exit's logits (L, B, C) in one pass of the whole network, as one graph
+        replay per shape bucket (`graphs.WholeGraphs`)."""
+        ids, mask = pad_batch([list(r) for r in token_ids], device=self.model.device)
+        return self.graphs(ids, mask)
 
     def begin(self, token_ids: Sequence[Sequence[int]]) -> RunningBatch:
         lengths = tuple(len(r) for r in token_ids)

@@ -100,7 +100,14 @@ def test_the_whole_pass_answers_as_the_layer_loop(
     looped = run_batch(backend, rows)
     answered: list[int] = []
     whole = run_batch(backend, rows, lambda j, _: answered.append(j), whole=True)
-    assert whole.predictions == looped.predictions
+    if kernel == "padded":  # fp32 GEMMs over another number of rows: 1e-7 apart
+        assert [(p.label_index, p.exit_layer) for p in whole.predictions] == [
+            (p.label_index, p.exit_layer) for p in looped.predictions
+        ]
+        for a, b in zip(whole.predictions, looped.predictions, strict=True):
+            assert a.probs == pytest.approx(b.probs, abs=1e-5)
+    else:  # the CPU's int8 and packed fp32: a row's bits whatever its batch
+        assert whole.predictions == looped.predictions
     assert sorted(answered) == list(range(len(rows)))
     L = backend.num_layers
     assert whole.rows_per_layer == [len(rows)] * L  # every row ran every layer
