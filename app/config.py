@@ -138,6 +138,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _dispatch_fits_batching(self) -> Settings:
+        if self.dispatch == "whole" and self.batching == "continuous":
+            raise ValueError(
+                "dispatch=whole runs static batches in one pass; continuous batching merges"
+                " rows at each layer: set batching=static or dispatch=layers"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _request_fits_queue(self) -> Settings:
         if self.max_inputs_per_request > self.max_queue_size:
             raise ValueError(

@@ -139,6 +139,12 @@ def test_auto_measures_costs_where_it_is_asked_to(tiny_model_dir: Path) -> None:
     assert rt.plan(8) == want
 
 
+def test_whole_passes_and_continuous_batching_are_refused_together(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="dispatch=whole runs static batches"):
+        build_settings(tiny_model_dir, dispatch="whole", batching="continuous")
+    assert build_settings(tiny_model_dir, dispatch="auto", batching="continuous").dispatch == "auto"
+
+
 def test_a_server_dispatching_whole_passes_answers_as_one_going_layer_by_layer(
     tiny_model_dir: Path,
 ) -> None:
