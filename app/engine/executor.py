@@ -171,6 +171,6 @@ def decide_on_logits(
     run); the positions that go on."""
     if logits is None:
         return exit_rule.decide(i, None, rows, backend.num_layers, on_exit)
-    probs = backend.probabilities(logits).cpu().tolist()
-    raw = logits.float().cpu().tolist()
+    # Scores and logits side by side, read back in one transfer (on a GPU, one sync).
+    probs, raw = torch.stack([backend.probabilities(logits), logits.float()]).cpu().tolist()
     return exit_rule.decide(i, probs, rows, backend.num_layers, on_exit, backend.multi_label, raw)
