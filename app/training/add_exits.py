@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from app.network import artifact, checkpoint, exit_rule
 from app.network.backends import make_backend
+from app.network.backends.base import probabilities
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
 from app.network.tokenizer import TextTokenizer
 from app.training.data import load_splits
@@ -145,10 +146,10 @@ def features(net: MultiExitNetwork, ids: list[list[int]]) -> tuple[torch.Tensor,
 
 
 def answers(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """`exit_rule.answers` on logits (N, C): the label, or the on-labels as bits."""
-    if multi_label:
-        return ((logits >= 0).long() << torch.arange(logits.shape[-1])).sum(-1)
-    return logits.argmax(-1)
+    """`exit_rule.answers` on logits (N, C), scored as served: the label, or the
+    on-labels as bits."""
+    scores = probabilities(logits.detach(), multi_label).numpy()
+    return torch.from_numpy(exit_rule.answers(scores, multi_label))
 
 
 def distil(

@@ -21,6 +21,19 @@ import torch
 from app.network.multi_exit import MultiExitNetwork
 
 
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Logits (..., C) -> scores: a softmax, or for a multi-label model a sigmoid per label.
+
+    The sigmoid is taken as a two-way softmax of (z, 0) per label: the same bits for a
+    row alone and in any batch. torch's elementwise sigmoid takes a vector path over
+    most of a tensor and a scalar one for its tail, so a row's probability moved by one
+    ulp with the size of its batch (measured)."""
+    z = logits.float()
+    if multi_label:
+        return torch.softmax(torch.stack([z, torch.zeros_like(z)], dim=-1), dim=-1)[..., 0]
+    return torch.softmax(z, dim=-1)
+
+
 @dataclass(frozen=True)
 class RunningBatch:
     """The states of a batch of rows between two layers, in one of two layouts.
@@ -78,16 +91,8 @@ class Backend(ABC):
         return self.model.cfg.multi_label
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (..., C) -> the model's scores: a softmax, or a sigmoid per label.
-
-        The sigmoid is taken as a two-way softmax of (z, 0) per label: the same bits for
-        a row alone and in any batch. torch's elementwise sigmoid takes a vector path
-        over most of a tensor and a scalar one for its tail, so a row's probability
-        moved by one ulp with the size of its batch (measured)."""
-        z = logits.float()
-        if self.multi_label:
-            return torch.softmax(torch.stack([z, torch.zeros_like(z)], dim=-1), dim=-1)[..., 0]
-        return torch.softmax(z, dim=-1)
+        """Logits (..., C) -> the model's scores (`probabilities`)."""
+        return probabilities(logits, self.multi_label)
 
     @abstractmethod
     def begin(self, token_ids: Sequence[Sequence[int]]) -> RunningBatch:
