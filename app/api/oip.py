@@ -295,8 +295,13 @@ async def infer(
         truncation(params),
     )
     response.headers.update(timing_headers(answers, time.perf_counter() - started))
-    ranked = params.model_copy(update={"top_k": len(rt.labels)})  # every label, best first
-    rows = [prediction(a, rt.num_layers, ranked, rt.multi_label) for a in answers]
+    # Every label's score only where the `scores` output is asked for; ranked best
+    # first only for the classification extension.
+    ranked = "scores" in wanted and top_k is not None
+    shown = params.model_copy(
+        update={"all_scores": "scores" in wanted, "top_k": len(rt.labels) if ranked else None}
+    )
+    rows = [prediction(a, rt.num_layers, shown, rt.multi_label) for a in answers]
     return InferResponse(
         model_name=rt.name,
         model_version=rt.version,
