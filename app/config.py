@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,19 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+def authorized(authorization: str, keys: Sequence[str]) -> bool:
+    """True when no keys are configured or the header is `Bearer <one of the keys>`."""
+    if not keys:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    given = token.strip().encode()
+    # Compare against every key, always, so timing reveals neither key nor position.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key.encode())
+    return scheme.lower() == "bearer" and ok
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXITSERVE_", extra="ignore", frozen=True)
 
@@ -48,6 +63,10 @@ class Settings(BaseSettings):
     # Shares of the cores when several models want them at once: `name=weight,...`;
     # a model not named weighs 1 (app.engine.shares).
     model_weights: str = ""
+    # With several models: process, each model in a process of its own behind one front
+    # end (app.front), sharing the cores by its weight's share of `threads`; thread, all
+    # in this process, taking turns at the cores by weighted fair share (app.engine.shares).
+    isolation: Literal["process", "thread"] = "process"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantization: Literal["auto", "int8", "fp16", "bf16", "none"] = "auto"
     # What runs int8 layers on the CPU: onnxruntime (one graph call per layer, fewer ops

@@ -25,6 +25,7 @@ from app.engine.errors import (
     TooLate,
     UnknownModel,
 )
+from app.http import clip, error_body
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,6 @@ def retry_after(late: Exception | float) -> str:
     from a refusal or from the seconds the request would have been late."""
     seconds = late if isinstance(late, float) else getattr(late, "retry_after_s", 1.0)
     return str(max(1, math.ceil(seconds)))
-
-
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    return {"error": message, "error_type": error_type}
-
-
-def clip(value: object, limit: int = 40) -> str:
-    """A client-sent value for an error message, cut short: a name or a field can be as
-    long as the body limit allows, and an error must not echo a megabyte back."""
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validation_message(exc: RequestValidationError) -> str:

@@ -6,13 +6,11 @@ hop per dependency per request for what is an attribute lookup.
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.config import Settings
+from app.config import Settings, authorized
 from app.engine.errors import NotRunning
 from app.engine.registry import ModelRegistry
 from app.engine.scheduler import Engine
@@ -54,19 +52,6 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-def authorized(authorization: str, keys: Sequence[str]) -> bool:
-    """True when no keys are configured or the header is `Bearer <one of the keys>`."""
-    if not keys:
-        return True
-    scheme, _, token = authorization.partition(" ")
-    given = token.strip().encode()
-    # Compare against every key, always, so timing reveals neither key nor position.
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given, key.encode())
-    return scheme.lower() == "bearer" and ok
 
 
 async def require_api_key(request: Request) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.deps import authorized
+from app.config import authorized
 from app.engine.errors import TooLate
-from app.errors import ENGINE_ERRORS, RETRY_AFTER_S, error_body, retry_after
+from app.errors import ENGINE_ERRORS, RETRY_AFTER_S, retry_after
+from app.http import endpoint_of, error_body, model_named
 from app.metrics import Metrics
 
 OVERLOADED = error_body("server overloaded; retry later", "overloaded")
@@ -31,26 +32,6 @@ OVERLOADED = error_body("server overloaded; retry later", "overloaded")
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def endpoint_of(path: str) -> str:
-    if path == "/predict":
-        return "predict"
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
-        return "v2_infer"
-    return "other"
-
-
-def model_named(body: bytes | None) -> str | None:
-    """The `model` a /predict body names; None for the default (or a body the route will
-    refuse anyway)."""
-    if not body or b'"model"' not in body:
-        return None
-    try:
-        name = json.loads(body).get("model")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return name if isinstance(name, str) else None
 
 
 class ServiceMiddleware:
