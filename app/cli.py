@@ -152,13 +152,18 @@ def _bench(a: argparse.Namespace) -> int:
 
 def _serve(a: argparse.Namespace) -> int:
     from app.config import Settings
-    from app.main import create_app
     from app.server import serve
 
     overrides = {
         k: v for k, v in (("model_dir", a.model_dir), ("host", a.host), ("port", a.port)) if v
     }
     settings = Settings(**overrides)
+    if len(settings.model_dirs) > 1 and settings.isolation == "process":
+        from app.front.router import Router  # the front end imports no torch
+
+        return serve(Router(settings), settings)
+    from app.main import create_app
+
     return serve(create_app(settings), settings)
 
 

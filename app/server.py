@@ -14,29 +14,38 @@ from __future__ import annotations
 import logging
 import time
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI
 
 from app.config import Settings
-from app.engine.registry import ModelRegistry
 
 log = logging.getLogger("exitserve")
 
 STARTUP_FAILED = 3  # uvicorn's own exit status when the app cannot start
 
 
+class Drainable(Protocol):
+    """What the drain asks of the models served (an engine registry, or the model
+    processes behind a front end)."""
+
+    idle: bool
+
+    def begin_drain(self) -> None: ...
+
+    def queued(self) -> int: ...
+
+
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: Any, drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.app_state = state  # the app's `state`: the registry appears there once loaded
+        self.app_state = state  # the app's `state`: `registry` appears there once loaded
         self.drain_timeout_s = drain_timeout_s
         self.drain_deadline: float | None = None  # monotonic; set by the first signal
         self._drain_logged = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        models: ModelRegistry | None = getattr(self.app_state, "registry", None)
+        models: Drainable | None = getattr(self.app_state, "registry", None)
         if self.drain_deadline is not None or self.should_exit or models is None:
             super().handle_exit(sig, frame)  # a second signal, or nothing to drain yet
             return
@@ -46,7 +55,7 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
-            models: ModelRegistry = self.app_state.registry
+            models: Drainable = self.app_state.registry
             if not self._drain_logged:
                 self._drain_logged = True
                 log.info(
@@ -63,14 +72,20 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: FastAPI, settings: Settings) -> int:
-    """Serve until a signal and its drain end; the exit status (0, or 3 if never started)."""
+def serve(app: Any, settings: Settings, uds: str | None = None, keep_alive_s: int = 5) -> int:
+    """Serve until a signal and its drain end; the exit status (0, or 3 if never started).
+
+    `app` is an ASGI app whose `state.registry` is drained; `uds`: listen on that Unix
+    socket instead of the settings' host and port.
+    """
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        uds=uds,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        timeout_keep_alive=keep_alive_s,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app.state, settings.drain_timeout_s)

@@ -1,0 +1,306 @@
+"""The front end: one port for every model, each request passed to its model's process.
+
+A plain ASGI app, not FastAPI: per request it reads the body, finds the model (the
+`model` of a /predict body, the name in a /v2/models/ path; otherwise the default
+model) and copies the bytes both ways over the model process's Unix socket, whose own
+server validates, authorizes, admits, counts and answers. What concerns the server as
+a whole is answered here: the repository index and model control, health and
+readiness, /info and /metrics gathered from every model process, and the refusals no
+model process can give (an unknown or unloaded model, a body over the limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from starlette.types import Message, Receive, Scope, Send
+
+from app import __version__
+from app.config import Settings, authorized
+from app.front.expose import merged
+from app.front.supervisor import READY, UNLOADING, LoadFailed, ModelProcess, Supervisor
+from app.front.upstream import Upstream, UpstreamError
+from app.http import clip, endpoint_of, error_body, model_named
+
+log = logging.getLogger("exitserve")
+
+Headers = list[tuple[bytes, bytes]]
+JSON: Headers = [(b"content-type", b"application/json")]
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+NOT_READY = {"error": "not ready", "error_type": "unavailable"}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Router:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models = Supervisor(settings)
+        self.state = SimpleNamespace()  # `registry` once every model serves (app.server)
+        self._metrics = CollectorRegistry()
+        # Requests answered here, never seen by a model process; summed with theirs.
+        labels = ["endpoint", "status", "model"]
+        self._requests = Counter(
+            "exitserve_requests", "HTTP requests", labels, registry=self._metrics
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    # -- routing --------------------------------------------------------------------------
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        try:
+            body = await self._body(receive)
+        except _TooLarge:
+            limit = self.settings.max_body_bytes
+            message = error_body(f"request body exceeds {limit} bytes", "too_large")
+            await self._answer(send, 413, message, [(b"connection", b"close")], scope)
+            return
+        if path == "/predict":
+            name = model_named(body) if scope["method"] == "POST" else None
+            await self._forward(scope, send, body, name)
+        elif path.startswith("/v2/models/"):
+            await self._forward(scope, send, body, path.split("/")[3])
+        elif path.startswith("/v2/repository/"):
+            await self._repository(scope, send, body)
+        elif path == "/metrics":
+            await self._send(send, 200, await self._exposition(), [(b"content-type", METRICS_TYPE)])
+        elif path == "/info":
+            await self._info(scope, send)
+        elif path in ("/healthz", "/v2/health/live"):
+            await self._live(send, path)
+        elif path in ("/readyz", "/v2/health/ready"):
+            await self._ready(send, path)
+        else:
+            await self._forward(scope, send, body, None)  # the default model's server answers
+
+    async def _forward(self, scope: Scope, send: Send, body: bytes, name: str | None) -> None:
+        m = self.models.models.get(self.models.default if name is None else name)
+        if m is None:
+            served = self.models.names
+            message = f"unknown model {clip(name)!r}; this server serves {served}"
+            await self._answer(send, 404, error_body(message, "not_found"), scope=scope)
+            return
+        if m.process is None or m.state not in (READY, UNLOADING):
+            await self._not_running(send, m, scope)
+            return
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        try:
+            r = await m.upstream.request(
+                scope["method"], target.decode("latin-1"), scope["headers"], body
+            )
+        except UpstreamError as e:
+            log.warning("model %s: %s", m.name, e)
+            await self._not_running(send, m, scope)
+            return
+        await self._send(send, r.status, r.body, r.headers)
+
+    async def _not_running(self, send: Send, m: ModelProcess, scope: Scope) -> None:
+        message = error_body(f"model {m.name!r} is not loaded ({m.state.lower()})", "unavailable")
+        await self._answer(send, 503, message, [(b"retry-after", b"1")], scope)
+
+    # -- the repository extension ---------------------------------------------------------
+    async def _repository(self, scope: Scope, send: Send, body: bytes) -> None:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if not authorized(header, self.settings.keys):
+            message = error_body("missing or invalid API key", "unauthorized")
+            await self._answer(send, 401, message, [(b"www-authenticate", b"Bearer")], scope)
+            return
+        parts = scope["path"].split("/")  # "", "v2", "repository", ...
+        if scope["method"] != "POST":
+            await self._answer(send, 405, error_body("Method Not Allowed", "method_not_allowed"))
+        elif parts[3:] == ["index"]:
+            await self._index(send, body)
+        elif len(parts) == 6 and parts[3] == "models" and parts[5] in ("load", "unload"):
+            await self._control(send, parts[4], parts[5])
+        else:
+            await self._answer(send, 404, error_body("Not Found", "not_found"))
+
+    async def _index(self, send: Send, body: bytes) -> None:
+        try:
+            asked = json.loads(body) if body.strip() else {}
+        except (ValueError, RecursionError):
+            asked = None
+        if not isinstance(asked, dict) or not isinstance(asked.get("ready", False), bool):
+            message = error_body('body: expected {"ready": true|false}', "validation")
+            await self._answer(send, 422, message)
+            return
+        models = self.models.index()
+        if asked.get("ready"):
+            models = [m for m in models if m["state"] == READY]
+        await self._answer(send, 200, models)
+
+    async def _control(self, send: Send, name: str, action: str) -> None:
+        if self.settings.model_control != "explicit":
+            message = "model control is not explicit (EXITSERVE_MODEL_CONTROL=explicit)"
+            await self._answer(send, 400, error_body(message, "unsupported"))
+            return
+        if name not in self.models.models:
+            served = self.models.names
+            message = f"unknown model {clip(name)!r}; this server serves {served}"
+            await self._answer(send, 404, error_body(message, "not_found"))
+            return
+        if action == "unload":
+            await self.models.stop(name)
+        else:
+            try:
+                await self.models.start(name)
+            except LoadFailed as e:
+                log.error("%s", e)
+                failed = f"failed to load model {clip(name)!r}; see the server log"
+                await self._answer(send, 400, error_body(failed, "load_failed"))
+                return
+        await self._answer(send, 200, {})
+
+    # -- the server as a whole ------------------------------------------------------------
+    async def _live(self, send: Send, path: str) -> None:
+        if self.models.failed:
+            await self._answer(send, 503, error_body("a model's process exited", "unavailable"))
+        else:
+            await self._answer(
+                send, 200, {"status": "ok"} if path == "/healthz" else {"live": True}
+            )
+
+    async def _ready(self, send: Send, path: str) -> None:
+        """Ready while every loaded model's server is (an unloaded one is not waited for)."""
+        running = self.models.running()
+        why = "draining" if self.models.draining else "" if running else "no model loaded"
+        if not why:
+            answers = await asyncio.gather(*(self._get(m, "/readyz") for m in running))
+            for m, (status, answer) in zip(running, answers, strict=True):
+                if status != 200:
+                    why = f"{m.name}: {answer.get('error', 'not ready') if answer else 'not ready'}"
+                    break
+        if path == "/v2/health/ready":
+            await self._answer(send, 503 if why else 200, NOT_READY if why else {"ready": True})
+        elif why:
+            await self._answer(send, 503, error_body(why, "unavailable"))
+        else:
+            await self._answer(send, 200, {"status": "ready"})
+
+    async def _info(self, scope: Scope, send: Send) -> None:
+        """The default model's figures, every model's own (each from its process), and
+        how they share the cores."""
+        running = self.models.running()
+        answers = await asyncio.gather(*(self._get(m, "/info") for m in running))
+        infos = {m.name: a for m, (s, a) in zip(running, answers, strict=True) if s == 200}
+        default = infos.get(self.models.default)
+        if default is None:
+            await self._not_running(send, self.models.models[self.models.default], scope)
+            return
+        models = []
+        for entry in self.models.index():
+            own = infos.get(entry["name"])
+            described = (
+                own["models"][0]
+                if own and own.get("models")
+                else {"model": entry["name"], "model_version": entry["version"]}
+            )
+            models.append({**described, "state": entry["state"], "reason": entry["reason"]})
+        shares = {
+            "policy": "a process per model; threads split by weight",
+            "threads": {m.name: m.threads for m in self.models.models.values()},
+            "weights": {n: self.settings.weights.get(n, 1.0) for n in self.models.names},
+        }
+        await self._answer(
+            send, 200, {**default, "version": __version__, "models": models, "shares": shares}
+        )
+
+    async def _exposition(self) -> bytes:
+        running = self.models.running()
+        texts = await asyncio.gather(*(self._text(m.upstream, "/metrics") for m in running))
+        own = generate_latest(self._metrics).decode()
+        return merged([*(t for t in texts if t), own])
+
+    # -- plumbing -------------------------------------------------------------------------
+    async def _get(self, m: ModelProcess, path: str) -> tuple[int, Any]:
+        try:
+            r = await m.upstream.request("GET", path)
+            return r.status, json.loads(r.body)
+        except (UpstreamError, ValueError):
+            return 0, None
+
+    async def _text(self, upstream: Upstream, path: str) -> str:
+        try:
+            r = await upstream.request("GET", path)
+        except UpstreamError:
+            return ""
+        return r.body.decode() if r.status == 200 else ""
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message: Message = await receive()
+            if message["type"] != "http.request":
+                return b""
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.settings.max_body_bytes:
+                raise _TooLarge
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _answer(
+        self,
+        send: Send,
+        status: int,
+        content: Any,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        scope: Scope | None = None,
+    ) -> None:
+        if scope is not None:  # a refusal of a request meant for a model: counted here
+            self._requests.labels(endpoint_of(scope["path"]), str(status), "").inc()
+        await self._send(send, status, json.dumps(content).encode(), [*JSON, *headers])
+
+    @staticmethod
+    async def _send(send: Send, status: int, body: bytes, headers: Headers) -> None:
+        head = [*headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- start and stop -------------------------------------------------------------------
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        watch: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                started = time.monotonic()
+                try:
+                    await self.models.start_all()
+                except Exception as e:
+                    log.error("cannot serve the models in %s: %s", self.settings.model_dir, e)
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                log.info(
+                    "%d models serving in %.1f s: %s",
+                    len(self.models.names),
+                    time.monotonic() - started,
+                    ", ".join(self.models.names),
+                )
+                watch = asyncio.create_task(self.models.watch())
+                self.state.registry = self.models
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+                await self.models.stop_all()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
