@@ -8,13 +8,18 @@ One run on loopback, the real server with `--flooded` (default: the sentiment mo
   3. both at once: the flooded model offered `--overload` times that capacity, the light
      one `--light-rate`, for `--seconds`: every light request must be answered, its p99
      at most 3x the idle one;
-  4. resident memory (VmRSS) of that server after the run, and of a server of the flooded
-     model alone after the same warm-up: two models at most 1.5x one, one at most 600 MB.
+  4. memory of that server after the run, and of a server of the flooded model alone
+     after the same warm-up: two models at most 1.5x one, one at most 600 MB. Memory is
+     the sum of the proportional set sizes of the server's processes (`tree_pss_bytes`):
+     with a process per model (`--isolation process`, the default) a page the model
+     processes share is counted once, as the kernel holds it; for one process it is
+     its VmRSS less what it shares with other processes.
 Results: OUT/models-<date>-<tag or host>.{json,md}.
 
 Usage:
   .venv/bin/python -m bench.models [--flooded DIR] [--light DIR] [--seconds 20]
-      [--overload 3] [--light-rate 10] [--out bench/results] [--tag NAME]
+      [--overload 3] [--light-rate 10] [--isolation process|thread]
+      [--out bench/results] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import HOST, Reply, build_request, closed_loop, open_loop, percentile, run_async
-from bench.soak import rss_bytes
+from bench.soak import tree_pss_bytes
 from devtools.server_process import ROOT, exitserve_env, exitserve_server
 
 MODELS = ROOT / "models"
@@ -76,9 +81,9 @@ def light_loop(
     return run_async(open_loop(port, requests, rate, seconds, 16))
 
 
-def settings(model_dirs: list[Path]) -> dict[str, object]:
+def settings(model_dirs: list[Path], isolation: str = "process") -> dict[str, object]:
     return {"model_dir": ",".join(str(d) for d in model_dirs), "log_level": "warning",
-            "max_queue_size": 1024}  # fmt: skip
+            "max_queue_size": 1024, "isolation": isolation}  # fmt: skip
 
 
 async def warm(port: int, sets: list[list[bytes]]) -> None:
@@ -93,7 +98,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     flood = requests_for(a.flooded, None)  # the default model: no "model" in the body
     light = requests_for(a.light, light_name)
     result: dict[str, Any] = {"flooded": flooded_name, "light": light_name}
-    env = settings([a.flooded, a.light])
+    env = settings([a.flooded, a.light], a.isolation)
     with exitserve_server(lambda port: exitserve_env(port, env), 300) as (proc, port):
         run_async(warm(port, [flood, light]))
         replies, offered, took = run_async(open_loop(port, light, a.light_rate, a.seconds, 16))
@@ -112,12 +117,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             l_replies, l_offered, l_took = lighter.result()
         result["flooded_under_flood"] = summary(f_replies, f_offered, f_took)
         result["light_under_flood"] = summary(l_replies, l_offered, l_took)
-        result["rss_two_models_mb"] = round(rss_bytes(proc.pid) / 2**20, 1)
+        result["rss_two_models_mb"] = round(tree_pss_bytes(proc.pid) / 2**20, 1)
     env = settings([a.flooded])
     with exitserve_server(lambda port: exitserve_env(port, env), 300) as (proc, port):
         run_async(warm(port, [flood]))
         run_async(closed_loop(port, flood, 64, a.capacity_seconds))
-        result["rss_one_model_mb"] = round(rss_bytes(proc.pid) / 2**20, 1)
+        result["rss_one_model_mb"] = round(tree_pss_bytes(proc.pid) / 2**20, 1)
     idle, flooded = result["light_idle"], result["light_under_flood"]
     result["bars"] = {
         "light model: every request answered under the flood": flooded["answered"]
@@ -138,7 +143,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['flooded']} flooded at {r['options']['overload']:g}x its capacity"
         f" ({r['flooded_capacity_rps']:.0f} requests/s, closed loop);"
-        f" {r['light']} at {r['options']['light_rate']:g} requests/s.",
+        f" {r['light']} at {r['options']['light_rate']:g} requests/s;"
+        f" isolation {r['options'].get('isolation', 'thread')}.",
         "",
         "| traffic | offered | answered | statuses | p50 ms | p99 ms | p99 in the server |"
         " p99 queue + inference |",
@@ -149,8 +155,9 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {key.replace('_', ' ')} | {s['offered']} | {s['answered']} |"
                      f" {s['statuses']} | {s['p50_ms']} | {s['p99_ms']} |"
                      f" {s['server_p99_ms']} | {s['engine_p99_ms']} |")  # fmt: skip
-    lines += ["", f"RSS: one model {r['rss_one_model_mb']} MB, two models"
-              f" {r['rss_two_models_mb']} MB.", "", "| bar | held |", "|---|---|"]  # fmt: skip
+    lines += ["", f"Memory (PSS of the server's processes): one model {r['rss_one_model_mb']} MB,"
+              f" two models {r['rss_two_models_mb']} MB.", "", "| bar | held |",
+              "|---|---|"]  # fmt: skip
     lines += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in r["bars"].items()]
     return "\n".join(lines) + "\n"
 
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity-seconds", type=float, default=8.0)
     p.add_argument("--overload", type=float, default=3.0)
     p.add_argument("--light-rate", type=float, default=10.0)
+    p.add_argument("--isolation", choices=("process", "thread"), default="process")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import socket
 import sys
@@ -133,6 +134,21 @@ def read_rss_bytes(status_text: str) -> int:
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
         return read_rss_bytes(f.read())
+
+
+def tree_pss_bytes(pid: int) -> int:
+    """The memory a process and all its descendants hold: the sum of their proportional
+    set sizes, which counts a page shared by several of them once (their VmRSS would
+    count it in each). For one process it is its VmRSS less what it shares with others."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with open(f"/proc/{p}/smaps_rollup", encoding="ascii") as f:
+            total += next(int(x.split()[1]) for x in f if x.startswith("Pss:")) * 1024
+        for task in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                todo += [int(c) for c in f.read().split()]
+    return total
 
 
 def outcome_of(reply: Reply) -> Outcome:

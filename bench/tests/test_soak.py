@@ -5,6 +5,10 @@ asserts a rate or a latency: only what was counted and that the run is well-form
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from bench.soak import (
     rss_bytes,
     run,
     summarize,
+    tree_pss_bytes,
 )
 from tests.tiny import make_tiny_model, random_texts
 
@@ -227,3 +232,16 @@ def test_smoke_both_modes_against_a_tiny_model(tmp_path: Path) -> None:
     assert flood["run"]["sent"] > 0 and flood["capacity_given"] is False
     assert steady["capacity_given"] is True and len(steady["rss_samples"]) >= 2
     assert steady["run"]["statuses"].keys() <= {"200", "429"}
+
+
+def test_tree_pss_sums_a_process_and_its_children() -> None:
+    """A child's PSS is at most its VmRSS, and counts in its parent's tree."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        alone = tree_pss_bytes(child.pid)
+        assert 1 << 20 < alone <= rss_bytes(child.pid)
+        assert tree_pss_bytes(os.getpid()) >= alone + (1 << 20)
+    finally:
+        child.kill()
+        child.wait()
