@@ -28,6 +28,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("cannot serve the models in %s: %s", s.model_dir, e)
         raise
     app.state.metrics = metrics
+    if len(registry.names) > 1 and s.isolation == "process":
+        log.warning(
+            "isolation=process is `exitserve serve`'s front end (app.front); this app serves"
+            " its %d models in one process, as isolation=thread",
+            len(registry.names),
+        )
     for name in registry.names:
         try:
             await asyncio.to_thread(registry.load, name)

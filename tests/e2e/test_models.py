@@ -92,4 +92,5 @@ def test_metrics_carry_both_names(servers: tuple[str, str]) -> None:
         assert sample(m, "exitserve_ready", model=model) == 1
     info = httpx.get(f"{url}/info", timeout=10).json()
     assert [x["model"] for x in info["models"]] == ["rt-sentiment-minilm", "bbc-topic-minilm"]
-    assert info["shares"]["slots"] == 2
+    # A process each (the default isolation), the server's 2 threads split between them.
+    assert info["shares"]["threads"] == {"rt-sentiment-minilm": 1, "bbc-topic-minilm": 1}
