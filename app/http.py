@@ -1,9 +1,13 @@
 """What the API and the front end (`app.front`) share, importing neither FastAPI nor
-torch: error bodies, the endpoint label of a request, and the model a body names."""
+torch: error bodies, the endpoint label of a request, the model a body names, and the
+server's OIP metadata."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from app import __version__
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
@@ -35,3 +39,9 @@ def model_named(body: bytes | None) -> str | None:
     except (ValueError, AttributeError, RecursionError):
         return None
     return name if isinstance(name, str) else None
+
+
+def server_metadata() -> dict[str, Any]:
+    """The Open Inference Protocol's server metadata (`GET /v2`)."""
+    extensions = ["binary_tensor_data", "model_repository"]
+    return {"name": "exitserve", "version": __version__, "extensions": extensions}

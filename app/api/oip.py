@@ -25,12 +25,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app import __version__
 from app.api.deps import RegistryDep, SettingsDep, engine_for, get_registry, require_api_key
 from app.api.predict import ERRORS, exit_rule, prediction, timing_headers, truncation
 from app.config import Settings
 from app.engine.scheduler import Engine
 from app.errors import ApiError, InvalidInput, ModelNotFound, TooLarge, clip
+from app.http import server_metadata
 from app.schemas import Parameters, check_text
 
 router = APIRouter(prefix="/v2")
@@ -94,9 +94,8 @@ def _not_ready() -> JSONResponse:
 
 
 @router.get("")
-async def server_metadata() -> dict[str, Any]:
-    extensions = ["binary_tensor_data", "model_repository"]
-    return {"name": "exitserve", "version": __version__, "extensions": extensions}
+async def metadata() -> dict[str, Any]:
+    return server_metadata()
 
 
 @router.get("/health/live")

@@ -28,7 +28,7 @@ from app.config import Settings, authorized
 from app.front.expose import merged
 from app.front.supervisor import READY, UNLOADING, LoadFailed, ModelProcess, Supervisor
 from app.front.upstream import Upstream, UpstreamError
-from app.http import clip, endpoint_of, error_body, model_named
+from app.http import clip, endpoint_of, error_body, model_named, server_metadata
 
 log = logging.getLogger("exitserve")
 
@@ -81,6 +81,8 @@ class Router:
             await self._send(send, 200, await self._exposition(), [(b"content-type", METRICS_TYPE)])
         elif path == "/info":
             await self._info(scope, send)
+        elif path == "/v2":
+            await self._answer(send, 200, server_metadata())
         elif path in ("/healthz", "/v2/health/live"):
             await self._live(send, path)
         elif path in ("/readyz", "/v2/health/ready"):
@@ -109,7 +111,9 @@ class Router:
             log.warning("model %s: %s", m.name, e)
             await self._not_running(send, m, scope)
             return
-        await self._send(send, r.status, r.body, r.headers)
+        # This server writes its own Date and Server headers.
+        headers = [h for h in r.headers if h[0] not in (b"date", b"server")]
+        await self._send(send, r.status, r.body, headers)
 
     async def _not_running(self, send: Send, m: ModelProcess, scope: Scope) -> None:
         message = error_body(f"model {m.name!r} is not loaded ({m.state.lower()})", "unavailable")

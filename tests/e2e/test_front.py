@@ -69,7 +69,7 @@ def test_each_model_answers_as_a_server_of_it_alone(
 ) -> None:
     texts = random_texts(12, seed=11)
     alone_settings = {"model_dir": str(dirs[1]), "threads": "1", "log_level": "warning"}
-    with server_process(alone_settings, tmp_path / "alone.log") as (alone, proc):
+    with server_process(alone_settings, tmp_path / "alone.log") as (alone, _):
         for params in ({}, {"threshold": 1.0}, {"max_layers": 2}):
             served = ask(front, texts, "topics", all_scores=True, **params)
             own = httpx.post(f"{alone}/predict", json={"inputs": texts, "parameters":
@@ -84,6 +84,8 @@ def test_each_model_answers_as_a_server_of_it_alone(
         assert together.status_code == 200 and together.json() == by_itself.json()
     default = ask(front, texts)
     assert default.status_code == 200 and default.json()["model"] == "tiny"
+    assert len(default.headers.get_list("date")) == 1  # the front end's, not the model's too
+    assert float(default.headers["x-total-time"]) > 0  # the model's server's own timing
     assert {p["label"] for p in default.json()["predictions"]} <= {"negative", "positive"}
 
 
@@ -103,6 +105,10 @@ def test_unknown_models_too_large_bodies_and_keys_are_refused_in_json(front: str
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
     assert httpx.post(f"{front}/v2/repository/index").status_code == 401
     assert httpx.get(f"{front}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{front}/v2").json()["extensions"] == [
+        "binary_tensor_data",
+        "model_repository",
+    ]
     assert httpx.get(f"{front}/no/such/route").status_code == 404
 
 
