@@ -92,12 +92,15 @@ class Router:
 
     async def _forward(self, scope: Scope, send: Send, body: bytes, name: str | None) -> None:
         m = self.models.models.get(self.models.default if name is None else name)
+        running = m is not None and m.process is not None and m.state in (READY, UNLOADING)
+        if not running and await self._refused_key(scope, send):
+            return  # no model's server to check the key: a request without one learns nothing
         if m is None:
             served = self.models.names
             message = f"unknown model {clip(name)!r}; this server serves {served}"
             await self._answer(send, 404, error_body(message, "not_found"), scope=scope)
             return
-        if m.process is None or m.state not in (READY, UNLOADING):
+        if not running:
             await self._not_running(send, m, scope)
             return
         target = scope.get("raw_path") or scope["path"].encode()
@@ -120,11 +123,17 @@ class Router:
         await self._answer(send, 503, message, [(b"retry-after", b"1")], scope)
 
     # -- the repository extension ---------------------------------------------------------
-    async def _repository(self, scope: Scope, send: Send, body: bytes) -> None:
+    async def _refused_key(self, scope: Scope, send: Send) -> bool:
+        """Answers 401 (and says so) when keys are configured and the request has none of them."""
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        if not authorized(header, self.settings.keys):
-            message = error_body("missing or invalid API key", "unauthorized")
-            await self._answer(send, 401, message, [(b"www-authenticate", b"Bearer")], scope)
+        if authorized(header, self.settings.keys):
+            return False
+        message = error_body("missing or invalid API key", "unauthorized")
+        await self._answer(send, 401, message, [(b"www-authenticate", b"Bearer")], scope)
+        return True
+
+    async def _repository(self, scope: Scope, send: Send, body: bytes) -> None:
+        if await self._refused_key(scope, send):
             return
         parts = scope["path"].split("/")  # "", "v2", "repository", ...
         if scope["method"] != "POST":

@@ -104,6 +104,9 @@ def test_unknown_models_too_large_bodies_and_keys_are_refused_in_json(front: str
     r = httpx.post(f"{front}/predict", json={"inputs": [], "model": "topics"}, headers=KEY)
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
     assert httpx.post(f"{front}/v2/repository/index").status_code == 401
+    # Without a key, an unknown model is not named as such (nor are the models served).
+    r = httpx.post(f"{front}/predict", json={"inputs": ["a"], "model": "nope"})
+    assert r.status_code == 401 and "tiny" not in r.text
     assert httpx.get(f"{front}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{front}/v2").json()["extensions"] == [
         "binary_tensor_data",
