@@ -14,6 +14,10 @@ One run on loopback, the real server with `--flooded` (default: the sentiment mo
      with a process per model (`--isolation process`, the default) a page the model
      processes share is counted once, as the kernel holds it; for one process it is
      its VmRSS less what it shares with other processes.
+  5. unloading the light model (explicit model control) halfway through `--seconds` of
+     traffic to both, the flooded model at half its capacity: every request of either
+     must get an answer (none broken), the flooded model's all 200, the light model's
+     200 or, once the unload has begun, 503.
 Results: OUT/models-<date>-<tag or host>.{json,md}.
 
 Usage:
@@ -25,10 +29,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import socket
 import sys
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,7 +89,30 @@ def light_loop(
 
 def settings(model_dirs: list[Path], isolation: str = "process") -> dict[str, object]:
     return {"model_dir": ",".join(str(d) for d in model_dirs), "log_level": "warning",
-            "max_queue_size": 1024, "isolation": isolation}  # fmt: skip
+            "max_queue_size": 1024, "isolation": isolation,
+            "model_control": "explicit"}  # fmt: skip
+
+
+def post(port: int, path: str) -> int:
+    request = urllib.request.Request(f"http://{HOST}:{port}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return int(r.status)
+
+
+async def unload_under_traffic(
+    port: int, flood: list[bytes], light: list[bytes], name: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Traffic to both models; halfway through, the light one is unloaded."""
+    flooded = asyncio.create_task(open_loop(port, flood, rate, seconds, 64))
+    lit = asyncio.create_task(open_loop(port, light, 10.0, seconds, 16))
+    await asyncio.sleep(seconds / 2)
+    status = await asyncio.to_thread(post, port, f"/v2/repository/models/{name}/unload")
+    out: dict[str, Any] = {"unload_status": status}
+    for key, task in (("flooded", flooded), ("light", lit)):
+        replies, offered, took = await task
+        out[key] = summary(replies, offered, took)
+        out[key]["broken"] = sum(r.response is None for r in replies)
+    return out
 
 
 async def warm(port: int, sets: list[list[bytes]]) -> None:
@@ -118,6 +147,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         result["flooded_under_flood"] = summary(f_replies, f_offered, f_took)
         result["light_under_flood"] = summary(l_replies, l_offered, l_took)
         result["rss_two_models_mb"] = round(tree_pss_bytes(proc.pid) / 2**20, 1)
+        result["unload"] = run_async(
+            unload_under_traffic(port, flood, light, light_name, capacity / 2, a.seconds)
+        )
     env = settings([a.flooded])
     with exitserve_server(lambda port: exitserve_env(port, env), 300) as (proc, port):
         run_async(warm(port, [flood]))
@@ -133,8 +165,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "RSS, two models <= 1.5x one": result["rss_two_models_mb"]
         <= 1.5 * result["rss_one_model_mb"],
         "RSS, one model <= 600 MB": result["rss_one_model_mb"] <= 600,
+        "unload: every request answered, the other model's all 200": unloaded_well(
+            result["unload"]
+        ),
     }
     return result
+
+
+def unloaded_well(u: dict[str, Any]) -> bool:
+    flooded, light = u["flooded"], u["light"]
+    return (
+        u["unload_status"] == 200
+        and flooded["broken"] == light["broken"] == 0
+        and set(flooded["statuses"]) == {"200"}
+        and set(light["statuses"]) <= {"200", "503"}
+    )
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -155,6 +200,12 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {key.replace('_', ' ')} | {s['offered']} | {s['answered']} |"
                      f" {s['statuses']} | {s['p50_ms']} | {s['p99_ms']} |"
                      f" {s['server_p99_ms']} | {s['engine_p99_ms']} |")  # fmt: skip
+    if "unload" in r:
+        u = r["unload"]
+        lines += ["", f"Unloading {r['light']} halfway through traffic to both (answer"
+                  f" {u['unload_status']}): {r['flooded']} {u['flooded']['statuses']},"
+                  f" {u['flooded']['broken']} broken; {r['light']} {u['light']['statuses']},"
+                  f" {u['light']['broken']} broken."]  # fmt: skip
     lines += ["", f"Memory (PSS of the server's processes): one model {r['rss_one_model_mb']} MB,"
               f" two models {r['rss_two_models_mb']} MB.", "", "| bar | held |",
               "|---|---|"]  # fmt: skip

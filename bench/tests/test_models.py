@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.client import Reply, Response
-from bench.models import markdown, summary
+from bench.models import markdown, summary, unloaded_well
 
 
 def reply(i: int, status: int, ms: float) -> Reply:
@@ -35,3 +35,16 @@ def test_markdown_lists_the_three_traffics_and_every_bar() -> None:
     for row in ("| light idle |", "| light under flood |", "| flooded under flood |"):
         assert row in md
     assert "| x | yes |" in md and "| y | NO |" in md and "two models 700.0 MB" in md
+
+
+def test_an_unload_holds_only_when_nothing_broke_and_the_other_model_was_all_answered() -> None:
+    def traffic(statuses: dict[str, int], broken: int = 0) -> dict[str, object]:
+        return {"statuses": statuses, "broken": broken}
+
+    good = {"unload_status": 200, "flooded": traffic({"200": 90}),
+            "light": traffic({"200": 40, "503": 10})}  # fmt: skip
+    assert unloaded_well(good)
+    assert not unloaded_well({**good, "unload_status": 500})
+    assert not unloaded_well({**good, "flooded": traffic({"200": 89, "503": 1})})
+    assert not unloaded_well({**good, "light": traffic({"200": 40, "0": 1}, broken=1)})
+    assert not unloaded_well({**good, "light": traffic({"200": 40, "500": 1})})
