@@ -169,6 +169,36 @@ def test_docker_stop_answers_the_requests_in_flight_then_exits_0(
     assert "engines stopped (drained)" in logs(name)
 
 
+def test_the_image_serves_both_models_as_a_process_each_and_stops_them_cleanly(
+    image: str,
+) -> None:
+    """The two-model deployment (k8s/overlays/cpu-two-models) in the image as run in
+    production: the front end and its model processes under a read-only root, their
+    sockets in the tmpfs /tmp."""
+    name = f"exitserve-two-{os.getpid()}-{free_port()}"
+    port = free_port()
+    models = "/app/models/rt-sentiment-minilm,/app/models/bbc-topic-minilm"
+    docker(
+        "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
+        "-p", f"127.0.0.1:{port}:8000", "-e", f"EXITSERVE_MODEL_DIR={models}", image,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, name)
+        text = {"inputs": ["shares fell as the bank cut its forecast"]}
+        topic = httpx.post(f"{url}/predict", json={**text, "model": "bbc-topic-minilm"})
+        assert topic.status_code == 200 and topic.json()["predictions"][0]["label"] == "business"
+        assert httpx.post(f"{url}/predict", json=text).json()["model"] == "rt-sentiment-minilm"
+        index = httpx.post(f"{url}/v2/repository/index", timeout=10).json()
+        assert [m["state"] for m in index] == ["READY", "READY"]
+        docker("stop", "--time", "60", name, timeout=90)
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", name))
+        assert (state["Status"], state["ExitCode"]) == ("exited", 0), logs(name)[-3000:]
+        assert logs(name).count("engines stopped (drained)") == 2  # each model's own drain
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
 # -- Compose v2 ---------------------------------------------------------------------------
 def compose(
     *args: str, timeout: float = 120, env: dict[str, str] | None = None
