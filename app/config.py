@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     # in this process, taking turns at the cores by weighted fair share (app.engine.shares).
     isolation: Literal["process", "thread"] = "process"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    quantization: Literal["auto", "int8", "fp16", "bf16", "none"] = "auto"
+    # int8a16: int8 weights and products with 16-bit activations (two int8 halves), for
+    # classifiers whose answers 8-bit activations change (app.network.quantize).
+    quantization: Literal["auto", "int8", "int8a16", "fp16", "bf16", "none"] = "auto"
     # What runs int8 layers on the CPU: onnxruntime (one graph call per layer, fewer ops
     # and GIL hand-offs), torch (eager ops); auto: onnxruntime when installed. Same scheme.
     int8_kernel: Literal["auto", "onnxruntime", "torch"] = "auto"

@@ -17,7 +17,7 @@ from app.engine.adapt import Ladder
 from app.engine.executor import Row, run_batch
 from app.network import artifact
 from app.network.backends import Backend, make_backend
-from app.network.quantize import batch_invariant, resolve, scheme
+from app.network.quantize import INT8_MODES, batch_invariant, resolve, scheme
 from app.network.tokenizer import TRUNCATE, TextTokenizer, TooLong, Truncation
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def load_runtime(
         scheme=scheme(quantization),
     )
     calibrated_as = spec.calibration.get("scheme")
-    if spec.calibration and calibrated_as != rt.scheme and quantization == "int8":
+    if spec.calibration and calibrated_as != rt.scheme and quantization in INT8_MODES:
         # Thresholds calibrated on another numeric scheme still work, but their measured
         # accuracy and depth were measured on something else than what is served now.
         log.warning(

@@ -54,6 +54,25 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(x, scale).round_(), scale
 
 
+# 16-bit activations: per-token values in [-Q16, Q16], carried as two int8 halves.
+Q16 = 32639  # 127 * 256 + 127: the high half stays within [-127, 127]
+
+
+def quantize_per_token16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric 16-bit per row of the last dimension, as two int8 halves: (hi, lo, scale)
+    with q = round(x / scale) = 256 * hi + lo exactly, hi in [-127, 127], lo in
+    [-128, 127], scale = amax / Q16; hi and lo as floats, scales (..., 1).
+
+    Each half multiplies the int8 weights in an int8 product with exact int32 sums, and
+    256 * sum(hi) + sum(lo) is the exact sum of q; so 16-bit activations keep what makes
+    `Int8Linear` batch-invariant while rounding each activation 257 times finer."""
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    scale = amax.clamp_(min=SCALE_FLOOR).div_(float(Q16))
+    q = torch.div(x, scale).round_()
+    hi = q.add(128.0).div_(256.0).floor_()
+    return hi, q.sub_(hi * 256.0), scale
+
+
 @functools.cache
 def onednn_available() -> bool:
     """True when oneDNN's int8 linear runs here (x86 builds of torch) and sums exactly;
@@ -116,11 +135,18 @@ class Int8Linear(nn.Module):
     same multiplication; the per-token scale and the bias are applied afterwards in one
     `addcmul`. `auto`: oneDNN where the torch build has it (x86) and it is the faster
     here (`onednn_preferred`), `_int_mm` elsewhere.
+
+    `activation_bits=16`: activations per token in 16 bits (`quantize_per_token16`), two
+    int8 products with `_int_mm`, their int32 sums joined exactly in int64.
     """
 
-    def __init__(self, linear: nn.Linear, kernel: str = "auto") -> None:
+    def __init__(self, linear: nn.Linear, kernel: str = "auto", activation_bits: int = 8) -> None:
         super().__init__()
-        if kernel == "auto":
+        if activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits {activation_bits}: expected 8 or 16")
+        if activation_bits == 16:
+            kernel = "int_mm"  # oneDNN's epilogue scales each half: the join would round
+        elif kernel == "auto":
             kernel = "onednn" if onednn_preferred() else "int_mm"
         if kernel not in ("onednn", "int_mm"):
             raise ValueError(f"unknown int8 kernel {kernel!r}; expected auto, onednn or int_mm")
@@ -128,6 +154,7 @@ class Int8Linear(nn.Module):
         q, scale = quantize_weight(w)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = kernel
+        self.activation_bits = activation_bits
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(len(w))
         q8 = q.to(torch.int8).contiguous()
         self.weight_int8: torch.Tensor  # (N, K), for inspection
@@ -143,6 +170,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.activation_bits == 16:
+            hi, lo, scale = quantize_per_token16(x2)
+            acc = torch._int_mm(hi.to(torch.int8), self._wt).to(torch.int64).mul_(256)
+            acc.add_(torch._int_mm(lo.to(torch.int8), self._wt))
+            y = torch.mul(acc.to(torch.float32), self.weight_scale)
+            out = torch.addcmul(self.bias, y, scale)
+            return out.reshape(*shape[:-1], self.out_features)
         values, scale = quantize_per_token(x2)  # (M, K), (M, 1)
         xq = values.to(torch.int8)
         if self._packed is not None:
@@ -167,4 +201,5 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+        bits = f", activations={self.activation_bits} bits" if self.activation_bits != 8 else ""
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{bits}"

@@ -42,7 +42,7 @@ from torch import nn
 from app.network import exit_rule
 from app.network.encoder import Embeddings, Layer
 from app.network.heads import ExitHead
-from app.network.invariant import SCALE_FLOOR, Int8Linear
+from app.network.invariant import Q16, SCALE_FLOOR, Int8Linear
 from app.network.ort_session import (
     OPSET,
     Graph,
@@ -103,16 +103,46 @@ class _Builder:
         given the same `tokens` quantize the same set of tokens (one shape of scales)."""
         from onnx import TensorProto
 
-        xq, scale = self.quantize(x, lin.in_features, tokens)
         weight = lin.weight_int8.t().contiguous().numpy()  # (K, N_out)
         zero = self.const(128, np.uint8)
         if signed_weights_exact():
-            acc = self.op("MatMulInteger", xq, self.const(weight, np.int8), zero)
+            w, w_zero = self.const(weight, np.int8), []
         else:  # the weights as uint8 with zero point 128 too: the same exact sums
-            unsigned = (weight.astype(np.int16) + 128).astype(np.uint8)
-            acc = self.op("MatMulInteger", xq, self.const(unsigned, np.uint8), zero, zero)
+            w = self.const((weight.astype(np.int16) + 128).astype(np.uint8), np.uint8)
+            w_zero = [zero]
+        if lin.activation_bits == 16:
+            hi, lo, scale = self.quantize16(x)
+            sums = [
+                self.op(
+                    "Cast", self.op("MatMulInteger", half, w, zero, *w_zero), to=TensorProto.INT64
+                )
+                for half in (hi, lo)
+            ]
+            high = self.op("Mul", sums[0], self.const(256, np.int64))
+            acc = self.op("Add", high, sums[1])  # exact: the int64 sum of the 16-bit values
+        else:
+            xq, scale = self.quantize(x, lin.in_features, tokens)
+            acc = self.op("MatMulInteger", xq, w, zero, *w_zero)
         y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), self.const(lin.weight_scale))
         return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
+
+    def quantize16(self, x: str) -> tuple[str, str, str]:
+        """`quantize_per_token16` on (..., k): the halves as uint8 (+ 128), scales (..., 1).
+        Every value on the way is a small integer in float32, so each op is exact."""
+        from onnx import TensorProto
+
+        amax = self.op("ReduceMax", self.op("Abs", x), self.const([-1], np.int64), keepdims=1)
+        scale = self.op("Div", self.op("Max", amax, self.const([SCALE_FLOOR])), self.const([Q16]))
+        q = self.op("Round", self.op("Div", x, scale))
+        hi = self.op(
+            "Floor", self.op("Div", self.op("Add", q, self.const(128.0)), self.const(256.0))
+        )
+        lo = self.op("Sub", q, self.op("Mul", hi, self.const(256.0)))
+        halves = [
+            self.op("Cast", self.op("Add", half, self.const(128.0)), to=TensorProto.UINT8)
+            for half in (hi, lo)
+        ]
+        return halves[0], halves[1], scale
 
     def quantize(self, x: str, k: int, tokens: str = "tokens") -> tuple[str, str]:
         """`quantize_per_token` on (..., k): uint8 values (int8 + 128), scales (..., 1)."""

@@ -29,7 +29,15 @@ from app.network.multi_exit import MultiExitNetwork
 # What /info and the README call the CPU int8 scheme.
 INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accumulation"
 
-MODES = ("int8", "fp16", "bf16", "none")
+INT8A16_SCHEME = (
+    "int8 weights per channel, 16-bit activations per token as two int8 halves,"
+    " exact integer accumulation"
+)
+
+# int8a16: int8 weights and int8 products, activations carried in 16 bits (two halves):
+# for classifiers whose answers 8-bit activations change too often (`add_exits.serving`).
+MODES = ("int8", "int8a16", "fp16", "bf16", "none")
+INT8_MODES = ("int8", "int8a16")
 INT8_KERNELS = ("auto", "onnxruntime", "torch")
 # The eager kernel is refused where it runs more than this many times slower than ONNX
 # Runtime's (`torch_kernel_slowdown`): served so, it is not a choice but a fault.
@@ -56,8 +64,8 @@ def resolve(
             quantization = (preferred or {}).get("cpu", "int8")
     if quantization not in MODES:
         raise ValueError(f"unknown quantization {quantization!r}; expected auto or one of {MODES}")
-    if device == "cuda" and quantization == "int8":
-        raise ValueError("int8 runs on the CPU only; use fp16 or bf16 on CUDA")
+    if device == "cuda" and quantization in INT8_MODES:
+        raise ValueError(f"{quantization} runs on the CPU only; use fp16 or bf16 on CUDA")
     return device, quantization
 
 
@@ -73,7 +81,9 @@ def _linears(network: MultiExitNetwork) -> list[tuple[nn.Module, str, nn.Linear]
     ]
 
 
-def quantize_int8(network: MultiExitNetwork, kernel: str = "auto") -> None:
+def quantize_int8(
+    network: MultiExitNetwork, kernel: str = "auto", activation_bits: int = 8
+) -> None:
     """Swap every linear of the encoder and the exit heads for an `Int8Linear`, in place.
 
     `auto` gives the exit heads `_int_mm` whatever the encoder gets: a head multiplies one
@@ -83,13 +93,14 @@ def quantize_int8(network: MultiExitNetwork, kernel: str = "auto") -> None:
     heads = {id(m) for m in network.heads.modules()}
     for module, name, child in _linears(network):
         head_kernel = "int_mm" if kernel == "auto" and id(module) in heads else kernel
-        setattr(module, name, Int8Linear(child, head_kernel))
+        setattr(module, name, Int8Linear(child, head_kernel, activation_bits))
 
 
 def scheme(quantization: str) -> str:
     """What /info, calibration and evaluation records call a quantization mode's numerics."""
     return {
         "int8": INT8_SCHEME,
+        "int8a16": INT8A16_SCHEME,
         "fp16": "fp16 weights and activations",
         "bf16": "bf16 weights and activations",
         "none": "fp32",
@@ -104,7 +115,7 @@ def batch_invariant(device: str, quantization: str) -> bool:
     (differences of about 1e-7), and on a GPU cuBLAS picks kernels by shape, so neither is
     promised.
     """
-    return device == "cpu" and quantization == "int8"
+    return device == "cpu" and quantization in INT8_MODES
 
 
 def int8_kernel(kernel: str = "auto") -> str:
@@ -157,8 +168,8 @@ def prepare_model(network: MultiExitNetwork, device: str, quantization: str) -> 
     for module in list(network.modules()):
         if isinstance(module, SelfAttention) and module.qkv is None:
             module.fuse()
-    if quantization == "int8":
-        quantize_int8(network)
+    if quantization in INT8_MODES:
+        quantize_int8(network, activation_bits=16 if quantization == "int8a16" else 8)
         return network
     network = network.to(device)
     if quantization == "fp16":

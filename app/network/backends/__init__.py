@@ -16,7 +16,7 @@ from app.network.backends.onnx import PackedOnnx
 from app.network.backends.packed import PackedTorch
 from app.network.backends.padded import Padded
 from app.network.multi_exit import MultiExitNetwork
-from app.network.quantize import int8_kernel, prepare_model
+from app.network.quantize import INT8_MODES, int8_kernel, prepare_model
 
 __all__ = [
     "Backend",
@@ -43,7 +43,7 @@ def make_backend(
     that many, for when the other engine workers idle."""
     model = prepare_model(network, device, quantization)
     if device == "cpu":
-        if quantization == "int8" and int8_kernel(kernel) == "onnxruntime":
+        if quantization in INT8_MODES and int8_kernel(kernel) == "onnxruntime":
             return PackedOnnx(model, torch.get_num_threads(), wide_threads)
         return PackedTorch(model)
     return Padded(model)
