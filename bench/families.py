@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,17 @@ def served(model: Path, quantization: str, texts: list[str], calibrated: bool) -
     thresholds = list(rt.thresholds) if calibrated else [1.0] * (L - 1) + [0.0]
     ids = rt.tokenize(texts)
     preds = []
+    started = time.perf_counter()
     for s in range(0, len(ids), 32):
         preds += run_batch(rt.backend, [Row(r, thresholds, L) for r in ids[s : s + 32]]).predictions
+    took = time.perf_counter() - started
     probs = np.array([p.probs for p in preds])
     return {
         "probs": probs,
         "answers": exit_rule.answers(probs, rt.multi_label),
         "exits": np.array([p.exit_layer for p in preds]),
         "kernel": rt.kernel,
+        "seconds": took,
     }
 
 
@@ -96,6 +100,7 @@ def compare(name: str, root: Path, build: Path, python: str, limit: int) -> dict
     ref_a = exit_rule.answers(ref_p, multi)
     fp32 = served(model, "none", texts, calibrated=False)
     int8 = served(model, "int8", texts, calibrated=False)
+    int8a16 = served(model, "int8a16", texts, calibrated=False)
     cal = served(model, "auto", texts, calibrated=True)
     changed = np.flatnonzero(fp32["answers"] != ref_a)
     top2 = np.sort(ref_p, -1)[:, -2:]
@@ -117,6 +122,12 @@ def compare(name: str, root: Path, build: Path, python: str, limit: int) -> dict
         "int8_full_depth": {
             "agreement_with_fp32": float((int8["answers"] == fp32["answers"]).mean()),
             "kernel": int8["kernel"],
+            "speed_vs_fp32": fp32["seconds"] / int8["seconds"],
+        },
+        "int8a16_full_depth": {
+            "agreement_with_fp32": float((int8a16["answers"] == fp32["answers"]).mean()),
+            "kernel": int8a16["kernel"],
+            "speed_vs_fp32": fp32["seconds"] / int8a16["seconds"],
         },
         "calibrated": {
             "served_as": spec.serving.get("cpu", "int8"),
@@ -199,13 +210,18 @@ def name_of(model: Path) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| model | n | fp32 changed (near-ties) | max prob diff | int8 agree | calibrated"
-           " agree | mean depth |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| model | n | fp32 changed (near-ties) | max prob diff | int8 agree (speed) |"
+           " int8a16 agree (speed) | calibrated agree | mean depth |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         f, i, c = r["fp32_full_depth"], r["int8_full_depth"], r["calibrated"]
+        a = r.get("int8a16_full_depth")
+        a16 = f"{a['agreement_with_fp32']:.2%} ({a['speed_vs_fp32']:.2f}x)" if a else "-"
+        speed = f" ({i['speed_vs_fp32']:.2f}x)" if "speed_vs_fp32" in i else ""
         out.append(f"| {r['model']} | {r['n']} | {f['answers_changed_vs_transformers']}"
                    f" ({f['changed_near_ties']}) | {f['max_abs_prob_diff']:.1e} |"
-                   f" {i['agreement_with_fp32']:.2%} | {c['agreement_with_full_depth']:.2%} |"
+                   f" {i['agreement_with_fp32']:.2%}{speed} | {a16} |"
+                   f" {c['agreement_with_full_depth']:.2%} |"
                    f" {c['mean_depth']:.2f} / {c['full_depth']} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
