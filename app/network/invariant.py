@@ -64,7 +64,8 @@ def quantize_per_token16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     [-128, 127], scale = amax / Q16; hi and lo as floats, scales (..., 1).
 
     Each half multiplies the int8 weights in an int8 product with exact int32 sums, and
-    256 * sum(hi) + sum(lo) is the exact sum of q; so 16-bit activations keep what makes
+    256 * sum(hi) + sum(lo) is the sum of q (joined per element, so whatever its rounding
+    in float32 it depends on the row alone): 16-bit activations keep what makes
     `Int8Linear` batch-invariant while rounding each activation 257 times finer."""
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
     scale = amax.clamp_(min=SCALE_FLOOR).div_(float(Q16))
@@ -136,8 +137,9 @@ class Int8Linear(nn.Module):
     `addcmul`. `auto`: oneDNN where the torch build has it (x86) and it is the faster
     here (`onednn_preferred`), `_int_mm` elsewhere.
 
-    `activation_bits=16`: activations per token in 16 bits (`quantize_per_token16`), two
-    int8 products with `_int_mm`, their int32 sums joined exactly in int64.
+    `activation_bits=16`: activations per token in 16 bits (`quantize_per_token16`), both
+    halves in one int8 product with `_int_mm` (exact int32 sums), joined per element in
+    float32 as 256 * high + low.
     """
 
     def __init__(self, linear: nn.Linear, kernel: str = "auto", activation_bits: int = 8) -> None:
@@ -172,9 +174,9 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.activation_bits == 16:
             hi, lo, scale = quantize_per_token16(x2)
-            acc = torch._int_mm(hi.to(torch.int8), self._wt).to(torch.int64).mul_(256)
-            acc.add_(torch._int_mm(lo.to(torch.int8), self._wt))
-            y = torch.mul(acc.to(torch.float32), self.weight_scale)
+            sums = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), self._wt).float()
+            high, low = sums.split(len(x2))
+            y = torch.mul(high.mul(256.0).add_(low), self.weight_scale)
             out = torch.addcmul(self.bias, y, scale)
             return out.reshape(*shape[:-1], self.out_features)
         values, scale = quantize_per_token(x2)  # (M, K), (M, 1)

@@ -112,14 +112,15 @@ class _Builder:
             w_zero = [zero]
         if lin.activation_bits == 16:
             hi, lo, scale = self.quantize16(x)
-            sums = [
-                self.op(
-                    "Cast", self.op("MatMulInteger", half, w, zero, *w_zero), to=TensorProto.INT64
-                )
-                for half in (hi, lo)
-            ]
-            high = self.op("Mul", sums[0], self.const(256, np.int64))
-            acc = self.op("Add", high, sums[1])  # exact: the int64 sum of the 16-bit values
+            both = self.op("Concat", hi, lo, axis=0)  # one product over both halves
+            # Joined per element in float32, as `Int8Linear` does.
+            sums = self.op(
+                "Cast", self.op("MatMulInteger", both, w, zero, *w_zero), to=TensorProto.FLOAT
+            )
+            high, low = self.ops("Split", sums, outputs=2, axis=0, num_outputs=2)
+            acc = self.op("Add", self.op("Mul", high, self.const(256.0)), low)
+            y = self.op("Mul", acc, self.const(lin.weight_scale))
+            return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
         else:
             xq, scale = self.quantize(x, lin.in_features, tokens)
             acc = self.op("MatMulInteger", xq, w, zero, *w_zero)
@@ -134,14 +135,11 @@ class _Builder:
         amax = self.op("ReduceMax", self.op("Abs", x), self.const([-1], np.int64), keepdims=1)
         scale = self.op("Div", self.op("Max", amax, self.const([SCALE_FLOOR])), self.const([Q16]))
         q = self.op("Round", self.op("Div", x, scale))
-        hi = self.op(
-            "Floor", self.op("Div", self.op("Add", q, self.const(128.0)), self.const(256.0))
-        )
-        lo = self.op("Sub", q, self.op("Mul", hi, self.const(256.0)))
-        halves = [
-            self.op("Cast", self.op("Add", half, self.const(128.0)), to=TensorProto.UINT8)
-            for half in (hi, lo)
-        ]
+        # t = q + 256 * 128 + 128: its high byte is hi + 128 and its low byte lo + 128.
+        t = self.op("Add", q, self.const(32896.0))
+        high = self.op("Floor", self.op("Mul", t, self.const(1 / 256)))
+        low = self.op("Sub", t, self.op("Mul", high, self.const(256.0)))
+        halves = [self.op("Cast", half, to=TensorProto.UINT8) for half in (high, low)]
         return halves[0], halves[1], scale
 
     def quantize(self, x: str, k: int, tokens: str = "tokens") -> tuple[str, str]:

@@ -30,8 +30,7 @@ from app.network.multi_exit import MultiExitNetwork
 INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accumulation"
 
 INT8A16_SCHEME = (
-    "int8 weights per channel, 16-bit activations per token as two int8 halves,"
-    " exact integer accumulation"
+    "int8 weights per channel, 16-bit activations per token as two int8 halves, int32 accumulation"
 )
 
 # int8a16: int8 weights and int8 products, activations carried in 16 bits (two halves):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -207,17 +208,26 @@ def test_unloading_one_model_answers_its_admitted_work_and_leaves_the_other_serv
         assert [m["state"] for m in info["models"]] == ["READY", "READY"]
 
 
-def test_sigterm_drains_every_model_process_then_exits_0(
+@pytest.fixture
+def running(
     dirs: tuple[Path, Path], tmp_path: Path
-) -> None:
+) -> Iterator[tuple[str, subprocess.Popen[bytes], list[int]]]:
+    """A server of both models: its URL, its process and its two model processes."""
     with server_process(settings(dirs), tmp_path / "front.log") as (url, proc):
         models = model_processes(proc.pid)
         assert len(models) == 2
-        traffic = [Traffic(url, None, inputs=32), Traffic(url, "topics", inputs=32)]
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        statuses = [s for t in traffic for s in t.stop()]
+        yield url, proc, models
+
+
+def test_sigterm_drains_every_model_process_then_exits_0(
+    running: tuple[str, subprocess.Popen[bytes], list[int]],
+) -> None:
+    url, proc, models = running
+    traffic = [Traffic(url, None, inputs=32), Traffic(url, "topics", inputs=32)]
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    statuses = [s for t in traffic for s in t.stop()]
     answered = [s for s in statuses if s == 200]
     assert answered and set(statuses) <= {200, 503, "ConnectError", "RemoteProtocolError"}
     for pid in models:
@@ -230,17 +240,15 @@ def _zombie(pid: int) -> bool:
 
 
 def test_a_model_process_that_dies_fails_liveness_and_the_other_serves_on(
-    dirs: tuple[Path, Path], tmp_path: Path
+    running: tuple[str, subprocess.Popen[bytes], list[int]],
 ) -> None:
-    with server_process(settings(dirs), tmp_path / "front.log") as (url, proc):
-        models = model_processes(proc.pid)
-        assert len(models) == 2
-        os.kill(models[1], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/healthz").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert httpx.get(f"{url}/healthz").status_code == 503
-        index = httpx.post(f"{url}/v2/repository/index").json()
-        assert sorted(m["state"] for m in index) == ["READY", "UNAVAILABLE"]
-        alive = next(m["name"] for m in index if m["state"] == "READY")
-        assert ask(url, ["still here"], alive).status_code == 200
+    url, _, models = running
+    os.kill(models[1], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/healthz").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{url}/healthz").status_code == 503
+    index = httpx.post(f"{url}/v2/repository/index").json()
+    assert sorted(m["state"] for m in index) == ["READY", "UNAVAILABLE"]
+    alive = next(m["name"] for m in index if m["state"] == "READY")
+    assert ask(url, ["still here"], alive).status_code == 200

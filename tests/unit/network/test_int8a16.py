@@ -52,8 +52,8 @@ def test_16_bit_activations_round_less_and_stay_batch_invariant() -> None:
         Int8Linear(lin, activation_bits=4)
 
 
-def test_the_sums_are_joined_exactly_past_the_int32_range() -> None:
-    """|256 * sum(hi)| exceeds 2^31 for wide inputs at full scale; the join is int64."""
+def test_the_halves_join_past_the_int32_range() -> None:
+    """|256 * sum(hi)| exceeds 2^31 for wide inputs at full scale: the join is in float."""
     k = 1536
     lin = nn.Linear(k, 2, bias=False)
     with torch.no_grad():
