@@ -160,8 +160,14 @@ def _serve(a: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     if len(settings.model_dirs) > 1 and settings.isolation == "process":
         from app.front.router import Router  # the front end imports no torch
+        from app.server import STARTUP_FAILED
 
-        return serve(Router(settings), settings)
+        try:
+            router = Router(settings)
+        except ValueError as e:  # a duplicate name, a model.json that does not read
+            logging.getLogger("exitserve").error("cannot serve %s: %s", settings.model_dir, e)
+            return STARTUP_FAILED
+        return serve(router, settings)
     from app.main import create_app
 
     return serve(create_app(settings), settings)

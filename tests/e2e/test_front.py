@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from devtools.server_process import exitserve_env
 from tests.api.helpers import metric_samples, sample
-from tests.server import server_process
+from tests.server import ROOT, free_port, server_process
 from tests.tiny import make_tiny_model, random_texts
 
 pytestmark = pytest.mark.slow
@@ -252,3 +254,13 @@ def test_a_model_process_that_dies_fails_liveness_and_the_other_serves_on(
     assert sorted(m["state"] for m in index) == ["READY", "UNAVAILABLE"]
     alive = next(m["name"] for m in index if m["state"] == "READY")
     assert ask(url, ["still here"], alive).status_code == 200
+
+
+def test_a_duplicate_model_name_stops_start_up_naming_both_directories(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    env = exitserve_env(free_port(), {"model_dir": f"{dirs[1]},{dirs[1]}"})
+    r = subprocess.run([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 3
+    assert "two models named 'topics'" in r.stderr and "Traceback" not in r.stderr
