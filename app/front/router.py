@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
@@ -34,7 +34,7 @@ log = logging.getLogger("exitserve")
 
 Headers = list[tuple[bytes, bytes]]
 JSON: Headers = [(b"content-type", b"application/json")]
-METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+METRICS_TYPE = CONTENT_TYPE_LATEST.encode()  # what a model process's /metrics says
 NOT_READY = {"error": "not ready", "error_type": "unavailable"}
 
 

@@ -4,6 +4,7 @@ server, started as `exitserve serve` with two tiny models."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,8 +142,14 @@ def test_index_info_health_and_metrics_cover_both_models(front: str) -> None:
     assert ask(front, ["one", "two"], "topics").status_code == 200
     assert ask(front, ["three"]).status_code == 200
     assert ask(front, ["x"], "nope").status_code == 404
-    text = httpx.get(f"{front}/metrics").text
+    scraped = httpx.get(f"{front}/metrics")
+    text = scraped.text
+    assert scraped.headers["content-type"].startswith("text/plain; version=")
     assert text.count("# TYPE exitserve_requests_total counter") == 1
+    if shutil.which("promtool"):  # Prometheus' own linter accepts the merged page
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                              capture_output=True, timeout=30)  # fmt: skip
+        assert lint.returncode == 0, lint.stdout + lint.stderr
     after = metric_samples(text)
 
     def grew(name: str, **labels: str) -> float:
