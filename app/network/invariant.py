@@ -54,23 +54,25 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(x, scale).round_(), scale
 
 
-# 16-bit activations: per-token values in [-Q16, Q16], carried as two int8 halves.
-Q16 = 32639  # 127 * 256 + 127: the high half stays within [-127, 127]
+# 16-bit activations: per-token values in [-Q16, Q16], carried as two bytes.
+Q16 = 32767
 
 
 def quantize_per_token16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric 16-bit per row of the last dimension, as two int8 halves: (hi, lo, scale)
-    with q = round(x / scale) = 256 * hi + lo exactly, hi in [-127, 127], lo in
-    [-128, 127], scale = amax / Q16; hi and lo as floats, scales (..., 1).
+    """Symmetric 16-bit per row of the last dimension, as two bytes: (hi, lo, scale) with
+    q = round(x / scale) = 256 * hi + lo exactly, hi = floor(q / 256) in [-128, 127], lo
+    in [0, 255], scale = amax / Q16; hi and lo as floats, scales (..., 1). (q + 32768 as
+    uint16 is what ONNX Runtime's QuantizeLinear gives: its high byte is hi + 128, its
+    low byte lo.)
 
-    Each half multiplies the int8 weights in an int8 product with exact int32 sums, and
-    256 * sum(hi) + sum(lo) is the sum of q (joined per element, so whatever its rounding
-    in float32 it depends on the row alone): 16-bit activations keep what makes
-    `Int8Linear` batch-invariant while rounding each activation 257 times finer."""
+    Each byte multiplies the int8 weights in an int8 product with exact int32 sums (lo
+    shifted by 128 into int8, the shift's sum added back per output), and 256 * sum(hi)
+    + sum(lo) is the sum of q, joined per element: a row's result still depends on that
+    row alone, while each activation is rounded 258 times finer than in 8 bits."""
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
     scale = amax.clamp_(min=SCALE_FLOOR).div_(float(Q16))
     q = torch.div(x, scale).round_()
-    hi = q.add(128.0).div_(256.0).floor_()
+    hi = q.div(256.0).floor_()
     return hi, q.sub_(hi * 256.0), scale
 
 
@@ -138,8 +140,8 @@ class Int8Linear(nn.Module):
     here (`onednn_preferred`), `_int_mm` elsewhere.
 
     `activation_bits=16`: activations per token in 16 bits (`quantize_per_token16`), both
-    halves in one int8 product with `_int_mm` (exact int32 sums), joined per element in
-    float32 as 256 * high + low.
+    bytes in one int8 product with `_int_mm` (exact int32 sums), joined per element in
+    float32 as 256 * high + (low + the low bytes' shift).
     """
 
     def __init__(self, linear: nn.Linear, kernel: str = "auto", activation_bits: int = 8) -> None:
@@ -168,15 +170,17 @@ class Int8Linear(nn.Module):
         self._wt = q8.t()  # (K, N) view, the layout `_int_mm` reads fastest
         self._packed = torch.ops.onednn.qlinear_prepack(q8, None) if kernel == "onednn" else None
         self._zeros = torch.zeros(self.out_features, dtype=torch.long)
+        # 128 * each output's weight sum: what shifting the low bytes into int8 took off.
+        self._lo_shift = (q8.sum(dim=1, dtype=torch.int64) * 128).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.activation_bits == 16:
             hi, lo, scale = quantize_per_token16(x2)
-            sums = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), self._wt).float()
-            high, low = sums.split(len(x2))
-            y = torch.mul(high.mul(256.0).add_(low), self.weight_scale)
+            sums = torch._int_mm(torch.cat([hi, lo.sub_(128.0)]).to(torch.int8), self._wt)
+            high, low = sums.float().split(len(x2))
+            y = torch.mul(high.mul(256.0).add_(low.add_(self._lo_shift)), self.weight_scale)
             out = torch.addcmul(self.bias, y, scale)
             return out.reshape(*shape[:-1], self.out_features)
         values, scale = quantize_per_token(x2)  # (M, K), (M, 1)

@@ -111,13 +111,12 @@ class _Builder:
             w = self.const((weight.astype(np.int16) + 128).astype(np.uint8), np.uint8)
             w_zero = [zero]
         if lin.activation_bits == 16:
-            hi, lo, scale = self.quantize16(x)
-            both = self.op("Concat", hi, lo, axis=0)  # one product over both halves
-            # Joined per element in float32, as `Int8Linear` does.
-            sums = self.op(
-                "Cast", self.op("MatMulInteger", both, w, zero, *w_zero), to=TensorProto.FLOAT
-            )
-            high, low = self.ops("Split", sums, outputs=2, axis=0, num_outputs=2)
+            hi, lo, scale = self.quantize16(x, lin.in_features, tokens)
+            both = self.op("Concat", hi, lo, axis=0)  # one product over both bytes
+            acc = self.op("MatMulInteger", both, w, zero, *w_zero)
+            high, low = self.ops("Split", self.op("Cast", acc, to=TensorProto.FLOAT), outputs=2,
+                                 axis=0, num_outputs=2)  # fmt: skip
+            low = self.op("Add", low, self.const(lin._lo_shift))  # as `Int8Linear` joins
             acc = self.op("Add", self.op("Mul", high, self.const(256.0)), low)
             y = self.op("Mul", acc, self.const(lin.weight_scale))
             return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
@@ -127,20 +126,24 @@ class _Builder:
         y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), self.const(lin.weight_scale))
         return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
 
-    def quantize16(self, x: str) -> tuple[str, str, str]:
-        """`quantize_per_token16` on (..., k): the halves as uint8 (+ 128), scales (..., 1).
-        Every value on the way is a small integer in float32, so each op is exact."""
-        from onnx import TensorProto
+    def quantize16(self, x: str, k: int, tokens: str = "tokens") -> tuple[str, str, str]:
+        """`quantize_per_token16` on (..., k): QuantizeLinear to uint16 (q + 32768), whose
+        high byte is hi + 128 and low byte lo, each as uint8; scales (..., 1)."""
+        from onnx import TensorProto, helper
 
         amax = self.op("ReduceMax", self.op("Abs", x), self.const([-1], np.int64), keepdims=1)
         scale = self.op("Div", self.op("Max", amax, self.const([SCALE_FLOOR])), self.const([Q16]))
-        q = self.op("Round", self.op("Div", x, scale))
-        # t = q + 256 * 128 + 128: its high byte is hi + 128 and its low byte lo + 128.
-        t = self.op("Add", q, self.const(32896.0))
-        high = self.op("Floor", self.op("Mul", t, self.const(1 / 256)))
-        low = self.op("Sub", t, self.op("Mul", high, self.const(256.0)))
-        halves = [self.op("Cast", half, to=TensorProto.UINT8) for half in (high, low)]
-        return halves[0], halves[1], scale
+        key = f"{tokens}/16"
+        if key not in self._zeros:
+            value = helper.make_tensor("z", TensorProto.UINT16, [1], [32768])
+            self._zeros[key] = self.op("ConstantOfShape", self.op("Shape", scale), value=value)
+        u = self.op("QuantizeLinear", x, scale, self._zeros[key], axis=-1, block_size=k)
+        low = self.op("Cast", u, to=TensorProto.UINT8)  # u mod 256
+        wide = self.op("Cast", u, to=TensorProto.INT32)
+        high = self.op(
+            "Cast", self.op("Div", wide, self.const(256, np.int32)), to=TensorProto.UINT8
+        )
+        return high, low, scale
 
     def quantize(self, x: str, k: int, tokens: str = "tokens") -> tuple[str, str]:
         """`quantize_per_token` on (..., k): uint8 values (int8 + 128), scales (..., 1)."""

@@ -30,8 +30,8 @@ def test_the_halves_carry_every_16_bit_value_exactly() -> None:
     q = torch.div(x, scale).round()
     assert torch.equal(hi * 256 + lo, q)
     assert int(q.abs().max()) == Q16
-    assert int(hi.min()) >= -127 and int(hi.max()) <= 127
-    assert int(lo.min()) >= -128 and int(lo.max()) <= 127
+    assert int(hi.min()) >= -128 and int(hi.max()) <= 127  # int8
+    assert int(lo.min()) >= 0 and int(lo.max()) <= 255  # a byte: shifted by 128 into int8
     assert torch.equal(hi, hi.round()) and torch.equal(lo, lo.round())
 
 
@@ -104,7 +104,7 @@ def test_the_graphs_split_activations_exactly_as_quantize_per_token16() -> None:
     k = 32
     x = torch.randn(5000, k) * torch.logspace(-3, 3, 5000)[:, None]
     g = _Builder()
-    hi, lo, scale = g.quantize16("x")
+    hi, lo, scale = g.quantize16("x", k)
     out = [helper.make_tensor_value_info(n, t, None)
            for n, t in ((hi, TensorProto.UINT8), (lo, TensorProto.UINT8),
                         (scale, TensorProto.FLOAT))]  # fmt: skip
@@ -115,5 +115,5 @@ def test_the_graphs_split_activations_exactly_as_quantize_per_token16() -> None:
     got_hi, got_lo, got_scale = session.run(None, {"x": x.numpy()})
     want_hi, want_lo, want_scale = quantize_per_token16(x.clone())
     assert np.array_equal(got_hi.astype(np.int32) - 128, want_hi.to(torch.int32).numpy())
-    assert np.array_equal(got_lo.astype(np.int32) - 128, want_lo.to(torch.int32).numpy())
+    assert np.array_equal(got_lo.astype(np.int32), want_lo.to(torch.int32).numpy())
     assert np.array_equal(got_scale, want_scale.numpy())
