@@ -185,7 +185,9 @@ def _ort_confidence(multi_label: bool) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {"x": x.astype(np.float32)})[0]
 
 
-def _network(model_dir: Path, kernel: str, saturate: bool, output: str) -> Backend:
+def _network(
+    model_dir: Path, kernel: str, saturate: bool, output: str, quantization: str = "int8"
+) -> Backend:
     """The tiny model as served on the CPU in int8; `kernel` "padded": in fp32 on the
     padded backend, the GPU's, here on the CPU. `output` "sigmoid": read as a
     multi-label model (a sigmoid per label, the least settled label's confidence)."""
@@ -198,7 +200,7 @@ def _network(model_dir: Path, kernel: str, saturate: bool, output: str) -> Backe
                 head.classifier.weight.mul_(1e4)
     if kernel == "padded":
         return Padded(prepare_model(net, "cpu", "none"))
-    return make_backend(net, "cpu", "int8", kernel)
+    return make_backend(net, "cpu", quantization, kernel)
 
 
 def _implementations(model_dir: Path, saturate: bool, output: str) -> dict[str, Implementation]:
@@ -216,6 +218,9 @@ def _implementations(model_dir: Path, saturate: bool, output: str) -> dict[str, 
         found["layer loop, onnxruntime int8"] = LayerLoop(ort_net)
         found["alone, onnxruntime int8"] = Alone(ort_net)
         found["one-call graph"] = OneCallGraph(ort_net)
+        a16 = _network(model_dir, "onnxruntime", saturate, output, "int8a16")
+        found["layer loop, onnxruntime int8a16"] = LayerLoop(a16)
+        found["one-call graph, int8a16"] = OneCallGraph(a16)
     return found
 
 
@@ -227,6 +232,8 @@ NAMES = [
     "layer loop, onnxruntime int8",
     "alone, onnxruntime int8",
     "one-call graph",
+    "layer loop, onnxruntime int8a16",
+    "one-call graph, int8a16",
 ]
 
 
