@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 # A different pinned torch, e.g. TORCH=torch==2.13.0; empty: the one scripts/install.sh pins.
 TORCH   ?=
 
-.PHONY: install serve test lint models own-classifier families bench bench-parts loadtest soak overload image clean
+.PHONY: install serve test lint models own-classifier families bench bench-parts loadtest soak overload models-bench image clean
 
 $(BIN)/exitserve:
 	PYTHON=$(PY) scripts/install.sh --dev --editable $(if $(TORCH),--torch "$(TORCH)") $(VENV)
@@ -80,6 +80,13 @@ soak: install
 OVERLOAD_ARGS ?=
 overload: install
 	$(BIN)/python -m bench.overload models/rt-sentiment-minilm --out bench/results $(OVERLOAD_ARGS)
+
+# Both shipped models in one server: a 3x flood of one and light traffic to the other,
+# memory of one and of both, an unload under traffic (about 2 minutes; needs `make
+# models`). MODELS_ARGS=--isolation thread measures the one-process server instead.
+MODELS_ARGS ?=
+models-bench: install
+	$(BIN)/python -m bench.models --out bench/results $(MODELS_ARGS)
 
 # The CPU image where no registry can be reached: a debootstrap base image and the local
 # torch wheel served to the build (scripts/docker-local.sh; root and a Docker engine).
