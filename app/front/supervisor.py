@@ -130,6 +130,9 @@ class Supervisor:
         found = named(settings.model_dirs)
         self.names = [name for name, _, _ in found]
         self.default = self.names[0]
+        unknown = sorted(set(settings.weights) - set(self.names))
+        if unknown:
+            raise ValueError(f"EXITSERVE_MODEL_WEIGHTS names no configured model: {unknown}")
         budget = threads_for(self.names, settings.threads, settings.weights)
         self._dir = tempfile.mkdtemp(prefix="exitserve-")
         self.models: dict[str, ModelProcess] = {}
@@ -148,7 +151,8 @@ class Supervisor:
         """The model process's settings: this server's, for its one model and threads."""
         v = self.settings.model_dump()
         v["api_keys"] = self.settings.api_keys.get_secret_value()
-        v.update(model_dir=str(m.model_dir), threads=m.threads, name=m.name)
+        # One model, its share of the threads; the weights were this server's to apply.
+        v.update(model_dir=str(m.model_dir), threads=m.threads, name=m.name, model_weights="")
         if v["workers"] is not None:
             v["workers"] = min(v["workers"], m.threads)
         return v

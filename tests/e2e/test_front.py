@@ -44,7 +44,9 @@ def settings(dirs: tuple[Path, Path], **more: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def front(dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     logs = tmp_path_factory.mktemp("logs")
-    with server_process(settings(dirs, api_keys="k1"), logs / "front.log") as (url, _):
+    # Three threads split by weight: one for tiny, two for topics (MODEL_WEIGHTS).
+    s = settings(dirs, api_keys="k1", threads="3", model_weights="topics=2")
+    with server_process(s, logs / "front.log") as (url, _):
         yield url
 
 
@@ -132,7 +134,10 @@ def test_index_info_health_and_metrics_cover_both_models(front: str) -> None:
         ("tiny", 4, "READY"),
         ("topics", 3, "READY"),
     ]
-    assert info["shares"]["threads"] == {"tiny": 1, "topics": 1}
+    assert info["shares"]["threads"] == {"tiny": 1, "topics": 2}
+    assert info["shares"]["weights"] == {"tiny": 1.0, "topics": 2.0}
+    # Each model's server runs its share: a worker per thread on the CPU.
+    assert [m["workers"] for m in info["models"]] == [1, 2]
     assert httpx.get(f"{front}/readyz").status_code == 200
     assert httpx.get(f"{front}/v2/health/ready").json() == {"ready": True}
     meta = httpx.get(f"{front}/v2/models/topics", headers=KEY).json()

@@ -156,3 +156,15 @@ def test_upstream_errors_name_an_absent_process(tmp_path: Path) -> None:
             await Upstream(str(tmp_path / "missing")).request("GET", "/")
 
     asyncio.run(main())
+
+
+def test_weights_must_name_configured_models(tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.front.supervisor import Supervisor
+
+    for d, name in (("x", "one"), ("y", "two")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "model.json").write_text(json.dumps({"name": name}))
+    dirs = f"{tmp_path / 'x'},{tmp_path / 'y'}"
+    with pytest.raises(ValueError, match=r"names no configured model: \['three'\]"):
+        Supervisor(Settings(model_dir=dirs, model_weights="one=2,three=1"))
