@@ -25,7 +25,7 @@ from app.engine.errors import (
     TooLate,
     UnknownModel,
 )
-from app.http import clip, error_body
+from app.http import clip, error_body, unknown_model
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def install(app: FastAPI, overload_status: int) -> None:
         _count_rejection(request, exc)
         status, kind, message = table[type(exc)]
         if isinstance(exc, UnknownModel):
-            message = f"unknown model {clip(exc.name)!r}; this server serves {exc.served}"
-        elif isinstance(exc, InputTooLong):
+            return JSONResponse(unknown_model(exc.name, exc.served), status)
+        if isinstance(exc, InputTooLong):
             message = (
                 f"an input has {exc.length} tokens; the model's limit is {exc.limit}"
                 " (parameters.truncate is false)"

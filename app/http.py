@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from app import __version__
+from app.config import authorized
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
@@ -19,6 +20,22 @@ def clip(value: object, limit: int = 40) -> str:
     long as the body limit allows, and an error must not echo a megabyte back."""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unknown_model(name: object, served: list[str]) -> dict[str, str]:
+    """The 404 body for a model the server does not have, naming those it has."""
+    return error_body(f"unknown model {clip(name)!r}; this server serves {served}", "not_found")
+
+
+def body_too_large(limit: int) -> dict[str, str]:
+    return error_body(f"request body exceeds {limit} bytes", "too_large")
+
+
+def key_accepted(headers: list[tuple[bytes, bytes]], keys: tuple[str, ...]) -> bool:
+    """Whether an ASGI request's Authorization header carries one of `keys` (any
+    request, when none are configured)."""
+    header = next((v for k, v in headers if k == b"authorization"), b"")
+    return authorized(header.decode("latin-1"), keys)
 
 
 def endpoint_of(path: str) -> str:

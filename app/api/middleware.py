@@ -21,10 +21,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.config import authorized
 from app.engine.errors import TooLate
 from app.errors import ENGINE_ERRORS, RETRY_AFTER_S, retry_after
-from app.http import endpoint_of, error_body, model_named
+from app.http import body_too_large, endpoint_of, error_body, key_accepted, model_named
 from app.metrics import Metrics
 
 OVERLOADED = error_body("server overloaded; retry later", "overloaded")
@@ -131,8 +130,7 @@ class ServiceMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         # A request without a valid key gets its 401 from the route, never a hint of load.
-        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
-        return authorized(header.decode("latin-1"), self.state.settings.keys)
+        return key_accepted(scope.get("headers", []), self.state.settings.keys)
 
     async def _overloaded(
         self,
@@ -195,9 +193,7 @@ class ServiceMiddleware:
     async def _too_large(self, send: Send, metrics: Metrics | None) -> None:
         if metrics is not None:
             metrics.reject("too_large")
-        body = json.dumps(
-            error_body(f"request body exceeds {self.max_body_bytes} bytes", "too_large")
-        ).encode()
+        body = json.dumps(body_too_large(self.max_body_bytes)).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -24,18 +24,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
-from app.config import Settings, authorized
+from app.config import Settings
 from app.front.expose import merged
 from app.front.supervisor import READY, UNLOADING, LoadFailed, ModelProcess, Supervisor
 from app.front.upstream import Upstream, UpstreamError
-from app.http import clip, endpoint_of, error_body, model_named, server_metadata
+from app.http import (
+    body_too_large,
+    clip,
+    endpoint_of,
+    error_body,
+    key_accepted,
+    model_named,
+    server_metadata,
+    unknown_model,
+)
 
 log = logging.getLogger("exitserve")
 
 Headers = list[tuple[bytes, bytes]]
 JSON: Headers = [(b"content-type", b"application/json")]
 METRICS_TYPE = CONTENT_TYPE_LATEST.encode()  # what a model process's /metrics says
-NOT_READY = {"error": "not ready", "error_type": "unavailable"}
+NOT_READY = error_body("not ready", "unavailable")
 
 
 class _TooLarge(Exception):
@@ -66,8 +75,7 @@ class Router:
         try:
             body = await self._body(receive)
         except _TooLarge:
-            limit = self.settings.max_body_bytes
-            message = error_body(f"request body exceeds {limit} bytes", "too_large")
+            message = body_too_large(self.settings.max_body_bytes)
             await self._answer(send, 413, message, [(b"connection", b"close")], scope)
             return
         if path == "/predict":
@@ -96,9 +104,7 @@ class Router:
         if not running and await self._refused_key(scope, send):
             return  # no model's server to check the key: a request without one learns nothing
         if m is None:
-            served = self.models.names
-            message = f"unknown model {clip(name)!r}; this server serves {served}"
-            await self._answer(send, 404, error_body(message, "not_found"), scope=scope)
+            await self._answer(send, 404, unknown_model(name, self.models.names), scope=scope)
             return
         if not running:
             await self._not_running(send, m, scope)
@@ -125,8 +131,7 @@ class Router:
     # -- the repository extension ---------------------------------------------------------
     async def _refused_key(self, scope: Scope, send: Send) -> bool:
         """Answers 401 (and says so) when keys are configured and the request has none of them."""
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        if authorized(header, self.settings.keys):
+        if key_accepted(scope["headers"], self.settings.keys):
             return False
         message = error_body("missing or invalid API key", "unauthorized")
         await self._answer(send, 401, message, [(b"www-authenticate", b"Bearer")], scope)
@@ -165,9 +170,7 @@ class Router:
             await self._answer(send, 400, error_body(message, "unsupported"))
             return
         if name not in self.models.models:
-            served = self.models.names
-            message = f"unknown model {clip(name)!r}; this server serves {served}"
-            await self._answer(send, 404, error_body(message, "not_found"))
+            await self._answer(send, 404, unknown_model(name, self.models.names))
             return
         if action == "unload":
             await self.models.stop(name)
