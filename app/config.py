@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import os
 from collections.abc import Sequence
 from functools import cached_property
@@ -49,6 +50,22 @@ def authorized(authorization: str, keys: Sequence[str]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(given, key.encode())
     return scheme.lower() == "bearer" and ok
+
+
+def named_models(model_dirs: Sequence[Path]) -> list[tuple[str, str, Path]]:
+    """(name, version, directory) from each model.json, in order (read as JSON, nothing
+    loaded); a duplicate name or an unreadable model.json is refused naming the directory."""
+    out: dict[str, tuple[str, str, Path]] = {}
+    for d in model_dirs:
+        try:
+            spec = json.loads((d / "model.json").read_text())
+            name, version = str(spec["name"]), str(spec.get("version", "1"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"model directory {str(d)!r} does not load: {e}") from e
+        if name in out:
+            raise ValueError(f"two models named {name!r}: {str(out[name][2])!r} and {str(d)!r}")
+        out[name] = (name, version, d)
+    return list(out.values())
 
 
 class Settings(BaseSettings):

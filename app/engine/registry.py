@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import Settings
+from app.config import Settings, named_models
 from app.engine.adapt import controller_for
 from app.engine.audit import Audit
 from app.engine.errors import NotRunning, UnknownModel
@@ -44,17 +44,14 @@ class Entry:
 
 def configured(model_dirs: Sequence[Path]) -> list[Entry]:
     """An entry per model directory, named by its model.json (read, not loaded)."""
-    entries: dict[str, Entry] = {}
-    for d in model_dirs:
+    entries = []
+    for _, _, d in named_models(model_dirs):
         try:
             spec = artifact.read_spec(d)
         except (OSError, ValueError) as e:
             raise ValueError(f"model directory {str(d)!r} does not load: {e}") from e
-        if spec.name in entries:
-            first = entries[spec.name].model_dir
-            raise ValueError(f"two models named {spec.name!r}: {str(first)!r} and {str(d)!r}")
-        entries[spec.name] = Entry(spec.name, d, spec.version, spec.config.num_layers)
-    return list(entries.values())
+        entries.append(Entry(spec.name, d, spec.version, spec.config.num_layers))
+    return entries
 
 
 class ModelRegistry:

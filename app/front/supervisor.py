@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import Settings
+from app.config import Settings, named_models
 from app.front.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("exitserve")
@@ -92,22 +92,6 @@ class ModelProcess:
     stopping: bool = False
 
 
-def named(model_dirs: Sequence[Path]) -> list[tuple[str, str, Path]]:
-    """(name, version, directory) from each model.json, in order; a duplicate name or an
-    unreadable model.json is refused naming the directory."""
-    out: dict[str, tuple[str, str, Path]] = {}
-    for d in model_dirs:
-        try:
-            spec = json.loads((d / "model.json").read_text())
-            name, version = str(spec["name"]), str(spec.get("version", "1"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"model directory {str(d)!r} does not load: {e}") from e
-        if name in out:
-            raise ValueError(f"two models named {name!r}: {str(out[name][2])!r} and {str(d)!r}")
-        out[name] = (name, version, d)
-    return list(out.values())
-
-
 def threads_for(names: Sequence[str], budget: int, weights: Mapping[str, float]) -> dict[str, int]:
     """The thread budget split by weight (a model not named weighs 1): largest
     remainders, every model at least one thread."""
@@ -127,7 +111,7 @@ def threads_for(names: Sequence[str], budget: int, weights: Mapping[str, float])
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        found = named(settings.model_dirs)
+        found = named_models(settings.model_dirs)
         self.names = [name for name, _, _ in found]
         self.default = self.names[0]
         unknown = sorted(set(settings.weights) - set(self.names))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.config import named_models
 from app.front.expose import merged
-from app.front.supervisor import named, threads_for
+from app.front.supervisor import threads_for
 from app.front.upstream import Upstream, UpstreamError
 
 
@@ -35,14 +36,14 @@ def test_names_come_from_model_json_and_a_duplicate_is_refused(tmp_path: Path) -
     for d, name in (("x", "one"), ("y", "two"), ("z", "one")):
         (tmp_path / d).mkdir()
         (tmp_path / d / "model.json").write_text(json.dumps({"name": name, "version": "3"}))
-    assert named([tmp_path / "x", tmp_path / "y"]) == [
+    assert named_models([tmp_path / "x", tmp_path / "y"]) == [
         ("one", "3", tmp_path / "x"),
         ("two", "3", tmp_path / "y"),
     ]
     with pytest.raises(ValueError, match=r"two models named 'one'.*'.*x'.*'.*z'"):
-        named([tmp_path / "x", tmp_path / "z"])
+        named_models([tmp_path / "x", tmp_path / "z"])
     with pytest.raises(ValueError, match=r"'.*nowhere' does not load"):
-        named([tmp_path / "nowhere"])
+        named_models([tmp_path / "nowhere"])
 
 
 A = """# HELP exitserve_requests_total HTTP requests
