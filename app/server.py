@@ -86,6 +86,9 @@ def serve(app: Any, settings: Settings, uds: str | None = None, keep_alive_s: in
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_keep_alive=keep_alive_s,
+        # Behind a front end (a Unix socket), the front end writes these for the response.
+        server_header=uds is None,
+        date_header=uds is None,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app.state, settings.drain_timeout_s)

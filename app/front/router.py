@@ -120,9 +120,7 @@ class Router:
             log.warning("model %s: %s", m.name, e)
             await self._not_running(send, m, scope)
             return
-        # This server writes its own Date and Server headers.
-        headers = [h for h in r.headers if h[0] not in (b"date", b"server")]
-        await self._send(send, r.status, r.body, headers)
+        await self._send(send, r.status, r.body, r.headers)
 
     async def _not_running(self, send: Send, m: ModelProcess, scope: Scope) -> None:
         message = error_body(f"model {m.name!r} is not loaded ({m.state.lower()})", "unavailable")
