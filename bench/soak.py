@@ -145,10 +145,17 @@ def tree_pss_bytes(pid: int) -> int:
         p = todo.pop()
         with open(f"/proc/{p}/smaps_rollup", encoding="ascii") as f:
             total += next(int(x.split()[1]) for x in f if x.startswith("Pss:")) * 1024
-        for task in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                todo += [int(c) for c in f.read().split()]
+        todo += children(p)
     return total
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
 
 
 def outcome_of(reply: Reply) -> Outcome:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.soak import children
 from devtools.server_process import exitserve_env
 from tests.api.helpers import metric_samples, sample
 from tests.server import ROOT, free_port, server_process
@@ -55,14 +56,6 @@ def ask(url: str, texts: list[str], model: str | None = None, **params: Any) -> 
     if model is not None:
         body["model"] = model
     return httpx.post(f"{url}/predict", json=body, headers=KEY, timeout=30)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
 
 
 def model_processes(pid: int) -> list[int]:
