@@ -236,7 +236,11 @@ def test_sigterm_drains_every_model_process_then_exits_0(
     assert proc.wait(timeout=60) == 0
     statuses = [s for t in traffic for s in t.stop()]
     answered = [s for s in statuses if s == 200]
-    assert answered and set(statuses) <= {200, 503, "ConnectError", "RemoteProtocolError"}
+    # Every request the server took was answered (200, or 503 once draining); the
+    # rest met a closed port or a connection closed before its request was read
+    # (RemoteProtocolError, or ReadError when the close is a reset).
+    lost_before_read = {"ConnectError", "RemoteProtocolError", "ReadError"}
+    assert answered and set(statuses) <= {200, 503, *lost_before_read}
     for pid in models:
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
