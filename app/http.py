@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.types import Receive
+
 from app import __version__
 from app.config import authorized
 
@@ -62,3 +64,24 @@ def server_metadata() -> dict[str, Any]:
     """The Open Inference Protocol's server metadata (`GET /v2`)."""
     extensions = ["binary_tensor_data", "model_repository"]
     return {"name": "exitserve", "version": __version__, "extensions": extensions}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """An ASGI request's body, whole (what came before a disconnect); BodyTooLarge once
+    it passes `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)

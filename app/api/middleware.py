@@ -23,14 +23,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.engine.errors import TooLate
 from app.errors import ENGINE_ERRORS, RETRY_AFTER_S, retry_after
-from app.http import body_too_large, endpoint_of, error_body, key_accepted, model_named
+from app.http import (
+    BodyTooLarge,
+    body_too_large,
+    endpoint_of,
+    error_body,
+    key_accepted,
+    model_named,
+    read_body,
+)
 from app.metrics import Metrics
 
 OVERLOADED = error_body("server overloaded; retry later", "overloaded")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class ServiceMiddleware:
@@ -67,12 +71,12 @@ class ServiceMiddleware:
                 return
             body: bytes | None = None
 
-            async def read_body() -> bool:
+            async def buffer_body() -> bool:
                 """Buffer the body (up to the limit; an excess is answered 413 here)."""
                 nonlocal receive, body
                 try:
                     receive, body = await self._buffered(receive)
-                except _BodyTooLarge:
+                except BodyTooLarge:
                     status["code"] = 413
                     await self._too_large(send, metrics)
                     return False
@@ -82,7 +86,7 @@ class ServiceMiddleware:
             # answered 413. Also when several models are served and one sheds: /predict
             # names its model in the body.
             chunked = declared is None and scope["method"] in ("POST", "PUT", "PATCH")
-            if (chunked or (inference and self._needs_body(endpoint))) and not await read_body():
+            if (chunked or (inference and self._needs_body(endpoint))) and not await buffer_body():
                 return
             engine = self._engine(endpoint, scope, body) if inference else None
             # A draining engine refuses in the route: 503, shutting down, not "retry".
@@ -94,7 +98,7 @@ class ServiceMiddleware:
                     return
                 late = engine.late_by(1)
                 if late is not None and self._authorized(scope):
-                    if body is None and not await read_body():
+                    if body is None and not await buffer_body():
                         return
                     if body is not None and b"timeout" not in body:
                         status["code"] = self.overload_status
@@ -167,18 +171,7 @@ class ServiceMiddleware:
         return None
 
     async def _buffered(self, receive: Receive) -> tuple[Receive, bytes]:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                raise _BodyTooLarge
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive, self.max_body_bytes)
         sent = False
 
         async def replay() -> Message:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.config import Settings
@@ -29,12 +29,14 @@ from app.front.expose import merged
 from app.front.supervisor import READY, UNLOADING, LoadFailed, ModelProcess, Supervisor
 from app.front.upstream import Upstream, UpstreamError
 from app.http import (
+    BodyTooLarge,
     body_too_large,
     clip,
     endpoint_of,
     error_body,
     key_accepted,
     model_named,
+    read_body,
     server_metadata,
     unknown_model,
 )
@@ -45,10 +47,6 @@ Headers = list[tuple[bytes, bytes]]
 JSON: Headers = [(b"content-type", b"application/json")]
 METRICS_TYPE = CONTENT_TYPE_LATEST.encode()  # what a model process's /metrics says
 NOT_READY = error_body("not ready", "unavailable")
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Router:
@@ -73,8 +71,8 @@ class Router:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         try:
-            body = await self._body(receive)
-        except _TooLarge:
+            body = await read_body(receive, self.settings.max_body_bytes)
+        except BodyTooLarge:
             message = body_too_large(self.settings.max_body_bytes)
             await self._answer(send, 413, message, [(b"connection", b"close")], scope)
             return
@@ -256,19 +254,6 @@ class Router:
         except UpstreamError:
             return ""
         return r.body.decode() if r.status == 200 else ""
-
-    async def _body(self, receive: Receive) -> bytes:
-        chunks, size = [], 0
-        while True:
-            message: Message = await receive()
-            if message["type"] != "http.request":
-                return b""
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.settings.max_body_bytes:
-                raise _TooLarge
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     async def _answer(
         self,
