@@ -170,19 +170,21 @@ class Int8Linear(nn.Module):
         self._wt = q8.t()  # (K, N) view, the layout `_int_mm` reads fastest
         self._packed = torch.ops.onednn.qlinear_prepack(q8, None) if kernel == "onednn" else None
         self._zeros = torch.zeros(self.out_features, dtype=torch.long)
-        # 128 * each output's weight sum: what shifting the low bytes into int8 took off.
-        self._lo_shift = (q8.sum(dim=1, dtype=torch.int64) * 128).float()
+        # 16-bit activations: 128 * each output's weight sum, what shifting the low bytes
+        # into int8 took off.
+        self._lo_shift = (
+            (q8.sum(dim=1, dtype=torch.int64) * 128).float() if activation_bits == 16 else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.activation_bits == 16:
-            hi, lo, scale = quantize_per_token16(x2)
-            sums = torch._int_mm(torch.cat([hi, lo.sub_(128.0)]).to(torch.int8), self._wt)
-            high, low = sums.float().split(len(x2))
-            y = torch.mul(high.mul(256.0).add_(low.add_(self._lo_shift)), self.weight_scale)
-            out = torch.addcmul(self.bias, y, scale)
-            return out.reshape(*shape[:-1], self.out_features)
+        y, scale = self._sums16(x2) if self.activation_bits == 16 else self._sums8(x2)
+        out = torch.addcmul(self.bias, y, scale)  # (M, N)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _sums8(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the int32 sums x weight scales (M, N), the per-token scales (M, 1))."""
         values, scale = quantize_per_token(x2)  # (M, K), (M, 1)
         xq = values.to(torch.int8)
         if self._packed is not None:
@@ -203,8 +205,15 @@ class Int8Linear(nn.Module):
             )  # (M, N): int32 sums x weight scales
         else:
             y = torch.mul(torch._int_mm(xq, self._wt), self.weight_scale)  # (M, N)
-        out = torch.addcmul(self.bias, y, scale)  # (M, N)
-        return out.reshape(*shape[:-1], self.out_features)
+        return y, scale
+
+    def _sums16(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sums x weight scales (M, N), the per-token scales (M, 1)) for 16-bit
+        activations: both bytes in one product, joined per element."""
+        hi, lo, scale = quantize_per_token16(x2)
+        sums = torch._int_mm(torch.cat([hi, lo.sub_(128.0)]).to(torch.int8), self._wt)
+        high, low = sums.float().split(len(x2))
+        return torch.mul(high.mul(256.0).add_(low.add_(self._lo_shift)), self.weight_scale), scale
 
     def extra_repr(self) -> str:
         bits = f", activations={self.activation_bits} bits" if self.activation_bits != 8 else ""

@@ -117,13 +117,12 @@ class _Builder:
             high, low = self.ops("Split", self.op("Cast", acc, to=TensorProto.FLOAT), outputs=2,
                                  axis=0, num_outputs=2)  # fmt: skip
             low = self.op("Add", low, self.const(lin._lo_shift))  # as `Int8Linear` joins
-            acc = self.op("Add", self.op("Mul", high, self.const(256.0)), low)
-            y = self.op("Mul", acc, self.const(lin.weight_scale))
-            return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
+            sums = self.op("Add", self.op("Mul", high, self.const(256.0)), low)
         else:
             xq, scale = self.quantize(x, lin.in_features, tokens)
             acc = self.op("MatMulInteger", xq, w, zero, *w_zero)
-        y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), self.const(lin.weight_scale))
+            sums = self.op("Cast", acc, to=TensorProto.FLOAT)
+        y = self.op("Mul", sums, self.const(lin.weight_scale))
         return self.op("Add", self.op("Mul", y, scale), self.const(lin.bias))
 
     def quantize16(self, x: str, k: int, tokens: str = "tokens") -> tuple[str, str, str]:
