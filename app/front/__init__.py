@@ -5,6 +5,6 @@ model it names (`router`); every model runs in a process of its own, a one-model
 on a Unix socket (`supervisor`, `child`). A flood of one model then costs the others
 neither their event loop nor their engine: what they share is the cores, split by
 `MODEL_WEIGHTS`, and this front end, which only reads a request's model and copies
-bytes. Nothing here imports torch; the model processes are forked from a server that
-has imported it once, so its pages are shared rather than held per model.
+bytes. The front end imports no torch; the model processes are forked from a server
+that has imported it once (`zygote`), so its pages are shared rather than held per model.
 """
