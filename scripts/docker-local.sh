@@ -82,6 +82,9 @@ build_image() {
         --build-arg PYTHON_IMAGE="$base" \
         --build-arg TORCH_INDEX="http://127.0.0.1:$port/simple" \
         -f docker/Dockerfile -t "$tag" . >/dev/null
+    # Each rebuild leaves the build stage and the image the tag named before, untagged:
+    # 1.5 GB each, enough to fill a disk over a day of builds.
+    docker image prune --force --filter dangling=true --filter label=io.exitserve.image >/dev/null
     echo "docker-local: built $tag"
 }
 

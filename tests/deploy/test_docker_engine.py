@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 TAG = "exitserve:cpu"
 GUARD_S = 180.0  # only reached when a check fails
+MIN_FREE_GIB = 6
+MIN_FREE_BYTES = MIN_FREE_GIB * 2**30
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -57,6 +60,24 @@ def why_no_engine() -> str | None:
         return "debootstrap is not installed (the base image is made with it)"
     if os.geteuid() != 0:
         return "not root (debootstrap and chroot need it)"
+    return too_little_disk()
+
+
+def too_little_disk() -> str | None:
+    """Why the disk cannot hold the build, or None: the base, both stages, the compose
+    stack's Prometheus and the torch index need about 4 GB."""
+    root = subprocess.run(
+        ["docker", "info", "--format", "{{.DockerRootDir}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    for path in (root or "/var/lib/docker", tempfile.gettempdir()):
+        if not os.path.exists(path):
+            continue
+        free = shutil.disk_usage(path).free
+        if free < MIN_FREE_BYTES:
+            return f"{free / 2**30:.1f} GiB free under {path}; the build needs {MIN_FREE_GIB}"
     return None
 
 
@@ -66,10 +87,22 @@ def image() -> str:
     if reason is not None:
         pytest.skip(f"no image built: {reason}")
     # From here on a failure is a failure: the engine is there.
-    subprocess.run(
-        [str(ROOT / "scripts" / "docker-local.sh"), "build", TAG], check=True, timeout=900
-    )
+    docker_local("build", TAG)
     return TAG
+
+
+def docker_local(*args: str) -> None:
+    """scripts/docker-local.sh; what it printed is in the failure's message, where a
+    CI log shows it."""
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "docker-local.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if r.returncode != 0:
+        output = (r.stdout + r.stderr)[-3000:]
+        raise AssertionError(f"docker-local.sh {' '.join(args)} exited {r.returncode}:\n{output}")
 
 
 def wait_ready(url: str, name: str) -> None:
@@ -233,11 +266,7 @@ PROMETHEUS = "exitserve-prometheus:bookworm"
 @pytest.fixture(scope="module")
 def prometheus_image(image: str) -> str:
     """Prometheus from Debian's package, for the compose stack (no registry here)."""
-    subprocess.run(
-        [str(ROOT / "scripts" / "docker-local.sh"), "prometheus", PROMETHEUS],
-        check=True,
-        timeout=900,
-    )
+    docker_local("prometheus", PROMETHEUS)
     return PROMETHEUS
 
 
