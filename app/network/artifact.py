@@ -9,6 +9,8 @@ A directory `models/<name>/` holds:
                           rows that differ from the base (int64, ascending) and
                           their differences; for a fine-tuned vocabulary, whose
                           unseen words keep the base's rows
+                        `smooth/<site>` int8's channel smoothing for a served
+                          linear (float32; `app.network.smoothing`), if chosen
   tokenizer.json      only when the tokenizer does not come from the base package
 Base weights (the pretrained or fine-tuned checkpoint a model builds on) are referenced
 by location and sha256, never copied into the weights file: a directory in an installed
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 from app.network import checkpoint
 from app.network.encoder import EncoderConfig
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork
+from app.network.smoothing import check as smoothing_check
 from app.network.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -379,6 +382,7 @@ def load(model_dir: Path | str) -> LoadedModel:
     state: dict[str, torch.Tensor] = {}
     rows: dict[str, torch.Tensor] = {}
     row_deltas: dict[str, torch.Tensor] = {}
+    smoothing: dict[str, torch.Tensor] = {}
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
             kind, _, name = key.partition("/")
@@ -397,6 +401,8 @@ def load(model_dir: Path | str) -> LoadedModel:
                 rows[name] = t
             elif kind == "rowdelta":
                 row_deltas[name] = t.float()
+            elif kind == "smooth":
+                smoothing[name] = t.float()
             else:
                 raise ArtifactError(f"{WEIGHTS_FILE}: unknown tensor prefix in {key!r}")
     for name in sorted(set(rows) | set(row_deltas)):
@@ -420,6 +426,10 @@ def load(model_dir: Path | str) -> LoadedModel:
                 f" expected {tuple(expected[name].shape)}"
             )
     net.load_state_dict(state)
+    wrong = smoothing_check(net, smoothing)
+    if wrong is not None:
+        raise ArtifactError(f"{WEIGHTS_FILE}: {wrong}")
+    net.int8_smoothing = smoothing
     net.eval()
     tok = TextTokenizer(tokenizer_path(model_dir, spec), spec.config.max_seq_len)
     return LoadedModel(spec, net, tok)
@@ -457,6 +467,8 @@ def save(
             tensors[f"rowdelta/{name}"] = diff[index].to(dtype).contiguous()
         else:
             tensors[f"delta/{name}"] = diff.to(dtype).contiguous()
+    for name, factor in network.int8_smoothing.items():  # few and small: kept in float32
+        tensors[f"smooth/{name}"] = factor.detach().float().cpu().contiguous()
     save_file(tensors, str(model_dir / WEIGHTS_FILE), metadata={"format": "exitserve"})
     (model_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; servers run as another user
     files = {WEIGHTS_FILE: sha256_file(model_dir / WEIGHTS_FILE)}

@@ -142,9 +142,19 @@ class Int8Linear(nn.Module):
     `activation_bits=16`: activations per token in 16 bits (`quantize_per_token16`), both
     bytes in one int8 product with `_int_mm` (exact int32 sums), joined per element in
     float32 as 256 * high + (low + the low bytes' shift).
+
+    `smooth` (K,): channel smoothing (`app.network.smoothing`): the weights' columns are
+    multiplied by it before rounding and the activations divided by it (multiplied by
+    its float32 reciprocal, as the graphs do) before theirs.
     """
 
-    def __init__(self, linear: nn.Linear, kernel: str = "auto", activation_bits: int = 8) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        kernel: str = "auto",
+        activation_bits: int = 8,
+        smooth: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if activation_bits not in (8, 16):
             raise ValueError(f"activation_bits {activation_bits}: expected 8 or 16")
@@ -155,6 +165,11 @@ class Int8Linear(nn.Module):
         if kernel not in ("onednn", "int_mm"):
             raise ValueError(f"unknown int8 kernel {kernel!r}; expected auto, onednn or int_mm")
         w = linear.weight.detach().float()
+        if smooth is not None:
+            if tuple(smooth.shape) != (linear.in_features,):
+                shape, k = tuple(smooth.shape), linear.in_features
+                raise ValueError(f"smooth has shape {shape}, expected ({k},)")
+            w = w * smooth.float()[None]
         q, scale = quantize_weight(w)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = kernel
@@ -167,6 +182,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q8)
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("bias", bias.contiguous())
+        self.inv_smooth: torch.Tensor | None  # (K,), or None: no smoothing
+        inv = None if smooth is None else torch.reciprocal(smooth.float()).contiguous()
+        self.register_buffer("inv_smooth", inv)
         self._wt = q8.t()  # (K, N) view, the layout `_int_mm` reads fastest
         self._packed = torch.ops.onednn.qlinear_prepack(q8, None) if kernel == "onednn" else None
         self._zeros = torch.zeros(self.out_features, dtype=torch.long)
@@ -179,6 +197,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.inv_smooth is not None:
+            x2 = x2 * self.inv_smooth
         y, scale = self._sums16(x2) if self.activation_bits == 16 else self._sums8(x2)
         out = torch.addcmul(self.bias, y, scale)  # (M, N)
         return out.reshape(*shape[:-1], self.out_features)
@@ -217,4 +237,5 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         bits = f", activations={self.activation_bits} bits" if self.activation_bits != 8 else ""
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{bits}"
+        smooth = ", smoothed" if self.inv_smooth is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{bits}{smooth}"

@@ -108,6 +108,9 @@ class MultiExitNetwork(nn.Module):
             )
             for i in range(L)
         )
+        # int8's channel smoothing, per served linear (`app.network.smoothing`); the
+        # artifact's, empty where it has none.
+        self.int8_smoothing: dict[str, torch.Tensor] = {}
 
     @property
     def num_layers(self) -> int:

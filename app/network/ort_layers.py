@@ -110,6 +110,8 @@ class _Builder:
         else:  # the weights as uint8 with zero point 128 too: the same exact sums
             w = self.const((weight.astype(np.int16) + 128).astype(np.uint8), np.uint8)
             w_zero = [zero]
+        if lin.inv_smooth is not None:  # as `Int8Linear` divides by its smoothing
+            x = self.op("Mul", x, self.const(lin.inv_smooth))
         if lin.activation_bits == 16:
             hi, lo, scale = self.quantize16(x, lin.in_features, tokens)
             both = self.op("Concat", hi, lo, axis=0)  # one product over both bytes

@@ -25,6 +25,7 @@ from app.network import ort_layers, ort_session
 from app.network.encoder import SelfAttention
 from app.network.invariant import Int8Linear, best_time, quantize_per_token, quantize_weight
 from app.network.multi_exit import MultiExitNetwork
+from app.network.smoothing import served_sites as smoothing_sites
 
 # What /info and the README call the CPU int8 scheme.
 INT8_SCHEME = "int8 weights per channel, int8 activations per token, int32 accumulation"
@@ -90,9 +91,14 @@ def quantize_int8(
     cost (docs/decisions.md). The two kernels give the same bits (tested).
     """
     heads = {id(m) for m in network.heads.modules()}
+    # The model's channel smoothing, for 8-bit activations only: 16 bits have the
+    # headroom, and moving width into the weights would cost their rounding.
+    smoothing = network.int8_smoothing if activation_bits == 8 else {}
+    site_of = {id(lin): name for name, lin in smoothing_sites(network).items()}
     for module, name, child in _linears(network):
         head_kernel = "int_mm" if kernel == "auto" and id(module) in heads else kernel
-        setattr(module, name, Int8Linear(child, head_kernel, activation_bits))
+        smooth = smoothing.get(site_of.get(id(child), ""))
+        setattr(module, name, Int8Linear(child, head_kernel, activation_bits, smooth))
 
 
 def scheme(quantization: str) -> str:

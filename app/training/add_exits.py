@@ -14,7 +14,8 @@ follows): only the classifier's own numerics keep every full-depth answer. int8 
 trained for, and even where it changed no answer on the calibration split it changed
 some on the test split (1 in 40 on a tiny model); how many int8 and int8a16 (16-bit
 activations) change on the calibration split is recorded, for a user who chooses one
-for its speed.
+for its speed. int8 is stored with the channel smoothing (`app.network.smoothing`,
+measured on training text) that changed fewest of those answers, none included.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.network import artifact, checkpoint, exit_rule
+from app.network import artifact, checkpoint, exit_rule, smoothing
 from app.network.backends import make_backend
 from app.network.backends.base import probabilities
 from app.network.multi_exit import MultiExitConfig, MultiExitNetwork, pad_batch
@@ -58,6 +59,10 @@ class AddExitsConfig:
     max_seq_len: int = 128
     limit: int | None = None  # distil on at most this many training texts
     copy_base: bool = False  # copy the classifier's files into OUT/base (self-contained)
+    # int8's channel smoothing: the strengths tried (none is always tried; empty: none),
+    # and how many training texts its activation maxima are measured on.
+    smoothing_alphas: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    smoothing_texts: int = 512
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -109,22 +114,63 @@ def build(tc: AddExitsConfig) -> tuple[MultiExitNetwork, artifact.BaseWeights]:
     return net.eval(), base
 
 
-def serving(net: MultiExitNetwork, ids: list[list[int]]) -> dict[str, Any]:
+def full_depth_answers(net: MultiExitNetwork, mode: str, ids: list[list[int]]) -> torch.Tensor:
+    """The last exit's answers (N,) of `net` served in `mode` on the CPU (a copy)."""
+    backend = make_backend(copy.deepcopy(net), "cpu", mode)
+    return torch.as_tensor(exit_rule.answers(all_exit_probs(backend, ids)[-1], net.cfg.multi_label))
+
+
+def choose_smoothing(
+    net: MultiExitNetwork,
+    sample: list[list[int]],
+    ids: list[list[int]],
+    original: torch.Tensor,
+    alphas: tuple[float, ...],
+) -> dict[str, Any]:
+    """Set `net.int8_smoothing` to the channel smoothing (`app.network.smoothing`) whose
+    int8 full-depth answers among `ids` change fewest of `original`, none included (which
+    wins a tie, then the smaller alpha); activation maxima measured on `sample`.
+    Returns the record: each alpha's changed answers and the one chosen."""
+    net.int8_smoothing = {}
+    changed = {"none": int((full_depth_answers(net, "int8", ids) != original).sum())}
+    best: tuple[int, float | None, dict[str, torch.Tensor]] = (changed["none"], None, {})
+    maxima = smoothing.channel_maxima(net, sample) if alphas else {}
+    for alpha in alphas:
+        net.int8_smoothing = smoothing.factors(net, maxima, alpha)
+        n = int((full_depth_answers(net, "int8", ids) != original).sum())
+        changed[str(alpha)] = n
+        if n < best[0]:
+            best = (n, alpha, net.int8_smoothing)
+    net.int8_smoothing = best[2]
+    return {
+        "alpha": best[1],
+        "texts_measured": len(sample),
+        "full_depth_answers_changed_by_alpha": changed,
+    }
+
+
+def serving(
+    net: MultiExitNetwork,
+    ids: list[list[int]],
+    sample: list[list[int]],
+    alphas: tuple[float, ...],
+) -> dict[str, Any]:
     """fp32 on the CPU, with the full-depth answers each int8 mode would change among `ids`
-    (`quantization: int8` or `int8a16` serves the model so when asked)."""
-    multi = net.cfg.multi_label
-    original = exit_rule.answers(all_exit_probs(net, ids)[-1], multi)  # (N,)
+    (`quantization: int8` or `int8a16` serves the model so when asked); int8 with the
+    channel smoothing that changes fewest, which it sets on `net`."""
+    original = full_depth_answers(net, "none", ids)
     out: dict[str, Any] = {
         "cpu": "none",
         "why": "fp32 keeps the classifier's own full-depth answers; int8 changes some",
     }
+    chosen = choose_smoothing(net, sample, ids, original, alphas)
     for mode in INT8_MODES:
-        backend = make_backend(copy.deepcopy(net), "cpu", mode)
-        changed = exit_rule.answers(all_exit_probs(backend, ids)[-1], multi) != original
+        changed = full_depth_answers(net, mode, ids) != original
         out[mode] = {
             "split": "calibration",
             "n": len(ids),
             "full_depth_answers_changed": int(changed.sum()),
+            **({"smoothing": chosen} if mode == "int8" else {}),
         }
     return out
 
@@ -215,11 +261,14 @@ def add_exits(tc: AddExitsConfig) -> dict[str, Any]:
     cfg = net.cfg
     splits = load_splits(tc.data, seed=tc.seed, labels=cfg.labels, require_labels=False)
     tok = TextTokenizer(base.path_of(checkpoint.TOKENIZER_FILE), cfg.max_seq_len)
-    chosen = serving(net, tok.encode([e.text for e in splits.calibration]))
-    log.info("int8 would change %s; int8a16 %s", chosen["int8"], chosen["int8a16"])
     train_set = splits.train[: tc.limit] if tc.limit else splits.train
-    pooled, teacher = features(net, tok.encode([e.text for e in train_set]))
+    train_ids = tok.encode([e.text for e in train_set])
+    pooled, teacher = features(net, train_ids)
     history = distil(net, pooled, teacher, tc)
+    calibration_ids = tok.encode([e.text for e in splits.calibration])
+    sample = train_ids[: tc.smoothing_texts]
+    chosen = serving(net, calibration_ids, sample, tc.smoothing_alphas)
+    log.info("int8 would change %s; int8a16 %s", chosen["int8"], chosen["int8a16"])
     record = {
         "method": "add-exits: the classifier's encoder and classifier frozen; heads after"
         " layers 1..L-1 distilled from the classifier on the training split",

@@ -55,7 +55,8 @@ def test_only_the_new_heads_are_stored_and_the_classifier_is_referenced(made: tu
     cls, out, _ = made
     with safe_open(str(out / "weights.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    assert keys and all(k.startswith(("full/heads.0.", "full/heads.1.")) for k in keys)
+    # The new heads, and int8's channel smoothing where one was chosen.
+    assert keys and all(k.startswith(("full/heads.0.", "full/heads.1.", "smooth/")) for k in keys)
     spec = artifact.read_spec(out)
     assert spec.config.final_pooling == "cls"
     assert spec.base is not None and spec.base.path == "../classifier"
@@ -80,6 +81,28 @@ def test_full_depth_answers_are_the_original_classifiers(made: tuple) -> None:
         assert all(p.exit_layer == L for p in preds)
         got = torch.tensor([p.probs for p in preds])
         torch.testing.assert_close(got, original, atol=1e-5, rtol=0)
+
+
+def test_int8_is_stored_with_the_smoothing_that_changed_fewest_answers(made: tuple) -> None:
+    """The record's counts are what the stored model does: int8 served from the artifact
+    changes the recorded number of calibration answers, and the smoothing stored is the
+    one that changed fewest."""
+    _, out, _ = made
+    loaded = artifact.load(out)
+    int8 = loaded.spec.serving["int8"]
+    record = int8["smoothing"]
+    counts = record["full_depth_answers_changed_by_alpha"]
+    assert list(counts) == ["none", "0.4", "0.5", "0.6", "0.7", "0.8"]
+    chosen = "none" if record["alpha"] is None else str(record["alpha"])
+    assert counts[chosen] == min(counts.values()) == int8["full_depth_answers_changed"]
+    assert bool(loaded.network.int8_smoothing) == (record["alpha"] is not None)
+    texts, _ = split_data(loaded.spec, "calibration")
+    ids = loaded.tokenizer.encode(texts)
+    answers = {
+        mode: all_exit_probs(load_runtime(out, "cpu", mode).backend, ids)[-1].argmax(-1)
+        for mode in ("none", "int8")
+    }
+    assert int((answers["none"] != answers["int8"]).sum()) == int8["full_depth_answers_changed"]
 
 
 def test_the_exits_learned_the_classifiers_answers(made: tuple) -> None:
