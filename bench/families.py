@@ -122,6 +122,7 @@ def compare(name: str, root: Path, build: Path, python: str, limit: int) -> dict
         "int8_full_depth": {
             "agreement_with_fp32": float((int8["answers"] == fp32["answers"]).mean()),
             "kernel": int8["kernel"],
+            "smoothing_alpha": spec.serving.get("int8", {}).get("smoothing", {}).get("alpha"),
             "speed_vs_fp32": fp32["seconds"] / int8["seconds"],
         },
         "int8a16_full_depth": {
@@ -218,6 +219,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         a = r.get("int8a16_full_depth")
         a16 = f"{a['agreement_with_fp32']:.2%} ({a['speed_vs_fp32']:.2f}x)" if a else "-"
         speed = f" ({i['speed_vs_fp32']:.2f}x)" if "speed_vs_fp32" in i else ""
+        if i.get("smoothing_alpha") is not None:
+            speed += f", smoothing alpha {i['smoothing_alpha']}"
         out.append(f"| {r['model']} | {r['n']} | {f['answers_changed_vs_transformers']}"
                    f" ({f['changed_near_ties']}) | {f['max_abs_prob_diff']:.1e} |"
                    f" {i['agreement_with_fp32']:.2%}{speed} | {a16} |"
