@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
     overload_status: Literal[429, 503] = 429
     drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
+    # With a process per model: how long a model's process may take to turn ready (a
+    # start or an explicit load) before it is killed and the start fails.
+    load_timeout_s: float = Field(600.0, gt=0.0, le=86_400.0)
     # Deadlines: a request's `timeout_ms` is capped at the maximum; without one it gets
     # the default. Inputs still queued at their deadline are dropped and answered 504.
     default_timeout_ms: int = Field(30_000, ge=1, le=3_600_000)

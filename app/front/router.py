@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
@@ -40,6 +46,7 @@ from app.http import (
     server_metadata,
     unknown_model,
 )
+from app.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger("exitserve")
 
@@ -60,6 +67,15 @@ class Router:
         self._requests = Counter(
             "exitserve_requests", "HTTP requests", labels, registry=self._metrics
         )
+        # A forwarded request's time here, body read to answer sent: the model process's
+        # exitserve_request_duration_seconds plus the hop to it and back.
+        self._duration = Histogram(
+            "exitserve_front_request_duration_seconds",
+            "Request time at the front end, the hop to the model's process included",
+            ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self._metrics,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -69,6 +85,7 @@ class Router:
 
     # -- routing --------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         path = scope["path"]
         try:
             body = await read_body(receive, self.settings.max_body_bytes)
@@ -78,9 +95,9 @@ class Router:
             return
         if path == "/predict":
             name = model_named(body) if scope["method"] == "POST" else None
-            await self._forward(scope, send, body, name)
+            await self._forward(scope, send, body, name, started)
         elif path.startswith("/v2/models/"):
-            await self._forward(scope, send, body, path.split("/")[3])
+            await self._forward(scope, send, body, path.split("/")[3], started)
         elif path.startswith("/v2/repository/"):
             await self._repository(scope, send, body)
         elif path == "/metrics":
@@ -94,9 +111,13 @@ class Router:
         elif path in ("/readyz", "/v2/health/ready"):
             await self._ready(send, path)
         else:
-            await self._forward(scope, send, body, None)  # the default model's server answers
+            await self._forward(
+                scope, send, body, None, started
+            )  # the default model's server answers
 
-    async def _forward(self, scope: Scope, send: Send, body: bytes, name: str | None) -> None:
+    async def _forward(
+        self, scope: Scope, send: Send, body: bytes, name: str | None, started: float
+    ) -> None:
         m = self.models.models.get(self.models.default if name is None else name)
         running = m is not None and m.process is not None and m.state in (READY, UNLOADING)
         if not running and await self._refused_key(scope, send):
@@ -119,6 +140,8 @@ class Router:
             await self._not_running(send, m, scope)
             return
         await self._send(send, r.status, r.body, r.headers)
+        took = time.perf_counter() - started
+        self._duration.labels(endpoint_of(scope["path"]), m.name).observe(took)
 
     async def _not_running(self, send: Send, m: ModelProcess, scope: Scope) -> None:
         message = error_body(f"model {m.name!r} is not loaded ({m.state.lower()})", "unavailable")

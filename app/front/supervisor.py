@@ -160,6 +160,7 @@ class Supervisor:
                 m.state, m.reason, m.stopping = LOADING, "", False
                 Path(m.socket).unlink(missing_ok=True)
             commands = [{"values": self.values(m), "socket": m.socket} for m in todo]
+            deadline = time.monotonic() + self.settings.load_timeout_s
             try:
                 pids = await asyncio.to_thread(self._fork, commands)
             except LoadFailed:
@@ -172,21 +173,40 @@ class Supervisor:
             failures = [
                 r
                 for r in await asyncio.gather(
-                    *(self._until_ready(m) for m in todo), return_exceptions=True
+                    *(self._until_ready(m, deadline) for m in todo), return_exceptions=True
                 )
                 if isinstance(r, BaseException)
             ]
             if failures:
                 raise failures[0]
 
-    async def _until_ready(self, m: ModelProcess) -> None:
-        assert m.process is not None
-        while not await self._ready(m):
-            if not m.process.alive():
-                code = m.process.exitcode
+    async def _until_ready(self, m: ModelProcess, deadline: float) -> None:
+        """Wait for `m`'s process to answer /readyz 200; one that exits first, or is not
+        seen ready by `deadline` (`load_timeout_s` from the start of the load, the fork
+        server's imports included), fails the load, killed."""
+        p = m.process
+        assert p is not None
+        while True:
+            if not p.alive():
                 m.process, m.state = None, UNAVAILABLE
                 m.reason = "load failed; see the server log"
+                code = p.exitcode
                 raise LoadFailed(f"model {m.name!r}: its process exited ({code}) before ready")
+            if time.monotonic() > deadline:
+                limit = self.settings.load_timeout_s
+                p.signal(signal.SIGKILL)
+                gone = time.monotonic() + KILL_GRACE_S
+                while p.alive() and time.monotonic() < gone:
+                    await asyncio.sleep(0.02)
+                m.process, m.state = None, UNAVAILABLE
+                m.reason = f"not ready within LOAD_TIMEOUT_S ({limit:g} s)"
+                raise LoadFailed(f"model {m.name!r}: {m.reason}; its process was killed")
+            try:  # a process that takes the connection but never answers is not ready
+                left = max(deadline - time.monotonic(), 0.05)
+                if await asyncio.wait_for(self._ready(m), left):
+                    break
+            except TimeoutError:
+                pass
             await asyncio.sleep(0.05)
         m.state = READY
 

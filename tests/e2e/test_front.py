@@ -159,6 +159,14 @@ def test_index_info_health_and_metrics_cover_both_models(front: str) -> None:
     assert grew("exitserve_requests_total", endpoint="predict", status="200", model="tiny") == 1
     assert grew("exitserve_requests_total", endpoint="predict", status="404") == 1
     assert grew("exitserve_exits_total", model="topics") == 2
+    # The front end's own time of each forwarded request holds the model process's time
+    # and the hop to it and back.
+    for model in ("tiny", "topics"):
+        front_count = "exitserve_front_request_duration_seconds_count"
+        assert grew(front_count, endpoint="predict", model=model) == 1
+        hop = grew("exitserve_front_request_duration_seconds_sum", endpoint="predict", model=model)
+        own = grew("exitserve_request_duration_seconds_sum", endpoint="predict", model=model)
+        assert hop >= own > 0
 
 
 class Traffic:
@@ -273,3 +281,26 @@ def test_a_duplicate_model_name_stops_start_up_naming_both_directories(
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 3
     assert "two models named 'topics'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_model_not_ready_within_the_load_timeout_is_killed_and_start_up_fails(
+    dirs: tuple[Path, Path],
+) -> None:
+    port = free_port()
+    env = exitserve_env(port, settings(dirs, load_timeout_s="0.05"))
+    r = subprocess.run([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "not ready within LOAD_TIMEOUT_S (0.05 s)" in r.stderr
+    assert "Traceback" not in r.stderr
+    # No model process outlives the server: none has its port in its environment.
+    mark = f"EXITSERVE_PORT={port}".encode()
+    left = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    left.append(int(proc.name))
+            except OSError:
+                continue
+    assert left == []
