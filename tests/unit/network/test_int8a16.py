@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from app.network import artifact
-from app.network.backends import PackedOnnx, PackedTorch, make_backend
 from app.network.invariant import Q16, Int8Linear, quantize_per_token16
 from app.network.quantize import batch_invariant, int8_kernel, resolve, scheme
 from tests.tiny import random_texts
+from tests.unit.network.helpers import both_kernels_serve_rows_alone_as_in_a_batch
 
 needs_ort = pytest.mark.skipif(
     int8_kernel() != "onnxruntime", reason="onnx and onnxruntime are not installed"
@@ -79,17 +79,8 @@ def test_both_kernels_serve_it_and_a_row_gets_its_bits_alone_or_in_a_batch(
     tiny_model_dir: Path, tiny_loaded: artifact.LoadedModel
 ) -> None:
     ids = tiny_loaded.tokenizer.encode(random_texts(24, seed=5))
-    out = {}
-    for kernel, kind in (("onnxruntime", PackedOnnx), ("torch", PackedTorch)):
-        backend = make_backend(artifact.load(tiny_model_dir).network, "cpu", "int8a16", kernel)
-        assert type(backend) is kind
-        with torch.inference_mode():
-            out[kernel] = backend.all_exits(ids)
-            alone = torch.cat([backend.all_exits([r]) for r in ids[:8]], dim=1)
-        assert torch.equal(alone, out[kernel][:, :8])
-    # The same rounding of every activation; the float epilogues may order a product
-    # differently (as for int8), so logits agree closely, not bit for bit.
-    assert float((out["onnxruntime"] - out["torch"]).abs().max()) < 1e-3
+    net = artifact.load(tiny_model_dir).network
+    both_kernels_serve_rows_alone_as_in_a_batch(net, "int8a16", ids)
 
 
 @needs_ort

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.network import artifact, smoothing
-from app.network.backends import PackedOnnx, PackedTorch, make_backend
+from app.network.backends import make_backend
 from app.network.invariant import Int8Linear
 from app.network.multi_exit import MultiExitNetwork
 from app.network.quantize import int8_kernel, prepare_model
 from tests.tiny import random_texts
+from tests.unit.network.helpers import both_kernels_serve_rows_alone_as_in_a_batch
 
 
 def wide_channel(net: MultiExitNetwork, channel: int = 3, factor: float = 30.0) -> None:
@@ -141,14 +142,4 @@ def test_both_kernels_smooth_alike_and_a_row_gets_its_bits_alone_or_in_a_batch(
     net = artifact.load(tiny_model_dir).network
     wide_channel(net)
     smoothed(net, tiny_loaded.tokenizer.encode(random_texts(32, seed=6)))
-    out = {}
-    for kernel, kind in (("onnxruntime", PackedOnnx), ("torch", PackedTorch)):
-        backend = make_backend(copy.deepcopy(net), "cpu", "int8", kernel)
-        assert type(backend) is kind
-        with torch.inference_mode():
-            out[kernel] = backend.all_exits(ids)
-            alone = torch.cat([backend.all_exits([r]) for r in ids[:8]], dim=1)
-        assert torch.equal(alone, out[kernel][:, :8])
-    # The same rounding of every activation; the float epilogues may order a product
-    # differently, so logits agree closely, not bit for bit (as without smoothing).
-    assert float((out["onnxruntime"] - out["torch"]).abs().max()) < 1e-3
+    both_kernels_serve_rows_alone_as_in_a_batch(net, "int8", ids)
