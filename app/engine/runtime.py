@@ -160,7 +160,7 @@ def load_runtime(
         calibration=spec.calibration,
         evaluation=spec.evaluation,
         batch_invariant=batch_invariant(device, quantization),
-        scheme=scheme(quantization),
+        scheme=scheme(quantization, bool(loaded.network.int8_smoothing)),
     )
     calibrated_as = spec.calibration.get("scheme")
     if spec.calibration and calibrated_as != rt.scheme and quantization in INT8_MODES:

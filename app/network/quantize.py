@@ -101,8 +101,11 @@ def quantize_int8(
         setattr(module, name, Int8Linear(child, head_kernel, activation_bits, smooth))
 
 
-def scheme(quantization: str) -> str:
-    """What /info, calibration and evaluation records call a quantization mode's numerics."""
+def scheme(quantization: str, smoothed: bool = False) -> str:
+    """What /info, calibration and evaluation records call a quantization mode's numerics;
+    `smoothed`: the model has a channel smoothing (used by int8 alone)."""
+    if quantization == "int8" and smoothed:
+        return INT8_SCHEME + ", channel smoothing"
     return {
         "int8": INT8_SCHEME,
         "int8a16": INT8A16_SCHEME,

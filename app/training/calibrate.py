@@ -306,7 +306,7 @@ def calibrate(
         "n": n,
         "unlabelled": unlabelled,  # judged against the last exit's answer
         "quantization": served.quantization,
-        "scheme": scheme(served.quantization),
+        "scheme": scheme(served.quantization, bool(served.loaded.network.int8_smoothing)),
         "max_drop": max_drop,
         "max_disagreement": max_disagreement,
         "max_disagreements_observed": max(k, 0),

@@ -150,7 +150,7 @@ def evaluate(
         "unlabelled": unlabelled,  # judged against the last exit's answer
         "num_layers": L,
         "quantization": served.quantization,
-        "scheme": scheme(served.quantization),
+        "scheme": scheme(served.quantization, bool(served.loaded.network.int8_smoothing)),
         "device": served.device,
         "per_exit_accuracy": [round(float(a), 4) for a in correct.mean(1)],
         "final_accuracy": round(float(correct[-1].mean()), 4),

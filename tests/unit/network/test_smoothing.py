@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.engine.runtime import load_runtime
 from app.network import artifact, smoothing
 from app.network.backends import make_backend
 from app.network.invariant import Int8Linear
 from app.network.multi_exit import MultiExitNetwork
-from app.network.quantize import int8_kernel, prepare_model
+from app.network.quantize import INT8_SCHEME, INT8A16_SCHEME, int8_kernel, prepare_model
 from tests.tiny import random_texts
 from tests.unit.network.helpers import both_kernels_serve_rows_alone_as_in_a_batch
 
@@ -107,6 +108,10 @@ def test_the_artifact_stores_the_factors_and_int8_alone_uses_them(
         model = make_backend(artifact.load(out).network, "cpu", mode).model
         linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
         assert linears and all((m.inv_smooth is not None) is expect for m in linears)
+    # /info and the calibration and evaluation records name it.
+    assert load_runtime(out, "cpu", "int8").scheme == INT8_SCHEME + ", channel smoothing"
+    assert load_runtime(tiny_model_dir, "cpu", "int8").scheme == INT8_SCHEME
+    assert load_runtime(out, "cpu", "int8a16").scheme == INT8A16_SCHEME
 
 
 @pytest.mark.parametrize(
