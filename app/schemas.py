@@ -130,6 +130,7 @@ class InfoResponse(BaseModel):
     multi_label: bool = False  # a sigmoid per label: answers are sets of labels
     num_layers: int
     exit_thresholds: list[float]
+    confidence: str = "max_softmax"  # what the thresholds are compared with (exit_rule)
     max_seq_len: int
     calibration: dict[str, object]
     evaluation: dict[str, object]

@@ -69,6 +69,7 @@ def model_info(engine: Engine, settings: Settings) -> dict[str, object]:
         "multi_label": rt.multi_label,
         "num_layers": rt.num_layers,
         "exit_thresholds": rt.thresholds,
+        "confidence": rt.confidence,
         "max_seq_len": rt.max_seq_len,
         "calibration": {k: v for k, v in rt.calibration.items() if k != "path"},
         "evaluation": rt.evaluation,

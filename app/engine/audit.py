@@ -107,13 +107,13 @@ class Audit:
         return tightened(thresholds, self.level)
 
     def record(
-        self, probs: np.ndarray, served_exit: int, multi_label: bool = False
+        self, probs: np.ndarray, served_exit: int, measure: str = "max_softmax"
     ) -> tuple[bool, str | None]:
         """One audited answer: `probs` (L, C) at every exit, `served_exit` the 1-based exit
         it was answered at. Returns (whether its answer differed from the last exit's, the
         move made now: "tighten", "relax" or None)."""
-        conf = exit_rule.confidences(probs, multi_label)
-        labels = exit_rule.answers(probs, multi_label)
+        conf = exit_rule.confidences(probs, measure)
+        labels = exit_rule.answers(probs, measure != "max_softmax")
         differed = bool(labels[served_exit - 1] != labels[-1])
         with self._lock:
             self.audited += 1

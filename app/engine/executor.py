@@ -173,4 +173,4 @@ def decide_on_logits(
         return exit_rule.decide(i, None, rows, backend.num_layers, on_exit)
     # Scores and logits side by side, read back in one transfer (on a GPU, one sync).
     probs, raw = torch.stack([backend.probabilities(logits), logits.float()]).cpu().tolist()
-    return exit_rule.decide(i, probs, rows, backend.num_layers, on_exit, backend.multi_label, raw)
+    return exit_rule.decide(i, probs, rows, backend.num_layers, on_exit, backend.confidence, raw)

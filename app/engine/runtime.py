@@ -61,6 +61,11 @@ class ModelRuntime:
         return self.backend.multi_label
 
     @property
+    def confidence(self) -> str:
+        """How an exit's confidence is measured (`exit_rule.MEASURES`)."""
+        return self.backend.confidence
+
+    @property
     def architecture(self) -> str:
         """The encoder family the model was read from (bert, distilbert, roberta, ...)."""
         return self.backend.model.cfg.encoder.architecture

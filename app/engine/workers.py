@@ -294,7 +294,7 @@ class WorkerLoops:
         probs = backend.probabilities(logits).cpu().numpy()
         disagreed = 0
         for j, (_, served) in enumerate(items):
-            differed, move = self.audit.record(probs[:, j], served, backend.multi_label)
+            differed, move = self.audit.record(probs[:, j], served, backend.confidence)
             disagreed += differed
             if move is not None and self.observer is not None:
                 self.observer.threshold_moved(move)

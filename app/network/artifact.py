@@ -170,12 +170,6 @@ def load_base_state(
     return state
 
 
-# An exit's confidence, by output: the largest probability of a softmax; for a sigmoid
-# per label, the least certain label's distance from its boundary, max(p, 1 - p): a row
-# leaves only when every label is settled (app.network.exit_rule.confidences).
-CONFIDENCE = {"softmax": "max_softmax", "sigmoid": "min_label_margin"}
-
-
 @dataclass
 class ModelSpec:
     """The contents of `model.json`."""
@@ -186,7 +180,6 @@ class ModelSpec:
     thresholds: list[float]
     base: BaseWeights | None = None
     files: dict[str, str] = field(default_factory=dict)  # local file -> sha256
-    confidence: str = ""  # how an exit's confidence is measured; set from the output
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -199,13 +192,11 @@ class ModelSpec:
             raise ArtifactError(f"expected {n} exit thresholds, got {len(self.thresholds)}")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
             raise ArtifactError(f"exit thresholds must be in [0, 1], got {self.thresholds}")
-        expected = CONFIDENCE[self.config.output]
-        if self.confidence not in ("", expected):
-            raise ArtifactError(
-                f"confidence measure {self.confidence!r} does not fit a {self.config.output}"
-                f" output; expected {expected!r}"
-            )
-        self.confidence = expected
+
+    @property
+    def confidence(self) -> str:
+        """How an exit's confidence is measured (`exit_rule.MEASURES`)."""
+        return self.config.confidence
 
     @property
     def labels(self) -> list[str]:
@@ -259,6 +250,8 @@ class ModelSpec:
                     "final_pooling": d.get("head", {}).get("final_pooling", "mean"),
                     "final_activation": d.get("head", {}).get("final_hidden", "tanh"),
                     "output": d.get("head", {}).get("output", "softmax"),
+                    # Written by every version; absent only in hand-made files.
+                    "confidence": d["exits"].get("confidence", ""),
                 }
             )
             base = BaseWeights(**d["base"]) if d.get("base") else None
@@ -269,7 +262,6 @@ class ModelSpec:
                 thresholds=[float(t) for t in d["exits"]["thresholds"]],
                 base=base,
                 files=dict(d.get("files", {})),
-                confidence=d["exits"].get("confidence", "max_softmax"),
                 calibration=d.get("calibration", {}),
                 evaluation=d.get("evaluation", {}),
                 training=d.get("training", {}),

@@ -5,10 +5,14 @@ that exit and the threshold is below 1, or when exit i is its depth cap (`max_la
 1-based); the last exit always answers. So threshold 1 means "never leave here early",
 also at a confidence of exactly 1.0, and 0 "leave here".
 
-Confidence: for a softmax model, its largest probability; for a multi-label model (a
-sigmoid per label), its least settled label's max(p, 1 - p): a row leaves only when
-every label is far enough from its 0.5 boundary. The answer compared across exits is
-the label, or for a multi-label model the set of labels at 0.5 or above (`answers`).
+Confidence (the model's measure, `MEASURES`): for a softmax model, its largest
+probability (`max_softmax`); for a multi-label model (a sigmoid per label), the
+probability that its whole label set is right, each label taken as settled with
+probability max(p, 1 - p) and the labels as independent: their product, in float32 from
+the first label to the last (`label_set_probability`); models made before it may use
+their least settled label's max(p, 1 - p) instead (`min_label_margin`), which ignores
+every label but one. The answer compared across exits is the label, or for a
+multi-label model the set of labels at 0.5 or above (`answers`).
 
 The rule has three forms, written side by side so that they read as one: per row in
 Python (`leaves`, `may_leave`, `decide`: the layer loop), vectorised in numpy
@@ -81,13 +85,23 @@ class Prediction:
     logits: tuple[float, ...] = ()  # the exit's raw scores
 
 
-def confidence(probs: Sequence[float], multi_label: bool = False) -> float:
-    """A row's confidence at an exit from its (float32) probabilities there. 1 - p is
-    rounded to float32 as numpy and the graph compute it, so that a tie is a tie in
-    every form of the rule."""
-    if multi_label:
-        return min(max(p, float(np.float32(1.0 - p))) for p in probs)
-    return max(probs)
+MEASURES = ("max_softmax", "min_label_margin", "label_set_probability")
+
+
+def confidence(probs: Sequence[float], measure: str = "max_softmax") -> float:
+    """A row's confidence at an exit from its (float32) probabilities there. 1 - p and
+    each product are rounded to float32 as numpy and the graph compute them (a product
+    of two float32 values is exact in a Python float, so one rounding gives float32's
+    product), so that a tie is a tie in every form of the rule."""
+    if measure == "max_softmax":
+        return max(probs)
+    settled = [max(p, float(np.float32(1.0 - p))) for p in probs]
+    if measure == "min_label_margin":
+        return min(settled)
+    product = settled[0]
+    for s in settled[1:]:
+        product = float(np.float32(product * s))
+    return product
 
 
 def check_rows(rows: Sequence[Row], num_layers: int) -> None:
@@ -117,7 +131,7 @@ def decide(
     rows: Sequence[Row],
     num_layers: int,
     on_exit: Callable[[int, Prediction], None],
-    multi_label: bool = False,
+    measure: str = "max_softmax",
     logits: Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """After layer i (0-based): answer the rows that leave, return the positions that go on.
@@ -133,7 +147,7 @@ def decide(
     keep: list[int] = []
     for j, (r, row_probs) in enumerate(zip(rows, probs, strict=True)):
         label = max(range(len(row_probs)), key=row_probs.__getitem__)
-        conf = confidence(row_probs, True) if multi_label else row_probs[label]
+        conf = row_probs[label] if measure == "max_softmax" else confidence(row_probs, measure)
         if last or leaves(conf, r.thresholds[i], r.max_layers <= i + 1):
             raw = tuple(logits[j]) if logits is not None else ()
             on_exit(j, Prediction(label, row_probs[label], i + 1, tuple(row_probs), raw))
@@ -143,11 +157,17 @@ def decide(
 
 
 # -- the rule, vectorised -----------------------------------------------------------------
-def confidences(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
+def confidences(probs: np.ndarray, measure: str = "max_softmax") -> np.ndarray:
     """`confidence` over the last axis: (..., C) -> (...)."""
-    if multi_label:
-        return np.maximum(probs, 1.0 - probs).min(axis=-1)
-    return probs.max(axis=-1)
+    if measure == "max_softmax":
+        return probs.max(axis=-1)
+    settled = np.maximum(probs, 1.0 - probs)
+    if measure == "min_label_margin":
+        return settled.min(axis=-1)
+    product = settled[..., 0]
+    for j in range(1, probs.shape[-1]):  # in label order, as `confidence` and the graph
+        product = product * settled[..., j]
+    return product
 
 
 def answers(probs: np.ndarray, multi_label: bool = False) -> np.ndarray:
@@ -188,12 +208,20 @@ def float32_thresholds(thresholds: Sequence[float]) -> np.ndarray:
     return t32
 
 
-def onnx_confidence(op: Op, logits: str, one: str, multi_label: bool = False) -> str:
-    """`confidence` of an exit's logits (1, C) as a graph value (`one`: a float 1)."""
-    if multi_label:
-        p = op("Sigmoid", logits)
-        return op("ReduceMin", op("Max", p, op("Sub", one, p)), keepdims=0)
-    return op("ReduceMax", op("Softmax", logits, axis=-1), keepdims=0)
+def onnx_confidence(
+    op: Op, logits: str, one: str, measure: str = "max_softmax", labels: int = 1
+) -> str:
+    """`confidence` of an exit's logits (1, `labels`) as a graph value (`one`: a float 1)."""
+    if measure == "max_softmax":
+        return op("ReduceMax", op("Softmax", logits, axis=-1), keepdims=0)
+    p = op("Sigmoid", logits)
+    settled = op("Max", p, op("Sub", one, p))  # (1, C)
+    if measure == "min_label_margin":
+        return op("ReduceMin", settled, keepdims=0)
+    product = op("Gather", settled, op("Constant", value_int=0), axis=-1)  # (1,)
+    for j in range(1, labels):  # in label order, one rounding per product
+        product = op("Mul", product, op("Gather", settled, op("Constant", value_int=j), axis=-1))
+    return op("ReduceMin", product, keepdims=0)  # the one value, as a scalar
 
 
 def onnx_in_use(op: Op, threshold: str, one: str) -> str:

@@ -23,6 +23,13 @@ from app.network.encoder import (
 from app.network.heads import ExitHead
 
 OUTPUTS = ("softmax", "sigmoid")
+# The confidence measures each output may use (`app.network.exit_rule`), the default
+# first: a multi-label model made before `label_set_probability` keeps its
+# `min_label_margin`, which its thresholds were calibrated on.
+CONFIDENCE = {
+    "softmax": ("max_softmax",),
+    "sigmoid": ("label_set_probability", "min_label_margin"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,19 @@ class MultiExitConfig:
     # How logits become scores: "softmax" (one label per input) or "sigmoid" (a
     # multi-label model: each label on or off by itself).
     output: str = "softmax"
+    # An exit's confidence (`exit_rule.MEASURES`); empty: the output's default.
+    confidence: str = ""
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if not self.confidence:
+            object.__setattr__(self, "confidence", CONFIDENCE[self.output][0])
+        if self.confidence not in CONFIDENCE[self.output]:
+            raise ValueError(
+                f"confidence measure {self.confidence!r} does not fit a {self.output} output;"
+                f" expected one of {CONFIDENCE[self.output]}"
+            )
         if len(self.labels) < (1 if self.multi_label else 2):
             raise ValueError(f"need at least 2 labels, got {len(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
@@ -69,6 +85,7 @@ class MultiExitConfig:
             "final_pooling": self.final_pooling,
             "final_activation": self.final_activation,
             "output": self.output,
+            "confidence": self.confidence,
         }
 
     @classmethod
@@ -81,6 +98,7 @@ class MultiExitConfig:
             final_pooling=str(d.get("final_pooling", "mean")),
             final_activation=str(d.get("final_activation", "tanh")),
             output=str(d.get("output", "softmax")),
+            confidence=str(d.get("confidence", "")),
         )
 
 

@@ -362,7 +362,7 @@ class OrtRow:
         heads: list[ExitHead],
         threads: int = 1,
         wide_threads: int = 0,
-        multi_label: bool = False,
+        measure: str = "max_softmax",
     ) -> None:
         from onnx import TensorProto
 
@@ -383,7 +383,7 @@ class OrtRow:
 
             def score() -> list[str]:
                 logits = g.exit_head(y, heads[i])  # (1, C)
-                confidence = exit_rule.onnx_confidence(g.op, logits, one, multi_label)
+                confidence = exit_rule.onnx_confidence(g.op, logits, one, measure, C)
                 leave = exit_rule.onnx_leaves(g.op, confidence, t, uses, capped)
                 return [g.op("Identity", logits), leave]
 

@@ -274,7 +274,7 @@ def calibrate(
     pred = exit_rule.answers(probs, multi)  # (L, N)
     unlabelled = int((y < 0).sum())
     y = judged(y, pred[-1])
-    conf = exit_rule.confidences(probs, multi)
+    conf = exit_rule.confidences(probs, spec.confidence)
     correct, agree = pred == y[None], pred == pred[-1][None]
     n = conf.shape[1]
     k = allowed_disagreements(n, max_disagreement)

@@ -190,7 +190,7 @@ def evaluate(
         report["fp32_agreement"] = 1.0
 
     # Accuracy against mean depth for one global threshold, for the report's curve.
-    conf = exit_rule.confidences(probs, multi)  # (L, N)
+    conf = exit_rule.confidences(probs, spec.confidence)  # (L, N)
     curve = []
     for t in np.linspace(0.5, 1.0, 26):
         th = np.full(L, t)

@@ -81,6 +81,7 @@ def test_info(client: TestClient) -> None:
     assert info["num_layers"] == 4
     assert len(info["exit_thresholds"]) == info["num_layers"]
     assert all(0.0 <= t <= 1.0 for t in info["exit_thresholds"])
+    assert info["confidence"] == "max_softmax"
     assert info["device"] == "cpu"
     assert info["dtype"] == "int8"
     # The stated contract (README "Same text, same answer").

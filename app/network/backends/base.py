@@ -90,6 +90,11 @@ class Backend(ABC):
     def multi_label(self) -> bool:
         return self.model.cfg.multi_label
 
+    @property
+    def confidence(self) -> str:
+        """The model's confidence measure (`exit_rule.MEASURES`)."""
+        return self.model.cfg.confidence
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) -> the model's scores (`probabilities`)."""
         return probabilities(logits, self.multi_label)

@@ -38,7 +38,7 @@ class PackedOnnx(PackedTorch):
             for layer, head in zip(layers, heads, strict=True)
         ]
         self._row = ort_layers.OrtRow(
-            embeddings, layers, heads, threads, wide_threads, model.cfg.multi_label
+            embeddings, layers, heads, threads, wide_threads, model.cfg.confidence
         )
         self._hidden = model.cfg.encoder.hidden_size
 

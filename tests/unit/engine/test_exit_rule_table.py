@@ -105,7 +105,7 @@ class LayerLoop(Implementation):
 
     def confidences(self, ids: list[int]) -> list[float]:
         probs = all_exit_probs(self.net, [ids])[:, 0]
-        return exit_rule.confidences(probs, self.net.multi_label).tolist()
+        return exit_rule.confidences(probs, self.net.confidence).tolist()
 
     def exit(self, ids: list[int], thresholds: Thresholds, cap: int) -> int:
         res = run_batch(self.net, [Row(ids, thresholds, cap), Row(ids, thresholds, cap)])
@@ -128,7 +128,7 @@ class OneCallGraph(Implementation):
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.confidence = _ort_confidence(backend.multi_label)
+        self.confidence = _ort_confidence(backend.confidence, len(backend.labels))
 
     def _run(self, ids: list[int], thresholds: Thresholds, cap: int) -> torch.Tensor:
         logits = self.backend.run_alone(ids, thresholds, cap)
@@ -160,7 +160,7 @@ class Calibration(Implementation):
         return int(exit_layers(conf, np.array(thresholds))[0]) + 1
 
 
-def _ort_confidence(multi_label: bool) -> Callable[[np.ndarray], np.ndarray]:
+def _ort_confidence(measure: str, labels: int) -> Callable[[np.ndarray], np.ndarray]:
     """The graph's confidence (`exit_rule.onnx_confidence`) of logits (1, C), alone."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -170,7 +170,7 @@ def _ort_confidence(multi_label: bool) -> Callable[[np.ndarray], np.ndarray]:
         nodes.append(helper.make_node(kind, list(inputs), [f"t{len(nodes)}"], **attrs))
         return f"t{len(nodes) - 1}"
 
-    y = exit_rule.onnx_confidence(op, "x", "one", multi_label)
+    y = exit_rule.onnx_confidence(op, "x", "one", measure, labels)
     one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
     graph = helper.make_graph(
         nodes,
@@ -186,13 +186,14 @@ def _ort_confidence(multi_label: bool) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _network(
-    model_dir: Path, kernel: str, saturate: bool, output: str, quantization: str = "int8"
+    model_dir: Path, kernel: str, saturate: bool, measure: str, quantization: str = "int8"
 ) -> Backend:
     """The tiny model as served on the CPU in int8; `kernel` "padded": in fp32 on the
-    padded backend, the GPU's, here on the CPU. `output` "sigmoid": read as a
-    multi-label model (a sigmoid per label, the least settled label's confidence)."""
+    padded backend, the GPU's, here on the CPU. `measure` other than max_softmax: read
+    as a multi-label model (a sigmoid per label) with that confidence."""
     net = artifact.load(model_dir).network
-    net.cfg = replace(net.cfg, output=output)
+    output = "softmax" if measure == "max_softmax" else "sigmoid"
+    net.cfg = replace(net.cfg, output=output, confidence=measure)
     if saturate:
         # Logits thousands apart: every softmax rounds to exactly (1.0, 0.0).
         with torch.no_grad():
@@ -203,22 +204,22 @@ def _network(
     return make_backend(net, "cpu", quantization, kernel)
 
 
-def _implementations(model_dir: Path, saturate: bool, output: str) -> dict[str, Implementation]:
-    torch_net = _network(model_dir, "torch", saturate, output)
+def _implementations(model_dir: Path, saturate: bool, measure: str) -> dict[str, Implementation]:
+    torch_net = _network(model_dir, "torch", saturate, measure)
     found: dict[str, Implementation] = {
         "layer loop, torch int8": LayerLoop(torch_net),
         "alone, torch int8": Alone(torch_net),
         "calibration numpy": Calibration(torch_net),
         # One row at a time: fp32 products move with the number of rows, so a tie is
         # exact only against the row's confidences alone.
-        "alone, padded fp32": Alone(_network(model_dir, "padded", saturate, output)),
+        "alone, padded fp32": Alone(_network(model_dir, "padded", saturate, measure)),
     }
     if int8_kernel() == "onnxruntime":
-        ort_net = _network(model_dir, "onnxruntime", saturate, output)
+        ort_net = _network(model_dir, "onnxruntime", saturate, measure)
         found["layer loop, onnxruntime int8"] = LayerLoop(ort_net)
         found["alone, onnxruntime int8"] = Alone(ort_net)
         found["one-call graph"] = OneCallGraph(ort_net)
-        a16 = _network(model_dir, "onnxruntime", saturate, output, "int8a16")
+        a16 = _network(model_dir, "onnxruntime", saturate, measure, "int8a16")
         found["layer loop, onnxruntime int8a16"] = LayerLoop(a16)
         found["one-call graph, int8a16"] = OneCallGraph(a16)
     return found
@@ -237,20 +238,20 @@ NAMES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["softmax", "sigmoid"])
-def output(request: pytest.FixtureRequest) -> str:
-    """Every case for a softmax model and for a multi-label one."""
+@pytest.fixture(scope="module", params=exit_rule.MEASURES)
+def measure(request: pytest.FixtureRequest) -> str:
+    """Every case for a softmax model and for a multi-label one with each measure."""
     return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def implementations(tiny_model_dir: Path, output: str) -> dict[str, Implementation]:
-    return _implementations(tiny_model_dir, saturate=False, output=output)
+def implementations(tiny_model_dir: Path, measure: str) -> dict[str, Implementation]:
+    return _implementations(tiny_model_dir, saturate=False, measure=measure)
 
 
 @pytest.fixture(scope="module")
-def saturated(tiny_model_dir: Path, output: str) -> dict[str, Implementation]:
-    return _implementations(tiny_model_dir, saturate=True, output=output)
+def saturated(tiny_model_dir: Path, measure: str) -> dict[str, Implementation]:
+    return _implementations(tiny_model_dir, saturate=True, measure=measure)
 
 
 @pytest.fixture(scope="module")

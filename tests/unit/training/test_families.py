@@ -72,7 +72,7 @@ def test_full_depth_is_the_original_classifier_in_fp32_and_int8(made: tuple) -> 
     family, multi, cls, out, _ = made
     spec = artifact.read_spec(out)
     assert spec.config.encoder.architecture == family and spec.config.multi_label == multi
-    assert spec.confidence == ("min_label_margin" if multi else "max_softmax")
+    assert spec.confidence == ("label_set_probability" if multi else "max_softmax")
     texts, _ = split_data(spec, "test")
     want = reference_probs(cls, texts)
     want_answers = exit_rule.answers(want.numpy(), multi)
@@ -128,6 +128,7 @@ def test_served_answers_name_the_architecture_and_the_labels_on(made: tuple) -> 
     with TestClient(create_app(settings)) as c:
         info = c.get("/info").json()
         assert (info["architecture"], info["multi_label"]) == (family, multi)
+        assert info["confidence"] == ("label_set_probability" if multi else "max_softmax")
         body = {"inputs": texts, "parameters": {"threshold": 1.0, "all_scores": True}}
         r = c.post("/predict", json=body)
         assert r.status_code == 200, r.text
