@@ -164,12 +164,16 @@ def serving(
         "why": "fp32 keeps the classifier's own full-depth answers; int8 changes some",
     }
     chosen = choose_smoothing(net, sample, ids, original, alphas)
+    counts = chosen["full_depth_answers_changed_by_alpha"]
     for mode in INT8_MODES:
-        changed = full_depth_answers(net, mode, ids) != original
+        if mode == "int8":  # measured while the smoothing was chosen
+            changed = counts["none" if chosen["alpha"] is None else str(chosen["alpha"])]
+        else:
+            changed = int((full_depth_answers(net, mode, ids) != original).sum())
         out[mode] = {
             "split": "calibration",
             "n": len(ids),
-            "full_depth_answers_changed": int(changed.sum()),
+            "full_depth_answers_changed": changed,
             **({"smoothing": chosen} if mode == "int8" else {}),
         }
     return out
